@@ -1,0 +1,131 @@
+"""Showing jobs in Discord: the `JobPresenter` of `bot.jobs`, built on discord.py.
+
+A job is shown in its status message, the interaction's original response. For its first 15
+minutes that message is edited through the interaction webhook (which needs no channel
+permission); after that, or if the token is refused, through the channel's message endpoint.
+Edits are idempotent, which is what makes posting exactly-once across crashes. If a moderator
+deleted the status message, the outcome is posted as a new message with a nonce that Discord
+enforces, so a retried post cannot appear twice either.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import discord
+
+from bot.imaging import ImageFile
+from bot.presentation import failure_text, result_summary, status_text
+from bot.storage import Job
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MESSAGE = 10008
+UNKNOWN_WEBHOOK = 10015
+NO_MENTIONS = discord.AllowedMentions.none()
+RESULT_COLOUR = discord.Colour(0x5865F2)
+
+
+def _files(job: Job, images: Sequence[ImageFile]) -> list[discord.File]:
+    return [
+        discord.File(io.BytesIO(image.data), filename=f"imagine-{job.id[:8]}-{index}.{image.extension}")
+        for index, image in enumerate(images, start=1)
+    ]
+
+
+class DiscordPresenter:
+    """Edits (or, when it is gone, replaces) each job's status message."""
+
+    def __init__(self, client: discord.Client, *, job_timeout: float, clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._job_timeout = job_timeout
+        self._clock = clock
+
+    async def show_progress(self, job: Job) -> None:
+        # No `attachments`/`embed` keys: a progress edit leaves the rest of the message alone.
+        await self._show(job, lambda: {"content": status_text(job)}, replace_if_gone=False)
+
+    async def show_result(self, job: Job, images: list[ImageFile]) -> int | None:
+        summary = result_summary(job, images)
+        embed = discord.Embed(title=summary.title, description=summary.description, colour=RESULT_COLOUR)
+        for name, value in summary.fields:
+            embed.add_field(name=name, value=value, inline=name != "Negative prompt")
+        embed.set_footer(text=f"Job {job.id[:8]}")
+        return await self._show(
+            job, lambda: {"content": summary.content, "embed": embed, "attachments": _files(job, images)}
+        )
+
+    async def show_failure(self, job: Job) -> int | None:
+        text = failure_text(job, timeout=self._job_timeout)
+        return await self._show(job, lambda: {"content": text, "embed": None, "attachments": []})
+
+    async def find_status_message(self, job: Job) -> int | None:
+        webhook = self._interaction_webhook(job)
+        if webhook is None:
+            return None
+        try:
+            message = await webhook.fetch_message("@original")  # type: ignore[arg-type]
+        except (discord.NotFound, discord.Forbidden):
+            return None
+        except discord.HTTPException as exc:
+            if exc.status == 401:
+                return None
+            raise
+        return message.id
+
+    # ------------------------------------------------------------------------------------------
+
+    def _interaction_webhook(self, job: Job) -> discord.Webhook | None:
+        if job.interaction_token is None or job.application_id is None:
+            return None
+        if job.token_expires_at is not None and self._clock() >= job.token_expires_at:
+            return None
+        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._client)
+
+    async def _show(
+        self, job: Job, message: Callable[[], dict[str, Any]], *, replace_if_gone: bool = True
+    ) -> int | None:
+        """Edit the job's message to `message()` (content, embed, attachments); returns a new id if it posted anew.
+
+        `message` is called once per attempt: a `discord.File` can be uploaded only once.
+        """
+        webhook = self._interaction_webhook(job)
+        if webhook is not None:
+            try:
+                await webhook.edit_message("@original", allowed_mentions=NO_MENTIONS, **message())  # type: ignore[call-overload]
+                return None
+            except discord.NotFound as exc:
+                if exc.code == UNKNOWN_MESSAGE:
+                    return await self._replace(job, message()) if replace_if_gone else None
+                log.info("Job %s: interaction token refused (%s); using the channel", job.id, exc.code)
+            except discord.HTTPException as exc:
+                if exc.status != 401:
+                    raise
+                log.info("Job %s: interaction token expired; using the channel", job.id)
+
+        if job.message_id is not None:
+            partial = self._client.get_partial_messageable(job.channel_id).get_partial_message(job.message_id)
+            try:
+                await partial.edit(allowed_mentions=NO_MENTIONS, **message())
+                return None
+            except discord.NotFound:
+                pass
+        return await self._replace(job, message()) if replace_if_gone else None
+
+    async def _replace(self, job: Job, message: dict[str, Any]) -> int:
+        """The status message is gone (deleted by a moderator): post the outcome as a new message, once."""
+        channel = self._client.get_partial_messageable(job.channel_id)
+        embed = message.get("embed")
+        sent = await channel.send(
+            content=message.get("content"),
+            embeds=[embed] if embed is not None else [],
+            files=message.get("attachments") or [],
+            allowed_mentions=NO_MENTIONS,
+            nonce=job.id[:25],  # Discord drops a repeated nonce: a retried post cannot appear twice
+        )
+        log.info("Job %s: status message was gone; posted a new one", job.id)
+        return sent.id

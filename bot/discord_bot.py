@@ -1,0 +1,106 @@
+"""The discord.py side of the bot: the `Bot` subclass that holds shared state, and the command error tree."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from bot.delivery import DiscordPresenter
+from bot.errors import UserFacingError
+from bot.jobs import JobService
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("cogs.imagine",)
+INTERNAL_ERROR = (
+    "Something went wrong on the bot's side and nothing was sent to ModelsLab; please try again. "
+    "If it keeps happening, tell the bot's admin (reference {ref})."
+)
+
+
+def point_discord_at(settings: Settings) -> None:
+    """Use the configured REST and gateway URLs (REST or gateway proxies, or a test server).
+
+    discord.py reads both from class attributes, process-wide, so they are set before logging in.
+    """
+    discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    if settings.discord_gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+async def reply_privately(interaction: discord.Interaction, message: str) -> None:
+    """An ephemeral answer, whether or not the interaction was already acknowledged."""
+    if interaction.response.is_done():
+        await interaction.followup.send(message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+    else:
+        await interaction.response.send_message(
+            message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+        )
+
+
+class ImagineCommandTree(app_commands.CommandTree["ImagineBot"]):
+    """Turns known errors into one ephemeral sentence; logs the rest with a reference the member can quote."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        original = getattr(error, "original", error)
+        if isinstance(original, UserFacingError):
+            message = original.message
+        elif isinstance(error, app_commands.NoPrivateMessage):
+            message = "This command works only in a server, not in direct messages."
+        elif isinstance(error, app_commands.MissingPermissions | app_commands.BotMissingPermissions):
+            message = str(error)
+        else:
+            ref = secrets.token_hex(3)
+            command = interaction.command.qualified_name if interaction.command else "?"
+            log.error("Command /%s failed (reference %s)", command, ref, exc_info=original)
+            message = INTERNAL_ERROR.format(ref=ref)
+        try:
+            await reply_privately(interaction, message)
+        except discord.HTTPException as exc:
+            log.warning("Could not tell the member about an error: %s", exc)
+
+
+class ImagineBot(commands.Bot):
+    """Holds what the cogs share: settings and the job service. Owns no resources: `main` does."""
+
+    def __init__(self, *, settings: Settings, jobs: JobService, guild_ready_timeout: float = 2.0) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            tree_cls=ImagineCommandTree,
+            guild_ready_timeout=guild_ready_timeout,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        self.settings = settings
+        self.jobs = jobs
+
+    async def setup_hook(self) -> None:
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        self.jobs.attach_presenter(DiscordPresenter(self, job_timeout=self.jobs.timeout))
+        await self.sync_commands()
+        await self.jobs.resume()
+
+    async def sync_commands(self) -> None:
+        guild_id = self.settings.discord_dev_guild_id
+        if guild_id is not None:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("Synced %d command(s) to guild %s", len(synced), guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("Synced %d global command(s); Discord may take a while to show them everywhere", len(synced))
+
+    async def on_ready(self) -> None:
+        assert self.user is not None
+        log.info("Connected to Discord as %s (%s) in %d server(s)", self.user, self.user.id, len(self.guilds))

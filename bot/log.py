@@ -1,0 +1,59 @@
+"""Logging set-up, in one place. Secrets never reach a log line: a filter masks them in every record."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable
+
+# Interaction tokens and our webhook tokens travel in URL paths that libraries may log.
+_TOKEN_PATHS = (
+    re.compile(r"(/webhooks/modelslab/[0-9a-f]{32}/)[A-Za-z0-9_\-]+"),
+    re.compile(r"(/webhooks/\d+/)[A-Za-z0-9_.\-]+"),
+    re.compile(r"(/interactions/\d+/)[A-Za-z0-9_.\-]+"),
+)
+REDACTED = "[redacted]"
+
+
+class SecretFilter(logging.Filter):
+    """Replaces known secret values, and tokens in webhook/interaction URLs, with `[redacted]`."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = self.clean(message)
+        if record.exc_info and record.exc_info[1] is not None:
+            # Render the traceback now so the secret filter sees it too.
+            formatter = logging.Formatter()
+            cleaned += "\n" + self.clean(formatter.formatException(record.exc_info))
+            record.exc_info = None
+            record.exc_text = None
+        if cleaned != message or record.args:
+            record.msg = cleaned
+            record.args = None
+        return True
+
+    def clean(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        for pattern in _TOKEN_PATHS:
+            text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+        return text
+
+
+def setup_logging(level: str = "INFO", *, secrets: Iterable[str] = ()) -> None:
+    """One stream handler on the root logger, with the secret filter on the handler (it sees every record)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(SecretFilter(secrets))
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("discord").setLevel(max(logging.INFO, root.level))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,141 @@
+"""What members read about a job: status lines, the result summary and the failure sentences.
+
+Plain text only (Discord markdown and `<t:...:R>` timestamps are just text); the Discord adapter in
+`bot.delivery` puts these into messages and embeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bot.imaging import ImageFile
+from bot.modelslab import ErrorKind
+from bot.storage import Job, JobStatus
+
+PROMPT_PREVIEW = 180
+
+
+def prompt_preview(prompt: str, limit: int = PROMPT_PREVIEW) -> str:
+    text = " ".join(prompt.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return escape_markdown(text)
+
+
+def escape_markdown(text: str) -> str:
+    for char in ("\\", "*", "_", "~", "`", "|", ">", "#", "-", "["):
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def relative_time(unix_time: float) -> str:
+    """A Discord timestamp that each member's client shows as "in 12 seconds"."""
+    return f"<t:{math.ceil(unix_time)}:R>"
+
+
+def status_text(job: Job) -> str:
+    """The status message while a job is under way."""
+    head = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
+    if job.status in (JobStatus.QUEUED, JobStatus.SUBMITTING):
+        return f"{head}\n⏳ Queued: sending to ModelsLab…"
+    if job.eta_at is not None:
+        return f"{head}\n🎨 Generating, ready {relative_time(job.eta_at)} (ModelsLab's estimate)."
+    return f"{head}\n🎨 Generating…"
+
+
+@dataclass(frozen=True)
+class ResultSummary:
+    content: str
+    title: str
+    fields: list[tuple[str, str]]
+    description: str
+
+
+def result_summary(job: Job, images: list[ImageFile]) -> ResultSummary:
+    """Prompt, model, the real seed, size and generation time, for the message that carries the images."""
+    request = job.request
+    seed = job.seed if job.seed is not None else request.seed
+    sizes = sorted({image.size_text for image in images})
+    fields = [
+        ("Model", f"`{request.model_id}`"),
+        ("Seed", str(seed) if seed is not None else "unknown"),
+        ("Size", ", ".join(sizes) if sizes else f"{request.width}×{request.height}"),
+        ("Time", _duration(job)),
+    ]
+    if request.negative_prompt:
+        fields.append(("Negative prompt", prompt_preview(request.negative_prompt, 300)))
+    if request.lora_models:
+        fields.append(("LoRA", ", ".join(request.lora_models)))
+    count = len(images)
+    content = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
+    return ResultSummary(
+        content=content,
+        title=f"{count} image{'s' if count != 1 else ''}",
+        fields=fields,
+        description=prompt_preview(request.prompt, 1000),
+    )
+
+
+def _duration(job: Job) -> str:
+    seconds = job.generation_time
+    if seconds is None and job.finished_at is not None and job.submitted_at is not None:
+        seconds = job.finished_at - job.submitted_at
+    return f"{seconds:.1f} s" if seconds is not None else "unknown"
+
+
+def failure_sentence(
+    kind: str | None, detail: str | None, *, model_id: str, retry_after: float | None, timeout: float
+) -> str:
+    """One plain sentence: what went wrong and what to do."""
+    detail = (detail or "").strip()
+    try:
+        error = ErrorKind(kind) if kind else ErrorKind.GENERATION_FAILED
+    except ValueError:
+        error = ErrorKind.GENERATION_FAILED
+    match error:
+        case ErrorKind.INVALID_KEY:
+            return "ModelsLab refused this server's API key (invalid key): ask the bot's admin to check the key."
+        case ErrorKind.NO_CREDITS:
+            return "The ModelsLab account is out of credits: ask the bot's admin to top it up, then try again."
+        case ErrorKind.NOT_ON_PLAN:
+            return "This feature is not part of the ModelsLab plan behind this bot: try another model or ask an admin."
+        case ErrorKind.QUEUE_FULL:
+            seconds = math.ceil(retry_after) if retry_after else 30
+            return f"ModelsLab's queue for this key is full: try again in {seconds} s."
+        case ErrorKind.MODEL_NOT_FOUND:
+            return f"ModelsLab has no model called `{model_id}` (model not found): check the model id and try again."
+        case ErrorKind.PROMPT_REFUSED:
+            why = f" ({detail})" if detail else ""
+            return f"ModelsLab refused this prompt{why}: rephrase it and try again."
+        case ErrorKind.INVALID_REQUEST:
+            why = f": {detail}" if detail else ""
+            return f"ModelsLab rejected the request{why}. Change that option and try again."
+        case ErrorKind.IMAGE_UNREACHABLE:
+            return "ModelsLab could not download the source image: try again with another image."
+        case ErrorKind.SERVICE_DOWN:
+            return "ModelsLab is not answering properly right now (service down): try again in a few minutes."
+        case ErrorKind.TIMED_OUT:
+            minutes = max(1, round(timeout / 60))
+            return (
+                f"ModelsLab did not finish within {minutes} minute{'s' if minutes != 1 else ''}, so the bot gave up; "
+                "it is not counted against you: try again later."
+            )
+        case ErrorKind.LOST:
+            return (
+                "The bot restarted while sending this request and cannot tell whether ModelsLab got it; "
+                "it is not counted against you: please try again."
+            )
+        case ErrorKind.DOWNLOAD_FAILED:
+            return "The images were made but could not be downloaded from ModelsLab: please try again."
+        case ErrorKind.GENERATION_FAILED:
+            why = f" ({detail})" if detail else ""
+            return f"ModelsLab could not generate this image{why}: try again, perhaps with other settings."
+    return "Something went wrong with this job: please try again."  # pragma: no cover - every kind is matched
+
+
+def failure_text(job: Job, *, timeout: float) -> str:
+    sentence = failure_sentence(
+        job.error_kind, job.error_detail, model_id=job.request.model_id, retry_after=job.retry_after, timeout=timeout
+    )
+    return f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>\n❌ {sentence}"

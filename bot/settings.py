@@ -1,0 +1,116 @@
+"""Every setting of the bot, read once from the environment (and `.env`) by :func:`load_settings`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DISCORD_API_BASE = "https://discord.com/api/v10"
+SECRET_KEY_FILE_NAME = "secret.key"
+
+
+class SettingsError(Exception):
+    """The settings are unusable; the message says what to fix, in plain words."""
+
+
+class Settings(BaseSettings):
+    """The bot's configuration. Field names are the environment variable names, case-insensitive."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    discord_token: SecretStr = Field(description="The bot token from the Discord developer portal.")
+    discord_api_base: str = Field(DEFAULT_DISCORD_API_BASE, description="Discord REST base URL (for REST proxies).")
+    discord_gateway_url: str | None = Field(None, description="Discord gateway URL (for gateway proxies).")
+    discord_dev_guild_id: int | None = Field(None, description="Sync commands to this guild only, at start-up.")
+
+    modelslab_api_key: SecretStr | None = Field(None, description="The operator's default ModelsLab API key.")
+    modelslab_base_url: AnyHttpUrl = Field(AnyHttpUrl("https://modelslab.com"), description="Scheme and host.")
+    modelslab_api: Literal["v6", "enterprise"] = Field("v6", description="Community (v6) or enterprise endpoints.")
+    modelslab_default_model: str = Field("flux", min_length=1, description="model_id used when none is given.")
+    modelslab_job_timeout: float = Field(600, gt=0, description="Seconds before an unfinished job is given up.")
+
+    database_path: Path = Field(Path("./data/bot.sqlite3"), description="The SQLite database file.")
+    webhook_host: str = Field("0.0.0.0", description="Interface the webhook receiver listens on.")
+    webhook_port: int = Field(8080, ge=0, le=65535, description="Port the webhook receiver listens on (0: any).")
+    public_url: AnyHttpUrl | None = Field(None, description="Public base URL of the receiver; unset: polling only.")
+    secret_key: SecretStr | None = Field(None, description="Signs webhook URLs; generated into the data directory.")
+
+    @field_validator("discord_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("is empty")
+        return value
+
+    @field_validator(
+        "modelslab_api_key",
+        "secret_key",
+        "discord_gateway_url",
+        "discord_dev_guild_id",
+        "public_url",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """`.env.example` lists every key; an empty `KEY=` means "not set", not "set to nothing"."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def data_directory(self) -> Path:
+        return self.database_path.expanduser().resolve().parent
+
+    @property
+    def modelslab_base(self) -> str:
+        """The base URL without a trailing slash, ready for path joining."""
+        return str(self.modelslab_base_url).rstrip("/")
+
+    @property
+    def public_base(self) -> str | None:
+        return str(self.public_url).rstrip("/") if self.public_url is not None else None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's report into one plain paragraph."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            if error["type"] == "missing":
+                problems.append(f"{name} is required but not set")
+            else:
+                problems.append(f"{name}: {error['msg']}")
+        raise SettingsError(
+            "The bot's settings are not usable: " + "; ".join(problems) + ". Set them in the environment or in .env "
+            "(see .env.example)."
+        ) from None
+
+
+def ensure_secret_key(settings: Settings) -> bytes:
+    """The key that signs webhook URLs: `SECRET_KEY` if set, else one generated once into the data directory."""
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    directory = settings.data_directory
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SECRET_KEY_FILE_NAME
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(48).encode()
+    # O_EXCL: if two processes race, one wins and the other reads the winner's key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as file:
+        file.write(key + b"\n")
+    return key

@@ -1,0 +1,358 @@
+"""SQLite storage: the migration runner and the job records.
+
+Every state change of a job is a conditional UPDATE (`... WHERE status IN (...)`), so when the
+webhook and the poller race to finish the same job, exactly one of them wins and goes on to post.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from bot.generation import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent.parent / "migrations"
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message says why in plain words."""
+
+
+# ---------------------------------------------------------------------------------------------- the database
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+
+def available_migrations(directory: Path = MIGRATIONS_DIRECTORY) -> list[Migration]:
+    migrations = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match is None:
+            raise StorageError(f"Migration file {path.name} is not named NNNN_reason.sql.")
+        migrations.append(Migration(int(match.group(1)), match.group(2), path))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise StorageError("Two migration files share a version number.")
+    return migrations
+
+
+class Database:
+    """One aiosqlite connection, in autocommit mode; multi-statement changes use explicit transactions."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self.connection = connection
+        self.path = path
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: Path, *, upgrade: bool = True) -> AsyncIterator[Database]:
+        try:
+            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+            connection = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, aiosqlite.Error) as exc:
+            raise StorageError(f"Cannot open the database at {path}: {exc}.") from exc
+        try:
+            connection.row_factory = aiosqlite.Row
+            await connection.execute("PRAGMA busy_timeout = 5000")
+            await connection.execute("PRAGMA journal_mode = WAL")
+            await connection.execute("PRAGMA synchronous = FULL")
+            await connection.execute("PRAGMA foreign_keys = ON")
+            database = cls(connection, path)
+            if upgrade:
+                await database.upgrade()
+            yield database
+        finally:
+            await connection.close()
+
+    async def current_version(self) -> int:
+        await self._ensure_version_table()
+        async with self.connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def upgrade(self, directory: Path = MIGRATIONS_DIRECTORY) -> list[Migration]:
+        """Apply every migration newer than the database, each in its own transaction."""
+        current = await self.current_version()
+        applied = []
+        for migration in available_migrations(directory):
+            if migration.version <= current:
+                continue
+            script = migration.path.read_text(encoding="utf-8")
+            record = (
+                "INSERT INTO schema_migrations (version, name, applied_at) "
+                f"VALUES ({migration.version}, '{migration.name}', {time.time()});"
+            )
+            try:
+                await self.connection.executescript(f"BEGIN IMMEDIATE;\n{script}\n;{record}\nCOMMIT;")
+            except aiosqlite.Error as exc:
+                if self.connection.in_transaction:
+                    await self.connection.execute("ROLLBACK")
+                raise StorageError(f"Migration {migration.path.name} failed and was rolled back: {exc}.") from exc
+            log.info("Applied database migration %04d_%s", migration.version, migration.name)
+            applied.append(migration)
+        return applied
+
+    async def _ensure_version_table(self) -> None:
+        await self.connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"  # stored, not yet sent to ModelsLab
+    SUBMITTING = "submitting"  # the submit call is (or was, before a crash) under way
+    PROCESSING = "processing"  # ModelsLab has it and gave us its id
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.SUBMITTING, JobStatus.PROCESSING)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A generation job as stored."""
+
+    id: str
+    kind: str
+    guild_id: int | None
+    channel_id: int
+    user_id: int
+    request: GenerationRequest
+    api_flavour: str
+    status: JobStatus
+    created_at: float
+    deadline_at: float
+    updated_at: float
+    modelslab_id: str | None = None
+    fetch_url: str | None = None
+    eta_at: float | None = None
+    output_urls: tuple[str, ...] = ()
+    proxy_urls: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    generation_time: float | None = None
+    image_count: int | None = None
+    error_kind: str | None = None
+    error_detail: str | None = None
+    retry_after: float | None = None
+    charged_images: int = 0
+    application_id: int | None = None
+    interaction_token: str | None = None
+    token_expires_at: float | None = None
+    message_id: int | None = None
+    attachment_size_limit: int | None = None
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    posted_at: float | None = None
+
+    @property
+    def needs_posting(self) -> bool:
+        return self.status.finished and self.posted_at is None
+
+    @classmethod
+    def from_row(cls, row: aiosqlite.Row) -> Job:
+        outputs = json.loads(row["output_json"]) if row["output_json"] else {}
+        return cls(
+            id=row["id"],
+            kind=row["kind"],
+            guild_id=row["guild_id"],
+            channel_id=row["channel_id"],
+            user_id=row["user_id"],
+            request=GenerationRequest.from_json(json.loads(row["request_json"])),
+            api_flavour=row["api_flavour"],
+            status=JobStatus(row["status"]),
+            created_at=row["created_at"],
+            deadline_at=row["deadline_at"],
+            updated_at=row["updated_at"],
+            modelslab_id=row["modelslab_id"],
+            fetch_url=row["fetch_url"],
+            eta_at=row["eta_at"],
+            output_urls=tuple(outputs.get("output", ())),
+            proxy_urls=tuple(outputs.get("proxy", ())),
+            meta=json.loads(row["meta_json"]) if row["meta_json"] else {},
+            seed=row["seed"],
+            generation_time=row["generation_time"],
+            image_count=row["image_count"],
+            error_kind=row["error_kind"],
+            error_detail=row["error_detail"],
+            retry_after=row["retry_after"],
+            charged_images=row["charged_images"],
+            application_id=row["application_id"],
+            interaction_token=row["interaction_token"],
+            token_expires_at=row["token_expires_at"],
+            message_id=row["message_id"],
+            attachment_size_limit=row["attachment_size_limit"],
+            submitted_at=row["submitted_at"],
+            finished_at=row["finished_at"],
+            posted_at=row["posted_at"],
+        )
+
+
+class JobStore:
+    """Reads and state changes of job rows. Methods that change state return whether they did."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database.connection
+
+    async def insert(self, job: Job) -> None:
+        await self._db.execute(
+            "INSERT INTO jobs (id, kind, guild_id, channel_id, user_id, request_json, api_flavour, status,"
+            " charged_images, application_id, interaction_token, token_expires_at, attachment_size_limit,"
+            " created_at, deadline_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.kind,
+                job.guild_id,
+                job.channel_id,
+                job.user_id,
+                json.dumps(job.request.to_json()),
+                job.api_flavour,
+                job.status.value,
+                job.charged_images,
+                job.application_id,
+                job.interaction_token,
+                job.token_expires_at,
+                job.attachment_size_limit,
+                job.created_at,
+                job.deadline_at,
+                job.updated_at,
+            ),
+        )
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return Job.from_row(row) if row else None
+
+    async def needing_work(self) -> list[Job]:
+        """Jobs a (re)started bot must carry on: unfinished, or finished but not yet shown."""
+        # Unfinished jobs are never posted, so one condition covers both.
+        async with self._db.execute("SELECT * FROM jobs WHERE posted_at IS NULL ORDER BY created_at") as cursor:
+            rows = await cursor.fetchall()
+        return [Job.from_row(row) for row in rows]
+
+    async def set_message(self, job_id: str, message_id: int) -> None:
+        await self._update(job_id, {"message_id": message_id})
+
+    async def mark_submitting(self, job_id: str) -> bool:
+        return await self._update(
+            job_id, {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}, only_from=[JobStatus.QUEUED]
+        )
+
+    async def mark_processing(
+        self,
+        job_id: str,
+        *,
+        modelslab_id: str | None,
+        eta_at: float | None,
+        fetch_url: str | None,
+        meta: Mapping[str, Any],
+    ) -> bool:
+        changes: dict[str, Any] = {"status": JobStatus.PROCESSING, "eta_at": eta_at}
+        if modelslab_id is not None:
+            changes["modelslab_id"] = modelslab_id
+        if fetch_url is not None:
+            changes["fetch_url"] = fetch_url
+        if meta:
+            changes["meta_json"] = json.dumps(dict(meta))
+        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+
+    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> bool:
+        """Learn the ModelsLab id from a webhook when the submit answer never arrived."""
+        cursor = await self._db.execute(
+            "UPDATE jobs SET modelslab_id = ?, updated_at = ?"
+            " WHERE id = ? AND modelslab_id IS NULL AND status IN (?, ?)",
+            (modelslab_id, time.time(), job_id, JobStatus.SUBMITTING.value, JobStatus.PROCESSING.value),
+        )
+        return cursor.rowcount == 1
+
+    async def finish_success(
+        self,
+        job_id: str,
+        *,
+        modelslab_id: str | None,
+        output_urls: Iterable[str],
+        proxy_urls: Iterable[str],
+        meta: Mapping[str, Any],
+        seed: int | None,
+        generation_time: float | None,
+        charged_images: int,
+    ) -> bool:
+        changes: dict[str, Any] = {
+            "status": JobStatus.SUCCEEDED,
+            "output_json": json.dumps({"output": list(output_urls), "proxy": list(proxy_urls)}),
+            "seed": seed,
+            "generation_time": generation_time,
+            "charged_images": charged_images,
+            "finished_at": time.time(),
+        }
+        if meta:
+            changes["meta_json"] = json.dumps(dict(meta))
+        if modelslab_id is not None:
+            changes["modelslab_id"] = modelslab_id
+        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+
+    async def finish_failure(
+        self, job_id: str, *, kind: str, detail: str, retry_after: float | None = None, from_succeeded: bool = False
+    ) -> bool:
+        """Fail a job and give its charge back. `from_succeeded`: the images were made but could not be shown."""
+        allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
+        changes = {
+            "status": JobStatus.FAILED,
+            "error_kind": kind,
+            "error_detail": detail,
+            "retry_after": retry_after,
+            "charged_images": 0,
+            "finished_at": time.time(),
+        }
+        return await self._update(job_id, changes, only_from=allowed)
+
+    async def mark_posted(self, job_id: str, *, image_count: int | None = None, message_id: int | None = None) -> None:
+        changes: dict[str, Any] = {"posted_at": time.time()}
+        if image_count is not None:
+            changes["image_count"] = image_count
+        if message_id is not None:
+            changes["message_id"] = message_id
+        await self._update(job_id, changes)
+
+    async def _update(self, job_id: str, changes: Mapping[str, Any], *, only_from: Iterable[JobStatus] = ()) -> bool:
+        columns = {**changes, "updated_at": time.time()}
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
+        sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
+        values.append(job_id)
+        states = [s.value for s in only_from]
+        if states:
+            sql += f" AND status IN ({', '.join('?' for _ in states)})"
+            values.extend(states)
+        cursor = await self._db.execute(sql, values)
+        return cursor.rowcount == 1

@@ -1,0 +1,95 @@
+"""The webhook receiver: a small aiohttp app that ModelsLab calls when a job is done.
+
+It is an open door on the internet, so it authenticates every call by the job's own URL token,
+refuses anything that is not a small JSON object naming that same job, changes nothing itself,
+and hands the job to `JobService.on_webhook`, which confirms with a fetch before trusting anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from bot.signing import WEBHOOK_PATH_PREFIX, WebhookSigner
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class WebhookJobs(Protocol):
+    """What the receiver needs from the job service."""
+
+    async def job_exists(self, job_id: str) -> bool: ...
+
+    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None: ...
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class ModelsLabWebhookHandler:
+    def __init__(self, jobs: WebhookJobs, signer: WebhookSigner) -> None:
+        self._jobs = jobs
+        self._signer = signer
+
+    async def receive(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        token = request.match_info["token"]
+        if not _JOB_ID.match(job_id) or not self._signer.verify(job_id, token):
+            return _error(401, "invalid token")
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return _error(413, "body too large")
+        try:
+            body = await request.content.read(MAX_BODY_BYTES + 1)
+        except (ConnectionError, web.HTTPException):
+            return _error(400, "unreadable body")
+        if len(body) > MAX_BODY_BYTES:
+            return _error(413, "body too large")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "body is not JSON")
+        if not isinstance(payload, dict) or not isinstance(payload.get("status"), str):
+            return _error(400, "body must be a JSON object with a status")
+        named = _named_track_ids(payload)
+        if named and any(track_id != job_id for track_id in named):
+            return _error(409, "track_id does not match this URL's job")
+        if not await self._jobs.job_exists(job_id):
+            return _error(404, "unknown job")
+        await self._jobs.on_webhook(job_id, payload)
+        return web.json_response({"ok": True})
+
+
+def _named_track_ids(payload: Mapping[str, Any]) -> list[str]:
+    """`track_id` may sit at the top level or inside `meta`; a body may name none."""
+    found = []
+    for where in (payload, payload.get("meta")):
+        if isinstance(where, dict) and where.get("track_id") not in (None, ""):
+            found.append(str(where["track_id"]))
+    return found
+
+
+def create_app(
+    jobs: WebhookJobs,
+    signer: WebhookSigner,
+    *,
+    health: Callable[[], Awaitable[bool]] | None = None,
+) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    handler = ModelsLabWebhookHandler(jobs, signer)
+    app.router.add_post(WEBHOOK_PATH_PREFIX + "/{job_id}/{token}", handler.receive)
+
+    async def healthz(request: web.Request) -> web.Response:
+        ok = await health() if health is not None else True
+        return web.json_response({"ok": ok}, status=200 if ok else 503)
+
+    app.router.add_get("/healthz", healthz)
+    return app
