@@ -14,68 +14,24 @@ import os
 import signal
 import sys
 
-import aiohttp
 import discord
-from aiohttp import web
 
-from bot.discord_bot import ImagineBot, point_discord_at
-from bot.downloads import ImageDownloader
-from bot.jobs import JobService, JobSettings
+from bot.app import running_app
 from bot.log import setup_logging
-from bot.modelslab import ModelsLabClient
-from bot.settings import Settings, SettingsError, ensure_secret_key, load_settings
-from bot.signing import WebhookSigner
-from bot.storage import Database, JobStore, StorageError
-from bot.webhook import create_app
+from bot.settings import Settings, SettingsError, load_settings
+from bot.storage import Database, StorageError
 
 log = logging.getLogger("bot")
 
 
-async def run_bot(settings: Settings, *, guild_ready_timeout: float = 2.0) -> None:
-    secret_key = ensure_secret_key(settings)
-    point_discord_at(settings)
-    signer = WebhookSigner(secret_key)
-    api_key = settings.modelslab_api_key.get_secret_value() if settings.modelslab_api_key else None
-
-    timeout = aiohttp.ClientTimeout(total=120, connect=15)
-    async with aiohttp.ClientSession(timeout=timeout) as session, Database.open(settings.database_path) as database:
-        log.info("Database ready at %s (schema version %d)", database.path, await database.current_version())
-        jobs = JobService(
-            store=JobStore(database),
-            client=ModelsLabClient(session, base_url=settings.modelslab_base, flavour=settings.modelslab_api),
-            downloader=ImageDownloader(session),
-            signer=signer,
-            settings=JobSettings(
-                flavour=settings.modelslab_api,
-                timeout=settings.modelslab_job_timeout,
-                webhook_base=settings.public_base,
-                default_api_key=api_key,
-            ),
-        )
-        bot = ImagineBot(settings=settings, jobs=jobs, guild_ready_timeout=guild_ready_timeout)
-
-        async def healthy() -> bool:
-            return bot.is_ready() and not bot.is_closed()
-
-        runner = web.AppRunner(create_app(jobs, signer, health=healthy), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)
-        await site.start()
-        for address in runner.addresses:
-            log.info("Webhook receiver listening on %s:%s", *address[:2])
-        if settings.public_base is None:
-            log.info("PUBLIC_URL is not set: results are collected by polling ModelsLab")
-
+async def run_bot(settings: Settings) -> None:
+    async with running_app(settings) as app:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, lambda: asyncio.ensure_future(bot.close()))
-        try:
-            async with bot:
-                await bot.start(settings.discord_token.get_secret_value())
-        finally:
-            await jobs.close()
-            await runner.cleanup()
+                loop.add_signal_handler(signum, lambda: asyncio.ensure_future(app.bot.close()))
+        async with app.bot:
+            await app.bot.start(settings.discord_token.get_secret_value())
 
 
 async def _database_command(settings: Settings, action: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import discord
 
 from bot.imaging import ImageFile
+from bot.jobs import PresentationRefused
 from bot.presentation import failure_text, result_summary, status_text
 from bot.storage import Job
 
@@ -88,6 +89,16 @@ class DiscordPresenter:
 
     async def _show(
         self, job: Job, message: Callable[[], dict[str, Any]], *, replace_if_gone: bool = True
+    ) -> int | None:
+        try:
+            return await self._edit_or_replace(job, message, replace_if_gone=replace_if_gone)
+        except discord.HTTPException as exc:
+            if 400 <= exc.status < 500 and exc.status != 429:
+                raise PresentationRefused(f"{exc.status} {exc.text or ''}".strip()) from exc
+            raise
+
+    async def _edit_or_replace(
+        self, job: Job, message: Callable[[], dict[str, Any]], *, replace_if_gone: bool
     ) -> int | None:
         """Edit the job's message to `message()` (content, embed, attachments); returns a new id if it posted anew.
 

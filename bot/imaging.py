@@ -79,9 +79,9 @@ def fit_to_limit(images: list[ImageFile], limit: int) -> list[ImageFile]:
 
     Discord refuses a message whose attachments exceed the upload limit it announced for the interaction.
     """
-    if sum(len(i.data) for i in images) <= limit and all(len(i.data) <= limit for i in images):
+    if sum(len(i.data) for i in images) <= limit:
         return images
-    share = max(limit // max(len(images), 1) - 4096, 16 * 1024)
+    share = limit // max(len(images), 1)
     return [image if len(image.data) <= share else _shrink(image, share) for image in images]
 
 
@@ -99,7 +99,7 @@ def _shrink(image: ImageFile, budget: int) -> ImageFile:
         buffer = io.BytesIO()
         resized.save(buffer, format="WEBP", quality=quality, method=4)
         data = buffer.getvalue()
-        if len(data) <= budget or (scale <= 0.1 and quality <= 50):
+        if len(data) <= budget or (resized.width <= 64 and resized.height <= 64):
             return ImageFile(data=data, format="WEBP", width=resized.width, height=resized.height)
         if quality > 70:
             quality -= 10

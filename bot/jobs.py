@@ -35,6 +35,10 @@ DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
 POST_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
+class PresentationRefused(Exception):
+    """Discord refused the message for good (a 4xx other than 429): retrying the same thing cannot help."""
+
+
 class JobPresenter(Protocol):
     """Shows a job to the members: implemented for Discord in `bot.delivery`."""
 
@@ -62,9 +66,15 @@ class JobSettings:
 def poll_delays(
     eta: float | None, *, start: float = 1.5, factor: float = 1.5, ceiling: float = 10.0
 ) -> Iterator[float]:
-    """Seconds to wait before each fetch: the first at about the ETA, then backing off to at most `ceiling`."""
-    first = eta if eta is not None and eta > 0 else start
-    yield min(max(first, 0.5), 120.0)
+    """Seconds to wait before each fetch: the first at about the ETA, then backing off to at most `ceiling`.
+
+    An ETA already past (a job resumed after a restart) means: look soon.
+    """
+    if eta is None:
+        first = start
+    else:
+        first = min(max(eta, 0.5), 120.0)
+    yield first
     delay = start
     while True:
         yield delay
@@ -93,6 +103,7 @@ class JobService:
         self._presenter: JobPresenter | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
+        self._posted: dict[str, asyncio.Event] = {}
         self._closing = False
 
     @property
@@ -155,18 +166,23 @@ class JobService:
         """The member was never told about this job (the acknowledgement failed): drop it unsent and unshown."""
         if await self._store.finish_failure(job_id, kind=ErrorKind.LOST, detail=reason):
             await self._store.mark_posted(job_id)
+            self._announce_posted(job_id)
         log.warning("Job %s abandoned before submission: %s", job_id, reason)
 
     # ------------------------------------------------------------------------------------------ running
 
     def start(self, job_id: str) -> None:
-        """Drive the job (or, if it is being driven, wake its driver to look at it now)."""
-        self._event(job_id).set()
+        """Drive the job, if no driver is at it yet. The first fetch waits for ModelsLab's ETA."""
         if self._closing or job_id in self._tasks:
             return
         task = asyncio.create_task(self._drive(job_id), name=f"job-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda t, jid=job_id: self._driver_done(jid, t))  # type: ignore[misc]
+
+    def wake(self, job_id: str) -> None:
+        """Something says the job may be done (a webhook): look at it now rather than at the next poll."""
+        self._event(job_id).set()
+        self.start(job_id)
 
     def _driver_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
@@ -187,6 +203,24 @@ class JobService:
         """Wait until no job is being driven (tests and graceful shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    async def wait_until_posted(self, job_id: str) -> Job:
+        """Wait until the job's outcome has been shown to the member (tests, graceful shutdown)."""
+        event = self._posted.setdefault(job_id, asyncio.Event())
+        try:
+            job = await self._store.get(job_id)
+            while job is None or job.posted_at is None:
+                await event.wait()
+                event.clear()
+                job = await self._store.get(job_id)
+            return job
+        finally:
+            self._posted.pop(job_id, None)
+
+    def _announce_posted(self, job_id: str) -> None:
+        event = self._posted.get(job_id)
+        if event is not None:
+            event.set()
 
     async def close(self) -> None:
         self._closing = True
@@ -357,7 +391,7 @@ class JobService:
             if text:
                 await self._store.adopt_modelslab_id(job_id, text)
         log.info("Job %s: webhook received (%s)", job_id, str(payload.get("status", ""))[:20])
-        self.start(job_id)
+        self.wake(job_id)
 
     # ------------------------------------------------------------------------------------------ posting
 
@@ -374,14 +408,28 @@ class JobService:
             else:
                 limit = job.attachment_size_limit or DEFAULT_ATTACHMENT_LIMIT
                 images = await asyncio.to_thread(fit_to_limit, images, limit)
-                message_id = await self._with_retries(
-                    job, "result", lambda: self._presenter_or_fail().show_result(job, images)
-                )
-                await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
-                log.info("Job %s posted with %d image(s)", job.id, len(images))
-                return
-        message_id = await self._with_retries(job, "failure", lambda: self._presenter_or_fail().show_failure(job))
+                presenter = self._presenter_or_fail()
+                try:
+                    message_id = await self._with_retries(job, "result", lambda: presenter.show_result(job, images))
+                except PresentationRefused as exc:
+                    log.warning("Job %s: Discord refused the result (%s)", job.id, exc)
+                    await self._store.finish_failure(
+                        job.id, kind=ErrorKind.DELIVERY_REFUSED, detail=str(exc), from_succeeded=True
+                    )
+                    job = await self._reload(job.id)
+                else:
+                    await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
+                    self._announce_posted(job.id)
+                    log.info("Job %s posted with %d image(s)", job.id, len(images))
+                    return
+        presenter = self._presenter_or_fail()
+        try:
+            message_id = await self._with_retries(job, "failure", lambda: presenter.show_failure(job))
+        except PresentationRefused as exc:
+            log.error("Job %s: Discord refused even the failure message (%s); giving up on showing it", job.id, exc)
+            message_id = None
         await self._store.mark_posted(job.id, message_id=message_id)
+        self._announce_posted(job.id)
         log.info("Job %s failure shown (%s)", job.id, job.error_kind)
 
     async def _download_images(self, job: Job) -> list[ImageFile]:
@@ -401,7 +449,7 @@ class JobService:
             try:
                 result: int | None = await show()
                 return result
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, PresentationRefused):
                 raise
             except Exception as exc:
                 if delay is None:

@@ -55,5 +55,10 @@ def setup_logging(level: str = "INFO", *, secrets: Iterable[str] = ()) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("discord").setLevel(max(logging.INFO, root.level))
+    quiet_noisy_loggers()
+
+
+def quiet_noisy_loggers() -> None:
+    """Libraries whose DEBUG lines are noise or carry secrets (aiosqlite logs SQL parameters: tokens)."""
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -44,6 +44,7 @@ class ErrorKind(enum.StrEnum):
     TIMED_OUT = "timed_out"
     LOST = "lost"
     DOWNLOAD_FAILED = "download_failed"
+    DELIVERY_REFUSED = "delivery_refused"
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,8 @@ def failure_sentence(
             )
         case ErrorKind.DOWNLOAD_FAILED:
             return "The images were made but could not be downloaded from ModelsLab: please try again."
+        case ErrorKind.DELIVERY_REFUSED:
+            return "The images were made but Discord refused to show them: try again with fewer or smaller images."
         case ErrorKind.GENERATION_FAILED:
             why = f" ({detail})" if detail else ""
             return f"ModelsLab could not generate this image{why}: try again, perhaps with other settings."

@@ -45,6 +45,8 @@ class ModelsLabWebhookHandler:
         token = request.match_info["token"]
         if not _JOB_ID.match(job_id) or not self._signer.verify(job_id, token):
             return _error(401, "invalid token")
+        if not await self._jobs.job_exists(job_id):
+            return _error(404, "unknown job")
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return _error(413, "body too large")
         try:
@@ -62,8 +64,6 @@ class ModelsLabWebhookHandler:
         named = _named_track_ids(payload)
         if named and any(track_id != job_id for track_id in named):
             return _error(409, "track_id does not match this URL's job")
-        if not await self._jobs.job_exists(job_id):
-            return _error(404, "unknown job")
         await self._jobs.on_webhook(job_id, payload)
         return web.json_response({"ok": True})
 

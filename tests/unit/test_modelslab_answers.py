@@ -108,7 +108,11 @@ def test_success_without_images_yet_keeps_waiting():
         ({"status": "error", "message": "Service unavailable"}, 503, ErrorKind.SERVICE_DOWN),
         ({"status": "error", "message": "Rate limit exceeded ... spam filter"}, 200, ErrorKind.QUEUE_FULL),
         ({"status": "error", "messege": {"width": ["The width must be a number."]}}, 400, ErrorKind.INVALID_REQUEST),
-        ({"status": "failed", "id": "", "message": "Failed, Try Again", "output": ""}, 200, ErrorKind.GENERATION_FAILED),
+        (
+            {"status": "failed", "id": "", "message": "Failed, Try Again", "output": ""},
+            200,
+            ErrorKind.GENERATION_FAILED,
+        ),
     ],
 )
 def test_errors_are_sorted_into_what_the_member_is_told(body, status, kind):
@@ -119,10 +123,12 @@ def test_errors_are_sorted_into_what_the_member_is_told(body, status, kind):
 
 def test_queue_full_carries_retry_after():
     answer = read(
-        {"status": "error", "message": "Rate limit exceeded. Maximum 5 queued requests allowed.", "retry_after": 30}, 429
+        {"status": "error", "message": "Rate limit exceeded. Maximum 5 queued requests allowed.", "retry_after": 30},
+        429,
     )
     assert answer == Failure(ErrorKind.QUEUE_FULL, answer.detail, retry_after=30, http_status=429)
-    assert read({"status": "error", "message": "Too many requests"}, 429).retry_after == 30  # type: ignore[union-attr]
+    too_many = read({"status": "error", "message": "Too many requests"}, 429)
+    assert isinstance(too_many, Failure) and too_many.retry_after == 30
 
 
 def test_validation_object_is_flattened_into_a_readable_detail():
@@ -150,7 +156,9 @@ def test_a_5xx_without_an_error_status_is_service_down():
 
 
 def test_the_key_and_markup_never_survive_into_the_detail():
-    answer = read({"status": "error", "message": "Key sk-secret-123 is <b>invalid</b> @everyone `x`"}, api_key="sk-secret-123")
+    answer = read(
+        {"status": "error", "message": "Key sk-secret-123 is <b>invalid</b> @everyone `x`"}, api_key="sk-secret-123"
+    )
     assert isinstance(answer, Failure)
     assert "sk-secret-123" not in answer.detail
     assert "<b>" not in answer.detail and "`" not in answer.detail and "@everyone" not in answer.detail

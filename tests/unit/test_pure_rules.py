@@ -35,6 +35,7 @@ def test_first_poll_follows_the_eta_then_backs_off_to_ten_seconds():
 def test_first_poll_without_eta_and_with_a_huge_eta():
     assert next(poll_delays(None)) == 1.5
     assert next(poll_delays(3600)) == 120.0  # never trust an ETA blindly for long
+    assert next(poll_delays(-30)) == 0.5  # overdue (resumed after a restart): look soon
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,9 @@ def test_webhook_tokens_are_per_job_and_verified_in_constant_time():
     assert signer.verify(job_a, token)
     assert not signer.verify(job_b, token)
     assert not WebhookSigner(b"z" * 32).verify(job_a, token)
-    assert signer.webhook_url("https://bot.example/", job_a) == f"https://bot.example/webhooks/modelslab/{job_a}/{token}"
+    assert (
+        signer.webhook_url("https://bot.example/", job_a) == f"https://bot.example/webhooks/modelslab/{job_a}/{token}"
+    )
 
 
 def test_log_filter_masks_secrets_and_tokens_in_urls_and_tracebacks():

@@ -29,7 +29,7 @@ def new_job(job_id="a" * 32, **changes) -> Job:
         charged_images=1,
     )
     values.update(changes)
-    return Job(**values)  # type: ignore[arg-type]
+    return Job(**values)
 
 
 async def test_every_migration_applies_to_an_empty_database_and_the_version_is_stored(tmp_path):
@@ -49,7 +49,7 @@ async def test_a_failing_migration_is_rolled_back_whole(tmp_path):
     (migrations / "0001_ok.sql").write_text("CREATE TABLE a (x INTEGER);")
     (migrations / "0002_broken.sql").write_text("CREATE TABLE b (x INTEGER); INSERT INTO nowhere VALUES (1);")
     async with Database.open(tmp_path / "db.sqlite3", upgrade=False) as database:
-        with pytest.raises(StorageError, match="0002_broken.sql failed and was rolled back"):
+        with pytest.raises(StorageError, match=r"0002_broken\.sql failed and was rolled back"):
             await database.upgrade(migrations)
         assert await database.current_version() == 1
         async with database.connection.execute("SELECT name FROM sqlite_master WHERE name = 'b'") as cursor:
@@ -100,7 +100,14 @@ async def test_failure_returns_the_charge_and_download_failure_can_follow_succes
         await store.insert(new_job())
         await store.mark_submitting("a" * 32)
         await store.finish_success(
-            "a" * 32, modelslab_id="1", output_urls=["u"], proxy_urls=[], meta={}, seed=1, generation_time=1, charged_images=1
+            "a" * 32,
+            modelslab_id="1",
+            output_urls=["u"],
+            proxy_urls=[],
+            meta={},
+            seed=1,
+            generation_time=1,
+            charged_images=1,
         )
         assert await store.finish_failure("a" * 32, kind="download_failed", detail="404", from_succeeded=True)
         job = await store.get("a" * 32)

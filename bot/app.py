@@ -1,0 +1,89 @@
+"""Wiring: opens every resource the bot needs, in order, and closes them in reverse.
+
+`python -m bot` and the end-to-end tests both start the bot through `running_app`, so the tests
+exercise the same wiring a server admin runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from bot.discord_bot import ImagineBot, point_discord_at
+from bot.downloads import ImageDownloader
+from bot.jobs import JobService, JobSettings
+from bot.modelslab import ModelsLabClient
+from bot.settings import Settings, ensure_secret_key
+from bot.signing import WebhookSigner
+from bot.storage import Database, JobStore
+from bot.webhook import create_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    settings: Settings
+    bot: ImagineBot
+    jobs: JobService
+    database: Database
+    signer: WebhookSigner
+    webhook_runner: web.AppRunner
+
+
+@asynccontextmanager
+async def running_app(settings: Settings, *, guild_ready_timeout: float = 2.0) -> AsyncIterator[App]:
+    """Everything but the Discord connection itself: the caller runs `app.bot.start(token)`."""
+    secret_key = await _secret_key(settings)
+    point_discord_at(settings)
+    signer = WebhookSigner(secret_key)
+    api_key = settings.modelslab_api_key.get_secret_value() if settings.modelslab_api_key else None
+
+    timeout = aiohttp.ClientTimeout(total=120, connect=15)
+    async with aiohttp.ClientSession(timeout=timeout) as session, Database.open(settings.database_path) as database:
+        log.info("Database ready at %s (schema version %d)", database.path, await database.current_version())
+        jobs = JobService(
+            store=JobStore(database),
+            client=ModelsLabClient(session, base_url=settings.modelslab_base, flavour=settings.modelslab_api),
+            downloader=ImageDownloader(session),
+            signer=signer,
+            settings=JobSettings(
+                flavour=settings.modelslab_api,
+                timeout=settings.modelslab_job_timeout,
+                webhook_base=settings.public_base,
+                default_api_key=api_key,
+            ),
+        )
+        bot = ImagineBot(settings=settings, jobs=jobs, guild_ready_timeout=guild_ready_timeout)
+
+        async def healthy() -> bool:
+            return bot.is_ready() and not bot.is_closed()
+
+        # access_log=None: the access log would print webhook URLs, and their tokens, in full.
+        runner = web.AppRunner(create_app(jobs, signer, health=healthy), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)
+            await site.start()
+            for address in runner.addresses:
+                log.info("Webhook receiver listening on %s:%s", *address[:2])
+            if settings.public_base is None:
+                log.info("PUBLIC_URL is not set: results are collected by polling ModelsLab")
+            try:
+                yield App(settings, bot, jobs, database, signer, runner)
+            finally:
+                if not bot.is_closed():
+                    await bot.close()
+                await jobs.close()
+        finally:
+            await runner.cleanup()
+
+
+async def _secret_key(settings: Settings) -> bytes:
+    return await asyncio.to_thread(ensure_secret_key, settings)

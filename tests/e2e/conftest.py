@@ -1,0 +1,218 @@
+"""End-to-end harness: the real bot (discord.py, aiohttp, SQLite) against the fake Discord and fake ModelsLab.
+
+`BotRunner` starts the bot through the same `running_app` wiring as `python -m bot`, and can stop it
+(as a crash would: drivers cancelled wherever they are) and start it again on the same database.
+Any ERROR logged by the bot or discord.py fails the test unless the test says it expects it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.app import App, running_app
+from bot.settings import Settings
+from bot.storage import Job, JobStore
+from tests.fakes.discord_server import FakeDiscord, FakeMessage
+from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
+
+BOT_TOKEN = "fake-bot-token.Xy12.secretpart"
+
+
+class LogCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
+        self.expected_errors: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("tests"):
+            return  # the fakes' own logs are not the bot's
+        self.records.append(record)
+        self.lines.append(self.format(record))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def unexpected_errors(self) -> list[str]:
+        return [
+            self.format(r)
+            for r in self.records
+            if r.levelno >= logging.ERROR
+            and r.name.split(".")[0] in ("bot", "cogs", "discord")
+            and not any(words in r.getMessage() for words in self.expected_errors)
+        ]
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Every log line the bot and its libraries write during the scenario, at DEBUG, unfiltered."""
+    from bot.log import quiet_noisy_loggers
+
+    capture = LogCapture()
+    quiet_noisy_loggers()  # the same library log levels as production, at DEBUG
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    yield capture
+    root.removeHandler(capture)
+    root.setLevel(previous)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def modelslab() -> AsyncIterator[FakeModelsLab]:
+    fake = FakeModelsLab()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    fake = FakeDiscord(token=BOT_TOKEN)
+    await fake.start()
+    yield fake
+    await fake.stop()
+    assert fake.violations == [], "the bot broke Discord's rules"
+
+
+class BotRunner:
+    """Starts, crashes and restarts the real bot on one database."""
+
+    def __init__(self, discord_server: FakeDiscord, modelslab: FakeModelsLab, data: Path, monkeypatch: Any) -> None:
+        self.discord = discord_server
+        self.modelslab = modelslab
+        self.data = data
+        self.overrides: dict[str, Any] = {}
+        self.app: App | None = None
+        self._context: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._monkeypatch = monkeypatch
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "discord_token": BOT_TOKEN,
+            "discord_api_base": self.discord.api_base,
+            "discord_gateway_url": self.discord.gateway_url,
+            "discord_dev_guild_id": self.discord.guild_id,
+            "modelslab_api_key": DEFAULT_KEY,
+            "modelslab_base_url": self.modelslab.base_url,
+            "database_path": self.data / "bot.sqlite3",
+            "webhook_host": "127.0.0.1",
+            "webhook_port": 0,
+            "secret_key": "test-secret-key-0123456789abcdef",
+        }
+        values.update(self.overrides)
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    def with_webhooks(self) -> str:
+        """Set PUBLIC_URL to a port the receiver will listen on."""
+        port = free_port()
+        self.overrides.update(webhook_port=port, public_url=f"http://127.0.0.1:{port}")
+        return f"http://127.0.0.1:{port}"
+
+    async def start(self, **overrides: Any) -> App:
+        # discord.py reads its endpoints from class attributes: restore them after the test.
+        import discord
+
+        self._monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+        self._monkeypatch.setattr(
+            discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+        )
+        identified = self.discord.identify_count
+        self._context = running_app(self.settings(**overrides), guild_ready_timeout=0.05)
+        self.app = await self._context.__aenter__()
+        self._task = asyncio.create_task(self.app.bot.start(BOT_TOKEN))
+        await self.discord.wait_until_ready(after=identified)
+        # discord.py fires on_ready after guild_ready_timeout; closing before that leaves its task dangling.
+        await self.app.bot.wait_until_ready()
+        return self.app
+
+    async def stop(self) -> None:
+        """Stop the way a crash would, from the jobs' point of view: every driver is cancelled where it is."""
+        if self.app is None:
+            return
+        await self.app.jobs.close()
+        await self.app.bot.close()
+        if self._task is not None:
+            await self._task
+        await self._context.__aexit__(None, None, None)
+        self.app = None
+
+    async def restart(self, **overrides: Any) -> App:
+        await self.stop()
+        return await self.start(**overrides)
+
+    @property
+    def store(self) -> JobStore:
+        assert self.app is not None
+        return JobStore(self.app.database)
+
+    async def only_job(self) -> Job:
+        assert self.app is not None
+        async with self.app.database.connection.execute("SELECT id FROM jobs") as cursor:
+            rows = list(await cursor.fetchall())
+        assert len(rows) == 1, f"expected one job, found {len(rows)}"
+        job = await self.store.get(rows[0][0])
+        assert job is not None
+        return job
+
+    async def job_count(self) -> int:
+        assert self.app is not None
+        async with self.app.database.connection.execute("SELECT COUNT(*) FROM jobs") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def wait_posted(self, job_id: str | None = None, timeout: float = 10) -> Job:
+        """Wait until the job's outcome has been shown (and recorded as shown)."""
+        assert self.app is not None
+        if job_id is None:
+            job_id = (await self.only_job()).id
+        async with asyncio.timeout(timeout):
+            return await self.app.jobs.wait_until_posted(job_id)
+
+    async def generating(self, interaction: Any, timeout: float = 10) -> Job:
+        """Wait until the member sees "Generating" (ModelsLab queued the job), then return the job."""
+        await self.discord.wait_for_message(
+            lambda m: m.id == (interaction.original.id if interaction.original else -1) and "Generating" in m.content,
+            timeout=timeout,
+        )
+        job = await self.only_job()
+        assert job.modelslab_id is not None
+        return job
+
+    async def first_job_id(self, timeout: float = 5) -> str:
+        """The id of the job the first submission carried (its track_id)."""
+        call = await self.modelslab.wait_for_submission(timeout=timeout)
+        assert call.json is not None
+        return str(call.json["track_id"])
+
+
+@pytest.fixture
+async def runner(discord_server, modelslab, tmp_path, logs, monkeypatch) -> AsyncIterator[BotRunner]:
+    bot_runner = BotRunner(discord_server, modelslab, tmp_path / "data", monkeypatch)
+    yield bot_runner
+    await bot_runner.stop()
+    assert logs.unexpected_errors() == []
+
+
+def attachments_of(message: FakeMessage) -> list[bytes]:
+    return [a.data for a in message.attachments]

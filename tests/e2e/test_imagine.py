@@ -1,0 +1,474 @@
+"""/imagine end to end: the real discord.py bot, the fake Discord, the fake ModelsLab, a real SQLite file."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from bot.storage import JobStatus
+from tests.e2e.conftest import BotRunner, attachments_of
+from tests.fakes.discord_server import FakeDiscord, FakeMessage
+from tests.fakes.modelslab_server import ErrorAnswer, Immediate, Queued, RawAnswer
+
+ETA_TIMESTAMP = re.compile(r"<t:\d+:R>")
+
+
+def pixels(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.size
+
+
+def embed_fields(message: FakeMessage) -> dict[str, str]:
+    assert message.embeds, "the result carries an embed with the job's details"
+    return {field["name"]: field["value"] for field in message.embeds[0].get("fields", [])}
+
+
+async def imagine(discord_server: FakeDiscord, **options):
+    options.setdefault("prompt", "a lighthouse at dusk, oil painting")
+    interaction = await discord_server.invoke_slash("imagine", options)
+    await interaction.wait_callback()
+    return interaction
+
+
+# ---------------------------------------------------------------------------------------------- success
+
+
+async def test_imagine_posts_the_images_in_the_status_message(runner: BotRunner, discord_server, modelslab):
+    modelslab.script(Immediate(generation_time=3.25))
+    await runner.start()
+
+    interaction = await imagine(discord_server, prompt="a lighthouse at dusk", width=768, height=512, seed=1234)
+
+    assert interaction.callback_latency is not None and interaction.callback_latency < 3
+    assert interaction.callback_type == 4  # a public status message, not an ephemeral reply
+    job = await runner.wait_posted()
+    message = interaction.original
+    assert message is not None and message.flags & 64 == 0
+
+    [image] = attachments_of(message)
+    [url] = modelslab.outputs_of(job.modelslab_id)
+    assert image == modelslab.image_bytes(url)  # uploaded to Discord, byte for byte
+    assert pixels(image) == (768, 512)
+    assert "cdn" not in message.content and "http" not in message.content  # never a ModelsLab URL
+    assert "a lighthouse at dusk" in message.content
+
+    fields = embed_fields(message)
+    assert fields["Model"] == "`flux`"
+    assert fields["Seed"] == "1234"
+    assert fields["Size"] == "768×512"
+    assert fields["Time"] == "3.2 s"
+
+    assert job.status is JobStatus.SUCCEEDED
+    assert job.seed == 1234 and job.image_count == 1 and job.charged_images == 1
+    assert job.message_id == message.id
+    assert str(job.user_id) == str(interaction.payload["member"]["user"]["id"])
+    assert job.channel_id == discord_server.channel_id and job.guild_id == discord_server.guild_id
+    submitted = modelslab.submissions()[0].json
+    assert submitted["track_id"] == job.id and submitted["key"] == "ml-test-key"
+    assert submitted["width"] == 768 and submitted["seed"] == 1234 and submitted["model_id"] == "flux"
+    assert "webhook" not in submitted  # no PUBLIC_URL: polling only
+
+
+async def test_the_real_seed_from_the_response_is_shown_when_none_was_asked(runner, discord_server, modelslab):
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    real_seed = modelslab.jobs[job.modelslab_id].seed
+    assert modelslab.submissions()[0].json["seed"] is None
+    assert embed_fields(interaction.original)["Seed"] == str(real_seed)
+    assert job.seed == real_seed
+
+
+async def test_several_samples_arrive_as_separate_attachments(runner, discord_server, modelslab):
+    await runner.start()
+    interaction = await imagine(discord_server, samples=3, model="sdxl", negative_prompt="blurry", steps=12)
+    job = await runner.wait_posted()
+    images = attachments_of(interaction.original)
+    assert len(images) == 3 and len(set(images)) == 3
+    assert images == [modelslab.image_bytes(u) for u in modelslab.outputs_of(job.modelslab_id)]
+    assert embed_fields(interaction.original)["Negative prompt"] == "blurry"
+    body = modelslab.submissions()[0].json
+    assert (body["samples"], body["negative_prompt"], body["num_inference_steps"]) == (3, "blurry", 12)
+
+
+async def test_a_queued_job_shows_the_eta_then_the_images(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=40))
+    await runner.start()
+    interaction = await imagine(discord_server)
+
+    status = await discord_server.wait_for_message(
+        lambda m: m.id == (interaction.original.id if interaction.original else -1) and "Generating" in m.content
+    )
+    assert ETA_TIMESTAMP.search(status.content), status.content
+    job = await runner.only_job()
+    assert job.status is JobStatus.PROCESSING and job.eta_at is not None
+
+    modelslab.complete(job.modelslab_id)
+    runner.app.jobs.wake(job.id)  # the test does not wait 40 s for the first fetch: wake the poller now
+    job = await runner.wait_posted(job.id)
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(attachments_of(interaction.original)) == 1
+    assert len(modelslab.submissions()) == 1
+
+
+async def test_polling_follows_the_eta_and_fetches_until_ready(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=0.2, ready_after_fetches=2, form="slim"))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(modelslab.fetches(job.modelslab_id)) == 3
+    assert len(attachments_of(interaction.original)) == 1
+
+
+@pytest.mark.parametrize("flavour_paths", [("v6", "/api/v6/images/"), ("enterprise", "/api/v1/enterprise/")])
+async def test_both_api_flavours_submit_and_fetch_on_their_own_paths(runner, discord_server, modelslab, flavour_paths):
+    flavour, prefix = flavour_paths
+    modelslab.script(Queued(eta=0.1, ready_after_fetches=1, form="slim"))
+    await runner.start(modelslab_api=flavour)
+    await imagine(discord_server, model="sdxl")
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    paths = [call.path for call in modelslab.requests if call.method == "POST"]
+    fetch = f"/api/v6/images/fetch/{job.modelslab_id}" if flavour == "v6" else "/api/v1/enterprise/fetch"
+    assert paths == [prefix + "text2img", fetch, fetch]
+
+
+async def test_the_cdn_copy_is_used_when_the_output_link_fails(runner, discord_server, modelslab):
+    """`proxy_links` are the fallback: here the output URL points nowhere."""
+    modelslab.script(Immediate(extra_fields={"output": ["http://127.0.0.1:9/gone.png"]}))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(attachments_of(interaction.original)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"width": 1020}, "`width` must be a multiple of 8 from 256 to 1024"),
+        ({"samples": 9}, "`samples` must be from 1 to 4"),
+        ({"steps": 5}, "`steps` must be a whole number from 20 to 50"),
+        ({"guidance": 30.0}, "`guidance` must be from 1 to 20"),
+        ({"negative_prompt": "ugly"}, "`negative_prompt` is ignored by the flux model"),
+        ({"model": "fluxdev", "lora": "a,b", "lora_strength": "0.5"}, "`lora_strength` needs exactly one strength"),
+    ],
+)
+async def test_invalid_options_are_refused_privately_and_nothing_is_sent(
+    runner, discord_server, modelslab, options, words
+):
+    await runner.start()
+    interaction = await imagine(discord_server, **options)
+    message = interaction.original
+    assert message is not None and message.flags & 64, "refusals are ephemeral"
+    assert words in message.content
+    assert modelslab.submissions() == []
+    assert await runner.job_count() == 0
+
+
+async def test_without_any_api_key_the_member_is_told_what_to_do(runner, discord_server, modelslab):
+    await runner.start(modelslab_api_key=None)
+    interaction = await imagine(discord_server)
+    assert interaction.original.flags & 64
+    assert "No ModelsLab API key is set up" in interaction.original.content
+    assert modelslab.requests == [] and await runner.job_count() == 0
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind", "words"),
+    [
+        (ErrorAnswer(http_status=401, message="Invalid API key"), "invalid_key", "invalid key"),
+        (ErrorAnswer(http_status=402, message="Insufficient credits"), "no_credits", "out of credits"),
+        (
+            ErrorAnswer(
+                http_status=429, message="Rate limit exceeded. Maximum 5 queued requests allowed.", retry_after=42
+            ),
+            "queue_full",
+            "try again in 42 s",
+        ),
+        (ErrorAnswer(message="Model not found"), "model_not_found", "no model called `flux` (model not found)"),
+        (
+            ErrorAnswer(message="Your prompt contains NSFW words", key="messege"),
+            "prompt_refused",
+            "refused this prompt",
+        ),
+        (RawAnswer(http_status=502), "service_down", "service down"),
+        (ErrorAnswer(http_status=503, message="Service Unavailable"), "service_down", "service down"),
+        (
+            ErrorAnswer(http_status=400, message={"width": ["The width must be a number."]}, key="messege"),
+            "invalid_request",
+            "width: The width must be a number.",
+        ),
+    ],
+)
+async def test_each_modelslab_error_replaces_the_status_with_one_plain_sentence(
+    runner, discord_server, modelslab, behaviour, kind, words
+):
+    modelslab.script(behaviour)
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+
+    message = interaction.original
+    assert words in message.content
+    assert "Traceback" not in message.content and "{" not in message.content
+    assert message.attachments == [] and message.embeds == []
+    assert job.status is JobStatus.FAILED and job.error_kind == kind and job.charged_images == 0
+
+
+async def test_a_job_that_fails_at_modelslab_after_queueing(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=0.1, ready_after_fetches=0, outcome="failed"))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.FAILED and job.error_kind == "generation_failed"
+    assert "could not generate this image" in interaction.original.content
+
+
+async def test_a_job_that_never_finishes_is_given_up_at_the_timeout(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=0.1))  # never ready
+    await runner.start(modelslab_job_timeout=1.5)
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.FAILED and job.error_kind == "timed_out" and job.charged_images == 0
+    assert "did not finish within 1 minute" in interaction.original.content
+
+
+async def test_fetch_faults_are_retried_until_the_result_comes(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=0.1, ready_after_fetches=0))
+    modelslab.fail_fetches(2, RawAnswer(http_status=502))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(attachments_of(interaction.original)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- delivery
+
+
+async def test_the_result_arrives_after_the_interaction_token_expired(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=60))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    discord_server.expire_interaction(interaction)
+    # The bot's own clock says the same: 15 minutes have passed.
+    await runner.app.database.connection.execute("UPDATE jobs SET token_expires_at = 0 WHERE id = ?", (job.id,))
+    modelslab.complete(job.modelslab_id)
+    runner.app.jobs.wake(job.id)
+    await runner.wait_posted(job.id)
+
+    message = discord_server.messages[job.message_id]
+    assert len(message.attachments) == 1
+    assert any(
+        r.method == "PATCH" and r.path == f"/channels/{job.channel_id}/messages/{job.message_id}"
+        for r in discord_server.requests
+    )
+
+
+async def test_a_deleted_status_message_is_replaced_by_a_new_one(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=60))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    discord_server.delete_message(interaction.original.id)
+    modelslab.complete(job.modelslab_id)
+    runner.app.jobs.wake(job.id)
+    job = await runner.wait_posted(job.id)
+
+    posted = [m for m in discord_server.messages_in(job.channel_id) if m.attachments]
+    assert len(posted) == 1 and posted[0].id == job.message_id != interaction.original.id
+
+
+async def test_results_too_large_for_the_upload_limit_are_reencoded_to_fit(runner, discord_server, modelslab):
+    await runner.start()
+    interaction = await discord_server.invoke_slash(
+        "imagine", {"prompt": "noise", "samples": 2, "model": "sdxl"}, attachment_size_limit=1500
+    )
+    await interaction.wait_callback()
+    await runner.wait_posted()
+    images = attachments_of(interaction.original)
+    assert len(images) == 2 and sum(len(i) for i in images) <= 1500
+
+
+# ---------------------------------------------------------------------------------------------- restarts
+
+
+async def test_a_restart_resumes_polling_and_posts_exactly_once(runner, discord_server, modelslab):
+    modelslab.script(Queued(eta=0.5))  # not ready until complete(): every fetch before it says "processing"
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    assert job.status is JobStatus.PROCESSING
+
+    await runner.stop()
+    modelslab.complete(job.modelslab_id)
+    await runner.start()
+    job = await runner.wait_posted(job.id)
+
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(modelslab.submissions()) == 1  # never submitted twice
+    with_images = [m for m in discord_server.messages.values() if m.attachments]
+    assert [m.id for m in with_images] == [interaction.original.id]
+
+
+async def test_a_job_finished_but_not_posted_before_a_crash_is_posted_once_after(runner, discord_server, modelslab):
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    # As if the bot died between posting and recording it: the edit is simply made again.
+    await runner.app.database.connection.execute("UPDATE jobs SET posted_at = NULL WHERE id = ?", (job.id,))
+    await runner.restart()
+    await runner.wait_posted(job.id)
+    assert len([m for m in discord_server.messages.values() if m.attachments]) == 1
+    assert len(attachments_of(interaction.original)) == 1
+    assert len(modelslab.submissions()) == 1
+
+
+async def test_a_job_whose_submit_answer_was_lost_is_not_submitted_again(runner, discord_server, modelslab):
+    await runner.start()
+    modelslab.script(Queued(eta=60))
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    await runner.stop()
+    # As if the bot died during the submit call: ModelsLab's answer (and id) never recorded.
+    await runner.start()
+    await runner.app.database.connection.execute(
+        "UPDATE jobs SET status = 'submitting', modelslab_id = NULL, posted_at = NULL WHERE id = ?", (job.id,)
+    )
+    await runner.restart()
+    job = await runner.wait_posted(job.id)
+    assert job.status is JobStatus.FAILED and job.error_kind == "lost" and job.charged_images == 0
+    assert "cannot tell whether ModelsLab got it" in interaction.original.content
+    assert len(modelslab.submissions()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- webhooks
+
+
+async def test_a_webhook_finishes_the_job_at_once_after_a_confirming_fetch(runner, discord_server, modelslab):
+    public_url = runner.with_webhooks()
+    modelslab.script(Queued(eta=300))  # polling alone would wait minutes
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    submitted = modelslab.submissions()[0].json
+    assert submitted["webhook"].startswith(f"{public_url}/webhooks/modelslab/{job.id}/")
+    assert submitted["track_id"] == job.id
+
+    modelslab.complete(job.modelslab_id)  # the fake then calls the webhook
+    delivery = await modelslab.wait_for_webhook_delivery()
+    assert delivery.status == 200
+    job = await runner.wait_posted(job.id)
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(modelslab.fetches(job.modelslab_id)) >= 1  # confirmed before trusted
+    assert len(attachments_of(interaction.original)) == 1
+
+
+async def test_a_webhook_that_comes_twice_posts_once(runner, discord_server, modelslab):
+    runner.with_webhooks()
+    modelslab.script(Queued(eta=300, webhook="twice"))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    modelslab.complete(job.modelslab_id)
+    await modelslab.wait_for_webhook_delivery(lambda d: d.attempt == 2)
+    await runner.wait_posted(job.id)
+    await runner.app.jobs.wait_idle()
+    assert [d.status for d in modelslab.webhook_deliveries] == [200, 200]
+    assert len([m for m in discord_server.messages.values() if m.attachments]) == 1
+    assert len(attachments_of(interaction.original)) == 1
+
+
+async def test_a_webhook_that_comes_before_the_submit_answer(runner, discord_server, modelslab):
+    runner.with_webhooks()
+    modelslab.script(Queued(eta=300, webhook="before_response"))
+    await runner.start()
+    await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    assert modelslab.webhook_deliveries[0].status == 200
+
+
+async def test_a_lost_submission_is_resolved_by_its_webhook(runner, discord_server, modelslab):
+    runner.with_webhooks()
+    modelslab.script(Queued(eta=300))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    modelslab_id = job.modelslab_id
+    await runner.stop()
+    await runner.start()
+    await runner.app.database.connection.execute(
+        "UPDATE jobs SET status = 'submitting', modelslab_id = NULL WHERE id = ?", (job.id,)
+    )
+    await runner.restart()
+    modelslab.complete(modelslab_id)  # its webhook names the ModelsLab id
+    job = await runner.wait_posted(job.id)
+    assert job.status is JobStatus.SUCCEEDED and job.modelslab_id == str(modelslab_id)
+    assert len(modelslab.submissions()) == 1
+    assert len(attachments_of(interaction.original)) == 1
+
+
+async def test_the_receiver_rejects_forged_and_malformed_calls_without_changing_anything(
+    runner, discord_server, modelslab, logs
+):
+    import aiohttp
+
+    base = runner.with_webhooks()
+    modelslab.script(Queued(eta=300, webhook="never"))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    token = runner.app.signer.token_for(job.id)
+    other = "f" * 32
+    good = {"status": "success", "id": job.modelslab_id, "track_id": job.id, "output": ["http://x/evil.png"]}
+    cases = [
+        (f"/webhooks/modelslab/{job.id}/wrong-token", good, 401),
+        (f"/webhooks/modelslab/{job.id}/", good, 404),
+        (f"/webhooks/modelslab/{other}/{runner.app.signer.token_for(other)}", good, 404),
+        (f"/webhooks/modelslab/{job.id}/{token}", {**good, "track_id": other}, 409),
+        (f"/webhooks/modelslab/{job.id}/{token}", {**good, "meta": {"track_id": other}}, 409),
+        (f"/webhooks/modelslab/{job.id}/{token}", "not json{", 400),
+        (f"/webhooks/modelslab/{job.id}/{token}", ["a list"], 400),
+        (f"/webhooks/modelslab/{job.id}/{token}", {"no": "status"}, 400),
+        (f"/webhooks/modelslab/{job.id}/{token}", {"status": "success", "pad": "x" * (1024 * 1024 + 10)}, 413),
+    ]
+    fetches_before = len(modelslab.fetches())
+    async with aiohttp.ClientSession() as session:
+        for path, body, expected in cases:
+            raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"}
+            async with session.post(base + path, data=io.BytesIO(raw), headers=headers) as response:
+                assert response.status == expected, (path, response.status)
+    after = await runner.store.get(job.id)
+    assert after == job  # nothing changed
+    assert len(modelslab.fetches()) == fetches_before
+    assert token not in logs.text
+
+
+async def test_no_secret_reaches_the_logs(runner, discord_server, modelslab, logs):
+    runner.with_webhooks()
+    modelslab.script(Queued(eta=0.1, ready_after_fetches=1), ErrorAnswer(http_status=401, message="Invalid API key"))
+    await runner.start()
+    await imagine(discord_server)
+    first = await runner.wait_posted()
+    await imagine(discord_server, prompt="second")
+    token = runner.app.signer.token_for(first.id)
+    await runner.app.jobs.wait_idle()
+    for secret in ("ml-test-key", "fake-bot-token.Xy12.secretpart", token, "test-secret-key-0123456789abcdef"):
+        assert secret not in logs.text
+    assert "Job " + first.id in logs.text  # the logs do say what happened

@@ -1,0 +1,117 @@
+"""`python -m bot` as a separate process, configured only through environment variables, as an admin runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.e2e.conftest import BOT_TOKEN, free_port
+from tests.fakes.discord_server import FakeDiscord
+from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab, Queued
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bot_environment(discord_server: FakeDiscord, modelslab: FakeModelsLab, data: Path, **extra: str) -> dict[str, str]:
+    keep = {name: os.environ[name] for name in ("PATH", "HOME", "LANG", "SYSTEMROOT") if name in os.environ}
+    return {
+        **keep,
+        "PYTHONPATH": str(ROOT),
+        "DISCORD_TOKEN": BOT_TOKEN,
+        "DISCORD_API_BASE": discord_server.api_base,
+        "DISCORD_GATEWAY_URL": discord_server.gateway_url,
+        "DISCORD_DEV_GUILD_ID": str(discord_server.guild_id),
+        "MODELSLAB_API_KEY": DEFAULT_KEY,
+        "MODELSLAB_BASE_URL": modelslab.base_url,
+        "DATABASE_PATH": str(data / "bot.sqlite3"),
+        "WEBHOOK_HOST": "127.0.0.1",
+        "LOG_LEVEL": "DEBUG",
+        **extra,
+    }
+
+
+async def run_module(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_the_bot_runs_as_a_process_from_environment_variables_only(discord_server, modelslab, tmp_path):
+    port = free_port()
+    env = bot_environment(
+        discord_server,
+        modelslab,
+        tmp_path / "data",
+        WEBHOOK_PORT=str(port),
+        PUBLIC_URL=f"http://127.0.0.1:{port}",
+    )
+    modelslab.script(Queued(eta=30, ready_after_seconds=0.5))  # finished by ModelsLab's webhook, not by polling
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await discord_server.wait_until_ready(timeout=30)
+        interaction = await discord_server.invoke_slash("imagine", {"prompt": "a process of its own", "width": 640})
+        await interaction.wait_callback()
+        assert interaction.callback_latency is not None and interaction.callback_latency < 3
+
+        message = await discord_server.wait_for_message(
+            lambda m: m.id == (interaction.original.id if interaction.original else -1) and bool(m.attachments),
+            timeout=30,
+        )
+        with Image.open(io.BytesIO(message.attachments[0].data)) as image:
+            assert image.size == (640, 512)
+        delivery = await modelslab.wait_for_webhook_delivery(timeout=10)
+        assert delivery.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    log_text = output.decode()
+    assert process.returncode == 0, log_text
+    assert BOT_TOKEN not in log_text and DEFAULT_KEY not in log_text
+    assert "Webhook receiver listening" in log_text
+
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as database:
+        rows = database.execute("SELECT status, image_count, posted_at IS NOT NULL FROM jobs").fetchall()
+    assert rows == [("succeeded", 1, 1)]
+    assert (tmp_path / "data" / "secret.key").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_missing_token_stops_the_process_with_a_plain_error(tmp_path):
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    code, output = await run_module(env=env, cwd=tmp_path)
+    assert code == 2
+    assert "DISCORD_TOKEN is required but not set" in output
+    assert "Traceback" not in output
+
+
+async def test_db_upgrade_and_current_from_the_command_line(tmp_path):
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "DATABASE_PATH": str(tmp_path / "x.sqlite3")}
+    code, output = await run_module("db", "upgrade", env=env, cwd=tmp_path)
+    assert code == 0, output
+    assert "applied 0001_jobs" in output
+    code, output = await run_module("db", "current", env=env, cwd=tmp_path)
+    assert code == 0 and "schema version 1" in output
