@@ -70,11 +70,7 @@ def poll_delays(
 
     An ETA already past (a job resumed after a restart) means: look soon.
     """
-    if eta is None:
-        first = start
-    else:
-        first = min(max(eta, 0.5), 120.0)
-    yield first
+    yield start if eta is None else min(max(eta, 0.5), 120.0)
     delay = start
     while True:
         yield delay
@@ -367,8 +363,9 @@ class JobService:
             return job
         else:
             if submitting and answer.kind is ErrorKind.SERVICE_DOWN and answer.http_status is None:
-                # The request may have reached ModelsLab before the connection broke: treat as lost.
-                log.warning("Job %s: submit call broke (%s)", job_id, answer.detail)
+                # No answer at all: ModelsLab may still have queued it. The job is failed (and not counted)
+                # all the same; a webhook that comes later finds it settled and changes nothing.
+                log.warning("Job %s: the submit call got no answer (%s)", job_id, answer.detail)
             if await self._store.finish_failure(
                 job_id, kind=answer.kind, detail=answer.detail, retry_after=answer.retry_after
             ):

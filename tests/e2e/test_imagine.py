@@ -139,6 +139,19 @@ async def test_both_api_flavours_submit_and_fetch_on_their_own_paths(runner, dis
     assert paths == [prefix + "text2img", fetch, fetch]
 
 
+@pytest.mark.parametrize("id_as", ["int", "str", "uuid"])
+async def test_fetch_result_urls_and_ids_of_every_shape_are_followed(runner, discord_server, modelslab, id_as):
+    """The full "processing" form names a `fetch_result` URL; ids come as numbers, numeric strings or not."""
+    modelslab.script(Queued(eta=0.1, ready_after_fetches=0, form="full", id_as=id_as, fetch_with_meta=True))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    [fetch] = modelslab.fetches()
+    assert fetch.job_id == job.modelslab_id
+    assert len(attachments_of(interaction.original)) == 1
+
+
 async def test_the_cdn_copy_is_used_when_the_output_link_fails(runner, discord_server, modelslab):
     """`proxy_links` are the fallback: here the output URL points nowhere."""
     modelslab.script(Immediate(extra_fields={"output": ["http://127.0.0.1:9/gone.png"]}))
