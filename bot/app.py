@@ -17,7 +17,7 @@ from aiohttp import web
 
 from bot.discord_bot import ImagineBot, point_discord_at
 from bot.downloads import ImageDownloader
-from bot.jobs import JobService, JobSettings
+from bot.jobs import DISCORD_RETRY_DELAYS, JobService, JobSettings
 from bot.modelslab import ModelsLabClient
 from bot.settings import Settings, ensure_secret_key
 from bot.signing import WebhookSigner
@@ -25,6 +25,16 @@ from bot.storage import Database, JobStore
 from bot.webhook import create_app
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How patient the bot is with the services it calls. The defaults are for real use; tests shorten them."""
+
+    modelslab_request_timeout: float = 60.0
+    download_rounds: int = 7
+    download_first_wait: float = 0.5
+    discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS
 
 
 @dataclass
@@ -38,7 +48,9 @@ class App:
 
 
 @asynccontextmanager
-async def running_app(settings: Settings, *, guild_ready_timeout: float = 2.0) -> AsyncIterator[App]:
+async def running_app(
+    settings: Settings, *, guild_ready_timeout: float = 2.0, timings: Timings = Timings()
+) -> AsyncIterator[App]:
     """Everything but the Discord connection itself: the caller runs `app.bot.start(token)`."""
     secret_key = await _secret_key(settings)
     point_discord_at(settings)
@@ -50,8 +62,13 @@ async def running_app(settings: Settings, *, guild_ready_timeout: float = 2.0) -
         log.info("Database ready at %s (schema version %d)", database.path, await database.current_version())
         jobs = JobService(
             store=JobStore(database),
-            client=ModelsLabClient(session, base_url=settings.modelslab_base, flavour=settings.modelslab_api),
-            downloader=ImageDownloader(session),
+            client=ModelsLabClient(
+                session,
+                base_url=settings.modelslab_base,
+                flavour=settings.modelslab_api,
+                request_timeout=timings.modelslab_request_timeout,
+            ),
+            downloader=ImageDownloader(session, rounds=timings.download_rounds, first_wait=timings.download_first_wait),
             signer=signer,
             settings=JobSettings(
                 flavour=settings.modelslab_api,
@@ -59,6 +76,7 @@ async def running_app(settings: Settings, *, guild_ready_timeout: float = 2.0) -
                 webhook_base=settings.public_base,
                 default_api_key=api_key,
             ),
+            discord_retry_delays=timings.discord_retry_delays,
         )
         bot = ImagineBot(settings=settings, jobs=jobs, guild_ready_timeout=guild_ready_timeout)
 

@@ -23,7 +23,8 @@ class ImageDownloader:
     """Fetches one image from a list of candidate URLs (the output link, then its CDN copy).
 
     Freshly finished images sometimes 404 or serve an HTML page for a moment (ModelsLab's
-    `future_links`, `.base64` files), so each round tries every URL, then waits a little and retries.
+    `future_links`, `.base64` files), so each round tries every URL, then waits and retries, doubling
+    the wait: by default about half a minute in all before an image is given up.
     """
 
     def __init__(
@@ -32,7 +33,7 @@ class ImageDownloader:
         *,
         max_bytes: int = MAX_DOWNLOAD_BYTES,
         request_timeout: float = 30.0,
-        rounds: int = 4,
+        rounds: int = 7,
         first_wait: float = 0.5,
     ) -> None:
         self._session = session

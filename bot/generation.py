@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -206,7 +207,11 @@ def build_generation_request(
     if not math.isfinite(guidance) or not GUIDANCE_MIN <= guidance <= GUIDANCE_MAX:
         raise InvalidOption("guidance", f"must be from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (you gave {guidance:g}).")
 
-    if seed is not None and not 0 <= seed <= SEED_MAX:
+    if seed is None:
+        # Chosen here rather than by ModelsLab: its slim answers do not report the seed it picked, and a
+        # re-roll must never repeat an identical payload (ModelsLab's spam filter).
+        seed = secrets.randbelow(SEED_MAX + 1)
+    elif not 0 <= seed <= SEED_MAX:
         raise InvalidOption("seed", f"must be a whole number from 0 to {SEED_MAX}, or left out for a random one.")
 
     if scheduler is not None and scheduler not in SCHEDULERS:

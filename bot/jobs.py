@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bot.downloads import DownloadFailed, ImageDownloader
 from bot.generation import GenerationRequest
@@ -30,9 +31,13 @@ from bot.signing import WebhookSigner
 from bot.storage import Job, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
-POST_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Waits between tries when Discord is unavailable; the last one repeats for as long as it takes.
+DISCORD_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+ETA_CHANGE_WORTH_SHOWING = 5.0  # seconds
+SHUTDOWN_GRACE = 30.0  # seconds an in-flight submit call may take to finish when the bot stops
 
 
 class PresentationRefused(Exception):
@@ -51,7 +56,7 @@ class JobPresenter(Protocol):
     async def show_failure(self, job: Job) -> int | None: ...
 
     async def find_status_message(self, job: Job) -> int | None:
-        """The id of the job's status message, if the member was ever shown one."""
+        """The id of the job's status message; None if there is none. Raises if Discord cannot say now."""
         ...
 
 
@@ -89,6 +94,7 @@ class JobService:
         signer: WebhookSigner,
         settings: JobSettings,
         clock: Callable[[], float] = time.time,
+        discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS,
     ) -> None:
         self._store = store
         self._client = client
@@ -96,8 +102,10 @@ class JobService:
         self._signer = signer
         self._settings = settings
         self._clock = clock
+        self._discord_retry_delays = discord_retry_delays
         self._presenter: JobPresenter | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._in_flight: set[asyncio.Task[Job]] = set()
         self._wake: dict[str, asyncio.Event] = {}
         self._posted: dict[str, asyncio.Event] = {}
         self._closing = False
@@ -159,11 +167,12 @@ class JobService:
         self.start(job_id)
 
     async def abandon(self, job_id: str, reason: str) -> None:
-        """The member was never told about this job (the acknowledgement failed): drop it unsent and unshown."""
-        if await self._store.finish_failure(job_id, kind=ErrorKind.LOST, detail=reason):
-            await self._store.mark_posted(job_id)
-            self._announce_posted(job_id)
-        log.warning("Job %s abandoned before submission: %s", job_id, reason)
+        """The command could not be acknowledged: the job is dropped unsent, and a notice goes to the channel."""
+        log.warning("Job %s dropped before submission: %s", job_id, reason)
+        if await self._store.finish_failure(job_id, kind=ErrorKind.UNANSWERED, detail=reason):
+            # The interaction was never answered, so its token cannot reach a message: post through the channel.
+            await self._store.forget_interaction(job_id)
+            self.start(job_id)
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -218,12 +227,16 @@ class JobService:
         if event is not None:
             event.set()
 
-    async def close(self) -> None:
+    async def close(self, *, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop every driver. A submit call under way is let finish (within `grace`) and its answer recorded:
+        cut off, its job could be paid at ModelsLab and yet reported lost."""
         self._closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=grace)
 
     def _event(self, job_id: str) -> asyncio.Event:
         event = self._wake.get(job_id)
@@ -249,21 +262,27 @@ class JobService:
         assert job is not None, "jobs are never deleted while being driven"
         return job
 
+    async def _fail(self, job_id: str, kind: ErrorKind, detail: str, **extra: Any) -> Job:
+        await self._store.finish_failure(job_id, kind=kind, detail=detail, **extra)
+        return await self._reload(job_id)
+
     # ------------------------------------------------------------------------------------------ submitting
 
     async def _submit(self, job: Job) -> Job:
         if job.message_id is None:
             # Stored, then the bot stopped before it knew whether the member saw the status message.
-            found = await self._find_status_message(job)
+            presenter = self._presenter_or_fail()
+            found = await self._keep_trying(job, "status message lookup", lambda: presenter.find_status_message(job))
             if found is None:
                 await self.abandon(job.id, "the status message was never shown")
                 return await self._reload(job.id)
             await self._store.set_message(job.id, found)
 
+        if self._clock() >= job.deadline_at:
+            return await self._fail(job.id, ErrorKind.EXPIRED, "deadline passed before submission")
         api_key = self.api_key_for(job.guild_id)
         if api_key is None:
-            await self._store.finish_failure(job.id, kind=ErrorKind.INVALID_KEY, detail="no API key configured")
-            return await self._reload(job.id)
+            return await self._fail(job.id, ErrorKind.INVALID_KEY, "no API key configured")
         if not await self._store.mark_submitting(job.id):
             return await self._reload(job.id)
 
@@ -271,65 +290,77 @@ class JobService:
         if self._settings.webhook_base:
             payload["webhook"] = self._signer.webhook_url(self._settings.webhook_base, job.id)
         log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
-        answer = await self._client.submit("text2img" if job.kind == "text2img" else "img2img", api_key, payload)
-        return await self._apply(job.id, answer, submitting=True)
+
+        async def send() -> Job:
+            answer = await self._client.submit("text2img" if job.kind == "text2img" else "img2img", api_key, payload)
+            return await self._apply(job.id, answer, submitting=True)
+
+        # Shielded: a shutdown must not cut the call off between ModelsLab taking the job and us recording it.
+        call = asyncio.create_task(send(), name=f"submit-{job.id}")
+        self._in_flight.add(call)
+        call.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(call)
 
     async def _recover_lost_submission(self, job: Job) -> Job:
-        """The bot stopped during the submit call, so whether ModelsLab got the job is unknown.
+        """Whether ModelsLab got the job is unknown (the bot stopped during the submit call, or it went unanswered).
 
-        Never submit blindly again (it could run and be paid twice). With webhooks, ModelsLab's callback
+        Never submit blindly again: it could run and be paid twice. With webhooks, ModelsLab's callback
         names the job's id: wait for it until the deadline. Without, the job is reported lost.
         """
         if self._settings.webhook_base and job.modelslab_id is None:
-            log.info("Job %s: submit answer lost in a restart; waiting for its webhook", job.id)
+            log.info("Job %s: submit answer unknown; waiting for its webhook", job.id)
             event = self._event(job.id)
             while job.modelslab_id is None and self._clock() < job.deadline_at:
-                event.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=max(job.deadline_at - self._clock(), 0.01))
+                event.clear()
                 job = await self._reload(job.id)
                 if job.status is not JobStatus.SUBMITTING:
                     return job
         if job.modelslab_id is None:
-            await self._store.finish_failure(job.id, kind=ErrorKind.LOST, detail="submit answer lost in a restart")
-            return await self._reload(job.id)
+            return await self._fail(job.id, ErrorKind.LOST, "submit answer unknown")
         await self._store.mark_processing(job.id, modelslab_id=job.modelslab_id, eta_at=None, fetch_url=None, meta={})
+        # The webhook that told us the id also said the job is done: look now.
+        self._event(job.id).set()
         return await self._reload(job.id)
 
     # ------------------------------------------------------------------------------------------ waiting
 
     async def _poll_until_finished(self, job: Job) -> Job:
+        """Fetch at about the ETA, then backing off, until finished or the deadline (with one last look at it)."""
         eta = job.eta_at - self._clock() if job.eta_at is not None else None
         delays = poll_delays(eta)
         event = self._event(job.id)
         while True:
+            if job.modelslab_id is None and not self._settings.webhook_base:
+                # Queued without an id, and no webhook can ever name it: nothing to wait for.
+                return await self._fail(job.id, ErrorKind.GENERATION_FAILED, "ModelsLab gave no request id")
             remaining = job.deadline_at - self._clock()
-            if remaining <= 0:
-                log.warning("Job %s timed out after %.0f s", job.id, self._settings.timeout)
-                await self._store.finish_failure(
-                    job.id, kind=ErrorKind.TIMED_OUT, detail="no result before the deadline"
-                )
-                return await self._reload(job.id)
-            if not event.is_set():
+            if remaining > 0 and not event.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=min(next(delays), remaining))
             event.clear()
             job = await self._reload(job.id)
             if job.status is not JobStatus.PROCESSING:
                 return job
-            if job.modelslab_id is None:
-                continue  # only a webhook can tell us which ModelsLab job this is
-            api_key = self.api_key_for(job.guild_id)
-            if api_key is None:
-                await self._store.finish_failure(job.id, kind=ErrorKind.INVALID_KEY, detail="no API key configured")
-                return await self._reload(job.id)
-            answer = await self._client.fetch(api_key, job.modelslab_id, job.fetch_url)
-            if isinstance(answer, Failure) and answer.transient:
-                log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
-                continue
-            job = await self._apply(job.id, answer, submitting=False)
-            if job.status is not JobStatus.PROCESSING:
-                return job
+            if job.modelslab_id is not None:
+                job = await self._fetch_once(job)
+                if job.status is not JobStatus.PROCESSING:
+                    return job
+            if self._clock() >= job.deadline_at:
+                log.warning("Job %s timed out after %.0f s", job.id, self._settings.timeout)
+                return await self._fail(job.id, ErrorKind.TIMED_OUT, "no result before the deadline")
+
+    async def _fetch_once(self, job: Job) -> Job:
+        assert job.modelslab_id is not None
+        api_key = self.api_key_for(job.guild_id)
+        if api_key is None:
+            return await self._fail(job.id, ErrorKind.INVALID_KEY, "no API key configured")
+        answer = await self._client.fetch(api_key, job.modelslab_id, job.fetch_url)
+        if isinstance(answer, Failure) and answer.transient:
+            log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
+            return job
+        return await self._apply(job.id, answer, submitting=False)
 
     async def _apply(self, job_id: str, answer: Answer, *, submitting: bool) -> Job:
         """Record what ModelsLab answered. Only the first finishing answer for a job is taken."""
@@ -343,12 +374,13 @@ class JobService:
                 output_urls=answer.output_urls,
                 proxy_urls=answer.proxy_urls,
                 meta=meta,
-                seed=seed,
+                seed=seed if seed is not None else before.request.seed,
                 generation_time=answer.generation_time,
                 charged_images=len(answer.output_urls),
             ):
                 log.info("Job %s finished at ModelsLab with %d image(s)", job_id, len(answer.output_urls))
-        elif isinstance(answer, Pending):
+            return await self._reload(job_id)
+        if isinstance(answer, Pending):
             eta_at = self._clock() + answer.eta if answer.eta is not None else before.eta_at
             changed = await self._store.mark_processing(
                 job_id,
@@ -358,18 +390,17 @@ class JobService:
                 meta=answer.meta if submitting else {},
             )
             job = await self._reload(job_id)
-            if changed and (submitting or eta_at != before.eta_at):
+            if changed and (submitting or _eta_moved(before.eta_at, eta_at)):
                 await self._show_progress(job)
             return job
-        else:
-            if submitting and answer.kind is ErrorKind.SERVICE_DOWN and answer.http_status is None:
-                # No answer at all: ModelsLab may still have queued it. The job is failed (and not counted)
-                # all the same; a webhook that comes later finds it settled and changes nothing.
-                log.warning("Job %s: the submit call got no answer (%s)", job_id, answer.detail)
-            if await self._store.finish_failure(
-                job_id, kind=answer.kind, detail=answer.detail, retry_after=answer.retry_after
-            ):
-                log.info("Job %s failed: %s (%s)", job_id, answer.kind, answer.detail)
+        if submitting and answer.http_status is None and self._settings.webhook_base:
+            # No answer at all (timeout, reset): ModelsLab may have queued it. Its webhook will say.
+            log.warning("Job %s: the submit call got no answer (%s); waiting for a webhook", job_id, answer.detail)
+            return before
+        if await self._store.finish_failure(
+            job_id, kind=answer.kind, detail=answer.detail, retry_after=answer.retry_after
+        ):
+            log.info("Job %s failed: %s (%s)", job_id, answer.kind, answer.detail)
         return await self._reload(job_id)
 
     # ------------------------------------------------------------------------------------------ webhooks
@@ -378,7 +409,11 @@ class JobService:
         return await self._store.get(job_id) is not None
 
     async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None:
-        """A callback for this job arrived (already authenticated): learn its id if needed, then look now."""
+        """A callback for this job arrived (already authenticated): learn its id if needed, then look now.
+
+        The only thing taken from the body is ModelsLab's request id, and only while the job has none (its
+        submit answer was lost); the outcome itself always comes from a fetch.
+        """
         job = await self._store.get(job_id)
         if job is None or job.status.finished:
             return  # a repeat delivery, or one for a job already settled
@@ -393,35 +428,30 @@ class JobService:
     # ------------------------------------------------------------------------------------------ posting
 
     async def _post(self, job: Job) -> None:
+        presenter = self._presenter_or_fail()
         if job.status is JobStatus.SUCCEEDED:
-            try:
-                images = await self._download_images(job)
-            except DownloadFailed as exc:
-                log.warning("Job %s: images could not be downloaded (%s)", job.id, exc)
-                await self._store.finish_failure(
-                    job.id, kind=ErrorKind.DOWNLOAD_FAILED, detail=str(exc), from_succeeded=True
+            images = await self._download_images(job)
+            if not images:
+                job = await self._fail(
+                    job.id, ErrorKind.DOWNLOAD_FAILED, "no image could be downloaded", from_succeeded=True
                 )
-                job = await self._reload(job.id)
             else:
                 limit = job.attachment_size_limit or DEFAULT_ATTACHMENT_LIMIT
                 images = await asyncio.to_thread(fit_to_limit, images, limit)
-                presenter = self._presenter_or_fail()
                 try:
-                    message_id = await self._with_retries(job, "result", lambda: presenter.show_result(job, images))
+                    message_id = await self._keep_trying(job, "result", lambda: presenter.show_result(job, images))
                 except PresentationRefused as exc:
                     log.warning("Job %s: Discord refused the result (%s)", job.id, exc)
-                    await self._store.finish_failure(
-                        job.id, kind=ErrorKind.DELIVERY_REFUSED, detail=str(exc), from_succeeded=True
-                    )
-                    job = await self._reload(job.id)
+                    job = await self._fail(job.id, ErrorKind.DELIVERY_REFUSED, str(exc), from_succeeded=True)
                 else:
-                    await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
+                    await self._store.mark_posted(
+                        job.id, image_count=len(images), charged_images=len(images), message_id=message_id
+                    )
                     self._announce_posted(job.id)
                     log.info("Job %s posted with %d image(s)", job.id, len(images))
                     return
-        presenter = self._presenter_or_fail()
         try:
-            message_id = await self._with_retries(job, "failure", lambda: presenter.show_failure(job))
+            message_id = await self._keep_trying(job, "failure", lambda: presenter.show_failure(job))
         except PresentationRefused as exc:
             log.error("Job %s: Discord refused even the failure message (%s); giving up on showing it", job.id, exc)
             message_id = None
@@ -430,34 +460,38 @@ class JobService:
         log.info("Job %s failure shown (%s)", job.id, job.error_kind)
 
     async def _download_images(self, job: Job) -> list[ImageFile]:
-        candidates = []
+        """Every image that can be had; the ones that cannot are left out (and not counted)."""
+        downloads = []
         for index, url in enumerate(job.output_urls):
             urls = [url]
             if index < len(job.proxy_urls) and job.proxy_urls[index] != url:
                 urls.append(job.proxy_urls[index])
-            candidates.append(urls)
-        if not candidates:
-            raise DownloadFailed("no image URL in the answer")
-        return list(await asyncio.gather(*(self._downloader.download(urls) for urls in candidates)))
+            downloads.append(self._downloader.download(urls))
+        results = await asyncio.gather(*downloads, return_exceptions=True)
+        images = []
+        for result in results:
+            if isinstance(result, DownloadFailed):
+                log.warning("Job %s: an image could not be downloaded (%s)", job.id, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                images.append(result)
+        return images
 
-    async def _with_retries(self, job: Job, what: str, show: Callable[[], Any]) -> int | None:
-        """Discord can be briefly unavailable: keep trying, then leave the job unposted for the next start."""
-        for attempt, delay in enumerate((*POST_RETRY_DELAYS, None)):
+    async def _keep_trying(self, job: Job, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Discord can be unavailable for a while: try again, ever more patiently, until it answers.
+
+        `PresentationRefused` (Discord said no for good) is not retried.
+        """
+        delays = itertools.chain(self._discord_retry_delays, itertools.repeat(self._discord_retry_delays[-1]))
+        for attempt in itertools.count(1):
             try:
-                result: int | None = await show()
-                return result
+                return await call()
             except (asyncio.CancelledError, PresentationRefused):
                 raise
             except Exception as exc:
-                if delay is None:
-                    log.error(
-                        "Job %s: could not show the %s after %d tries; will retry at next start",
-                        job.id,
-                        what,
-                        attempt + 1,
-                    )
-                    raise
-                log.warning("Job %s: showing the %s failed (%s); retrying in %.0f s", job.id, what, exc, delay)
+                delay = next(delays)
+                log.warning("Job %s: the %s failed (try %d: %s); again in %.0f s", job.id, what, attempt, exc, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -476,16 +510,11 @@ class JobService:
         except Exception as exc:  # progress is a courtesy: never let it stop the job
             log.warning("Job %s: status update failed (%s)", job.id, exc)
 
-    async def _find_status_message(self, job: Job) -> int | None:
-        if self._presenter is None:
-            return None
-        try:
-            return await self._presenter.find_status_message(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("Job %s: could not look up its status message (%s)", job.id, exc)
-            return None
+
+def _eta_moved(before: float | None, after: float | None) -> bool:
+    if before is None or after is None:
+        return before != after
+    return abs(after - before) >= ETA_CHANGE_WORTH_SHOWING
 
 
 def _as_seed(meta: Mapping[str, Any]) -> int | None:

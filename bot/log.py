@@ -12,6 +12,7 @@ _TOKEN_PATHS = (
     re.compile(r"(/webhooks/modelslab/[0-9a-f]{32}/)[A-Za-z0-9_\-]+"),
     re.compile(r"(/webhooks/\d+/)[A-Za-z0-9_.\-]+"),
     re.compile(r"(/interactions/\d+/)[A-Za-z0-9_.\-]+"),
+    re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+"""),  # gateway payloads: interaction tokens
 )
 REDACTED = "[redacted]"
 
@@ -59,6 +60,11 @@ def setup_logging(level: str = "INFO", *, secrets: Iterable[str] = ()) -> None:
 
 
 def quiet_noisy_loggers() -> None:
-    """Libraries whose DEBUG lines are noise or carry secrets (aiosqlite logs SQL parameters: tokens)."""
-    logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    """Libraries whose DEBUG lines are noise or carry secrets, even at LOG_LEVEL=DEBUG.
+
+    aiosqlite logs SQL parameters; discord.py's gateway logs whole event payloads and its HTTP and webhook
+    clients log URLs, all of which hold interaction tokens.
+    """
+    for name in ("aiosqlite", "discord.gateway", "discord.http", "discord.webhook.async_", "discord.state"):
+        logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -45,6 +45,8 @@ class ErrorKind(enum.StrEnum):
     LOST = "lost"
     DOWNLOAD_FAILED = "download_failed"
     DELIVERY_REFUSED = "delivery_refused"
+    UNANSWERED = "unanswered"  # the command could not be acknowledged: nothing was sent
+    EXPIRED = "expired"  # the job's deadline passed before it could be sent
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ def read_answer(http_status: int, body: bytes, *, api_key: str | None = None) ->
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
+        if http_status == 429:
+            return classify_error(429, "rate limited (no JSON body)")
         return Failure(ErrorKind.SERVICE_DOWN, f"HTTP {http_status}, not JSON", http_status=http_status)
     if not isinstance(data, dict):
         return Failure(ErrorKind.SERVICE_DOWN, f"HTTP {http_status}, unexpected JSON", http_status=http_status)
@@ -222,7 +226,7 @@ def classify_error(http_status: int, message: str, retry_after: float | None = N
 
 def _message_of(data: Mapping[str, Any]) -> str:
     """The error text under `message` or `messege` (sic), flattening a field -> [messages] object."""
-    raw = data.get("message", data.get("messege", data.get("error", "")))
+    raw = next((data[key] for key in ("message", "messege", "error") if data.get(key) not in (None, "", [], {})), "")
     if isinstance(raw, dict):
         parts = []
         for name, messages in raw.items():
@@ -291,6 +295,10 @@ def _as_url_list(value: Any) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------- the HTTP client
 
 
+def _not_found(answer: Answer) -> bool:
+    return isinstance(answer, Failure) and (answer.http_status == 404 or answer.kind is ErrorKind.MODEL_NOT_FOUND)
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """The paths of one API flavour."""
@@ -328,15 +336,28 @@ class ModelsLabClient:
         return await self._post(self._base_url + path, {**payload, "key": api_key}, api_key)
 
     async def fetch(self, api_key: str, request_id: str, fetch_url: str | None = None) -> Answer:
-        """Ask for a queued result: at the answer's `fetch_result` URL when it gave one, else the documented path."""
+        """Ask for a queued result: at the answer's `fetch_result` URL when it gave one, else the documented path.
+
+        Enterprise docs and SDKs disagree on the fetch path: the documented one is tried first, then the SDKs'.
+        A "not found" here means the request id is unknown (for now), never that a model is missing.
+        """
         if fetch_url and self._same_origin(fetch_url):
-            return await self._post(fetch_url, {"key": api_key, "request_id": request_id}, api_key)
-        if self.flavour == "v6":
+            answer = await self._post(fetch_url, {"key": api_key, "request_id": request_id}, api_key)
+        elif self.flavour == "v6":
             url = f"{self._base_url}{self._endpoints.fetch}/{request_id}"
-            return await self._post(url, {"key": api_key}, api_key)
-        return await self._post(
-            self._base_url + self._endpoints.fetch, {"key": api_key, "request_id": request_id}, api_key
-        )
+            answer = await self._post(url, {"key": api_key}, api_key)
+        else:
+            body = {"key": api_key, "request_id": request_id}
+            answer = await self._post(self._base_url + self._endpoints.fetch, body, api_key)
+            if _not_found(answer):
+                url = f"{self._base_url}/api/v1/enterprise/images/fetch/{request_id}"
+                answer = await self._post(url, {"key": api_key}, api_key)
+        if _not_found(answer):
+            assert isinstance(answer, Failure)
+            return Failure(
+                ErrorKind.SERVICE_DOWN, f"request not found ({answer.detail})", http_status=answer.http_status
+            )
+        return answer
 
     def _same_origin(self, url: str) -> bool:
         """Only follow `fetch_result` to the configured host: the key travels with the request."""

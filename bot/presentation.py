@@ -69,6 +69,12 @@ def result_summary(job: Job, images: list[ImageFile]) -> ResultSummary:
         fields.append(("LoRA", ", ".join(request.lora_models)))
     count = len(images)
     content = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
+    missing = len(job.output_urls) - count
+    if missing > 0:
+        content += (
+            f"\n⚠️ {missing} of {len(job.output_urls)} images could not be downloaded from ModelsLab "
+            "and are not counted against you."
+        )
     return ResultSummary(
         content=content,
         title=f"{count} image{'s' if count != 1 else ''}",
@@ -128,6 +134,13 @@ def failure_sentence(
             )
         case ErrorKind.DOWNLOAD_FAILED:
             return "The images were made but could not be downloaded from ModelsLab: please try again."
+        case ErrorKind.UNANSWERED:
+            return "The bot could not confirm this request in time, so nothing was sent to ModelsLab: please try again."
+        case ErrorKind.EXPIRED:
+            return (
+                "The bot was unavailable for too long and gave up on this request before sending it; "
+                "it is not counted against you: please try again."
+            )
         case ErrorKind.DELIVERY_REFUSED:
             return "The images were made but Discord refused to show them: try again with fewer or smaller images."
         case ErrorKind.GENERATION_FAILED:

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters long (or unset, to have one generated)")
+        return value
+
     @property
     def data_directory(self) -> Path:
         return self.database_path.expanduser().resolve().parent

@@ -43,6 +43,9 @@ class Migration:
 
 
 def available_migrations(directory: Path = MIGRATIONS_DIRECTORY) -> list[Migration]:
+    if not directory.is_dir():
+        # A non-editable install leaves the migrations behind: fail loudly rather than run on no schema.
+        raise StorageError(f"The migrations folder {directory} is missing: run the bot from a full checkout.")
     migrations = []
     for path in sorted(directory.glob("*.sql")):
         match = _MIGRATION_NAME.match(path.name)
@@ -74,7 +77,9 @@ class Database:
             connection.row_factory = aiosqlite.Row
             await connection.execute("PRAGMA busy_timeout = 5000")
             await connection.execute("PRAGMA journal_mode = WAL")
-            await connection.execute("PRAGMA synchronous = FULL")
+            # NORMAL is crash-safe with WAL (a killed process loses nothing committed) and keeps writes quick,
+            # which matters for the job insert made before Discord's 3-second acknowledgement.
+            await connection.execute("PRAGMA synchronous = NORMAL")
             await connection.execute("PRAGMA foreign_keys = ON")
             database = cls(connection, path)
             if upgrade:
@@ -336,13 +341,27 @@ class JobStore:
         }
         return await self._update(job_id, changes, only_from=allowed)
 
-    async def mark_posted(self, job_id: str, *, image_count: int | None = None, message_id: int | None = None) -> None:
-        changes: dict[str, Any] = {"posted_at": time.time()}
+    async def mark_posted(
+        self,
+        job_id: str,
+        *,
+        image_count: int | None = None,
+        charged_images: int | None = None,
+        message_id: int | None = None,
+    ) -> None:
+        """The outcome is shown. The interaction token is no longer needed, so it is not kept."""
+        changes: dict[str, Any] = {"posted_at": time.time(), "interaction_token": None}
         if image_count is not None:
             changes["image_count"] = image_count
+        if charged_images is not None:
+            changes["charged_images"] = charged_images
         if message_id is not None:
             changes["message_id"] = message_id
         await self._update(job_id, changes)
+
+    async def forget_interaction(self, job_id: str) -> None:
+        """The interaction was never answered: its token is useless, the job is shown through the channel."""
+        await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
 
     async def _update(self, job_id: str, changes: Mapping[str, Any], *, only_from: Iterable[JobStatus] = ()) -> bool:
         columns = {**changes, "updated_at": time.time()}

@@ -47,14 +47,12 @@ class ModelsLabWebhookHandler:
             return _error(401, "invalid token")
         if not await self._jobs.job_exists(job_id):
             return _error(404, "unknown job")
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return _error(413, "body too large")
         try:
-            body = await request.content.read(MAX_BODY_BYTES + 1)
-        except (ConnectionError, web.HTTPException):
-            return _error(400, "unreadable body")
-        if len(body) > MAX_BODY_BYTES:
+            body = await request.read()  # the whole body, however it was split; client_max_size caps it
+        except web.HTTPRequestEntityTooLarge:
             return _error(413, "body too large")
+        except ConnectionError:
+            return _error(400, "unreadable body")
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):

@@ -100,8 +100,8 @@ class Imagine(commands.Cog):
             response = await interaction.response.send_message(
                 status_text(job), allowed_mentions=discord.AllowedMentions.none()
             )
-        except discord.HTTPException:
-            await jobs.abandon(job.id, "the acknowledgement was refused")
+        except Exception as exc:  # refused, timed out, connection lost: the member saw no answer
+            await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
             raise
         await jobs.status_message_shown(job.id, response.message_id)
 

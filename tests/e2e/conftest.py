@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 
-from bot.app import App, running_app
+from bot.app import App, Timings, running_app
 from bot.settings import Settings
 from bot.storage import Job, JobStore
 from tests.fakes.discord_server import FakeDiscord, FakeMessage
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
 
 BOT_TOKEN = "fake-bot-token.Xy12.secretpart"
+# Real defaults would make a missing image or a Discord outage cost the test minutes.
+FAST = Timings(download_rounds=2, download_first_wait=0.05, discord_retry_delays=(0.05, 0.1))
 
 
 class LogCapture(logging.Handler):
@@ -129,7 +131,7 @@ class BotRunner:
         self.overrides.update(webhook_port=port, public_url=f"http://127.0.0.1:{port}")
         return f"http://127.0.0.1:{port}"
 
-    async def start(self, **overrides: Any) -> App:
+    async def start(self, *, timings: Timings | None = None, **overrides: Any) -> App:
         # discord.py reads its endpoints from class attributes: restore them after the test.
         import discord
 
@@ -138,7 +140,7 @@ class BotRunner:
             discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
         )
         identified = self.discord.identify_count
-        self._context = running_app(self.settings(**overrides), guild_ready_timeout=0.05)
+        self._context = running_app(self.settings(**overrides), guild_ready_timeout=0.05, timings=timings or FAST)
         self.app = await self._context.__aenter__()
         self._task = asyncio.create_task(self.app.bot.start(BOT_TOKEN))
         await self.discord.wait_until_ready(after=identified)
@@ -160,6 +162,11 @@ class BotRunner:
     async def restart(self, **overrides: Any) -> App:
         await self.stop()
         return await self.start(**overrides)
+
+    @property
+    def jobs(self) -> Any:
+        assert self.app is not None
+        return self.app.jobs
 
     @property
     def store(self) -> JobStore:
@@ -198,6 +205,11 @@ class BotRunner:
         job = await self.only_job()
         assert job.modelslab_id is not None
         return job
+
+    async def first_job_id_from_db(self, timeout: float = 5) -> str:
+        """The id of the only job, once the first submission has reached ModelsLab."""
+        await self.modelslab.wait_for_request(r"/text2img$", timeout=timeout)
+        return (await self.only_job()).id
 
     async def first_job_id(self, timeout: float = 5) -> str:
         """The id of the job the first submission carried (its track_id)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 
 import pytest
 from PIL import Image
@@ -12,7 +13,7 @@ from PIL import Image
 from bot.storage import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord, FakeMessage
-from tests.fakes.modelslab_server import ErrorAnswer, Immediate, Queued, RawAnswer
+from tests.fakes.modelslab_server import ErrorAnswer, Hang, Immediate, Queued, RawAnswer
 
 ETA_TIMESTAMP = re.compile(r"<t:\d+:R>")
 
@@ -74,14 +75,27 @@ async def test_imagine_posts_the_images_in_the_status_message(runner: BotRunner,
     assert "webhook" not in submitted  # no PUBLIC_URL: polling only
 
 
-async def test_the_real_seed_from_the_response_is_shown_when_none_was_asked(runner, discord_server, modelslab):
+async def test_without_a_seed_one_is_chosen_sent_and_the_real_one_shown(runner, discord_server, modelslab):
+    """Slim ModelsLab answers do not report a seed they chose, so the bot chooses it and sends it."""
+    modelslab.script(Queued(eta=0.1, ready_after_fetches=0, form="slim"))
     await runner.start()
     interaction = await imagine(discord_server)
     job = await runner.wait_posted()
-    real_seed = modelslab.jobs[job.modelslab_id].seed
-    assert modelslab.submissions()[0].json["seed"] is None
-    assert embed_fields(interaction.original)["Seed"] == str(real_seed)
-    assert job.seed == real_seed
+    sent_seed = modelslab.submissions()[0].json["seed"]
+    assert isinstance(sent_seed, int)
+    assert modelslab.jobs[job.modelslab_id].seed == sent_seed  # the seed ModelsLab really used
+    assert embed_fields(interaction.original)["Seed"] == str(sent_seed)
+    assert job.seed == sent_seed
+
+
+async def test_two_identical_prompts_never_send_an_identical_payload(runner, discord_server, modelslab):
+    await runner.start()
+    await imagine(discord_server, prompt="same")
+    await imagine(discord_server, prompt="same")
+    first = await modelslab.wait_for_submission()
+    second = await modelslab.wait_for_submission(since=modelslab.requests.index(first) + 1)
+    assert first.json["prompt"] == second.json["prompt"] == "same"
+    assert first.json["seed"] != second.json["seed"]  # ModelsLab's spam filter refuses repeats within 30 s
 
 
 async def test_several_samples_arrive_as_separate_attachments(runner, discord_server, modelslab):
@@ -410,10 +424,12 @@ async def test_a_webhook_that_comes_before_the_submit_answer(runner, discord_ser
     runner.with_webhooks()
     modelslab.script(Queued(eta=300, webhook="before_response"))
     await runner.start()
-    await imagine(discord_server)
+    interaction = await imagine(discord_server)
     job = await runner.wait_posted()
     assert job.status is JobStatus.SUCCEEDED
     assert modelslab.webhook_deliveries[0].status == 200
+    assert len(attachments_of(interaction.original)) == 1
+    assert len([m for m in discord_server.messages.values() if m.attachments]) == 1
 
 
 async def test_a_lost_submission_is_resolved_by_its_webhook(runner, discord_server, modelslab):
@@ -477,11 +493,163 @@ async def test_no_secret_reaches_the_logs(runner, discord_server, modelslab, log
     runner.with_webhooks()
     modelslab.script(Queued(eta=0.1, ready_after_fetches=1), ErrorAnswer(http_status=401, message="Invalid API key"))
     await runner.start()
-    await imagine(discord_server)
+    interaction = await imagine(discord_server)
     first = await runner.wait_posted()
-    await imagine(discord_server, prompt="second")
+    second = await imagine(discord_server, prompt="second")
     token = runner.app.signer.token_for(first.id)
     await runner.app.jobs.wait_idle()
-    for secret in ("ml-test-key", "fake-bot-token.Xy12.secretpart", token, "test-secret-key-0123456789abcdef"):
+    secrets = ["ml-test-key", "fake-bot-token.Xy12.secretpart", token, "test-secret-key-0123456789abcdef"]
+    for secret in [*secrets, interaction.token, second.token]:
         assert secret not in logs.text
     assert "Job " + first.id in logs.text  # the logs do say what happened
+
+
+# ---------------------------------------------------------------------------------------------- faults on the way
+
+
+async def test_discord_errors_while_posting_are_retried_and_the_result_posted_once(runner, discord_server, modelslab):
+    await runner.start()
+    original = r"^/webhooks/\d+/[^/]+/messages/@original$"
+    discord_server.fail_next("PATCH", original, 500)  # discord.py retries this one itself
+    discord_server.fail_next("PATCH", original, 429, headers={"Via": ""}, times=2)  # this one reaches the bot
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(attachments_of(interaction.original)) == 1
+    assert len([m for m in discord_server.messages.values() if m.attachments]) == 1
+    refused = [r for r in discord_server.requests if r.method == "PATCH" and r.injected]
+    assert len(refused) == 3
+
+
+async def test_an_interaction_token_refused_by_discord_falls_back_to_the_channel(runner, discord_server, modelslab):
+    """The bot still thinks the token is valid; Discord says 401. The channel endpoint edits the same message."""
+    modelslab.script(Queued(eta=60))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    discord_server.expire_interaction(interaction)
+    modelslab.complete(job.modelslab_id)
+    runner.jobs.wake(job.id)
+    job = await runner.wait_posted(job.id)
+    assert discord_server.expired_token_calls >= 1
+    assert job.message_id == interaction.original.id
+    assert len(attachments_of(interaction.original)) == 1
+    assert job.interaction_token is None  # not kept once shown
+
+
+async def test_a_command_that_cannot_be_acknowledged_sends_nothing_and_says_so_in_the_channel(
+    runner, discord_server, modelslab, logs
+):
+    logs.expected_errors.append("Command /imagine failed")
+    await runner.start()
+    discord_server.fail_next("POST", r"^/interactions/\d+/[^/]+/callback$", 400, {"code": 50035, "message": "no"})
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "never acknowledged"})
+    notice = await discord_server.wait_for_message(lambda m: "could not confirm this request" in m.content)
+    assert notice.channel_id == discord_server.channel_id and notice.interaction_id is None
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.FAILED and job.error_kind == "unanswered" and job.charged_images == 0
+    assert modelslab.submissions() == []
+    assert interaction.callback_type is None or interaction.original is None or not interaction.original.attachments
+
+
+async def test_a_submit_call_without_an_answer_is_resolved_by_the_webhook(runner, discord_server, modelslab):
+    from bot.app import Timings
+
+    runner.with_webhooks()
+    # ModelsLab takes the job but its answer never reaches the bot (which gives up waiting after 0.3 s).
+    modelslab.script(Hang(1.0, then=Queued(eta=5, ready_after_seconds=1.5)))
+    await runner.start(timings=Timings(modelslab_request_timeout=0.3, discord_retry_delays=(0.05,)))
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted(await runner.first_job_id_from_db())
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(modelslab.submissions()) == 1  # never sent twice
+    assert len(attachments_of(interaction.original)) == 1
+
+
+async def test_a_submit_call_without_an_answer_and_no_webhook_is_reported(runner, discord_server, modelslab):
+    from bot.app import Timings
+
+    modelslab.script(Hang(1.0, then=Queued(eta=5)))
+    await runner.start(timings=Timings(modelslab_request_timeout=0.3, discord_retry_delays=(0.05,)))
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted(await runner.first_job_id_from_db())
+    assert job.status is JobStatus.FAILED and job.error_kind == "service_down"
+    assert "service down" in interaction.original.content
+
+
+async def test_images_that_cannot_be_downloaded_are_left_out_and_not_counted(runner, discord_server, modelslab):
+    hosted = modelslab.host_image(_png(320, 256))
+    modelslab.script(Immediate(proxy_links="absent", extra_fields={"output": [hosted, "http://127.0.0.1:9/gone.png"]}))
+    await runner.start()
+    interaction = await imagine(discord_server, samples=2)
+    job = await runner.wait_posted()
+    assert attachments_of(interaction.original) == [modelslab.image_bytes(hosted)]
+    assert "1 of 2 images could not be downloaded" in interaction.original.content
+    assert job.image_count == 1 and job.charged_images == 1
+
+
+async def test_when_no_image_can_be_downloaded_the_member_is_told(runner, discord_server, modelslab):
+    modelslab.script(Immediate(proxy_links="absent", extra_fields={"output": ["http://127.0.0.1:9/gone.png"]}))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.FAILED and job.error_kind == "download_failed" and job.charged_images == 0
+    assert "could not be downloaded" in interaction.original.content
+
+
+async def test_a_queued_job_past_its_deadline_at_restart_is_not_sent(runner, discord_server, modelslab):
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    # As if the bot had been down since before this job was sent, for longer than MODELSLAB_JOB_TIMEOUT.
+    await runner.app.database.connection.execute(
+        "UPDATE jobs SET status = 'queued', posted_at = NULL, deadline_at = 0, interaction_token = ?,"
+        " token_expires_at = ? WHERE id = ?",
+        (interaction.token, time.time() + 600, job.id),
+    )
+    await runner.restart()
+    job = await runner.wait_posted(job.id)
+    assert job.status is JobStatus.FAILED and job.error_kind == "expired"
+    assert "gave up on this request before sending it" in interaction.original.content
+    assert len(modelslab.submissions()) == 1
+
+
+async def test_a_job_stored_before_a_crash_finds_its_status_message_after_the_restart(
+    runner, discord_server, modelslab
+):
+    """The bot died between acknowledging the command and recording the message id."""
+    modelslab.script(ErrorAnswer(http_status=503, message="Service Unavailable"))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
+    await runner.app.database.connection.execute(
+        "UPDATE jobs SET status = 'queued', message_id = NULL, posted_at = NULL, error_kind = NULL,"
+        " interaction_token = ?, token_expires_at = ? WHERE id = ?",
+        (interaction.token, time.time() + 600, job.id),
+    )
+    await runner.restart()
+    job = await runner.wait_posted(job.id)
+    assert job.status is JobStatus.SUCCEEDED and job.message_id == interaction.original.id
+    assert len(attachments_of(interaction.original)) == 1
+
+
+async def test_enterprise_fetches_fall_back_to_the_sdk_path_when_the_documented_one_is_not_found(
+    runner, discord_server, modelslab
+):
+    modelslab.script(Queued(eta=0.1, ready_after_fetches=0, form="slim"))
+    modelslab.fail_fetches(1, ErrorAnswer(http_status=404, message="Request not found"))
+    await runner.start(modelslab_api="enterprise")
+    interaction = await imagine(discord_server, model="sdxl")
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    assert [c.path for c in modelslab.fetches()] == [
+        "/api/v1/enterprise/fetch",
+        f"/api/v1/enterprise/images/fetch/{job.modelslab_id}",
+    ]
+    assert len(attachments_of(interaction.original)) == 1
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from bot.signing import WebhookSigner
 from tests.e2e.conftest import BOT_TOKEN, free_port
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab, Queued
@@ -91,12 +92,17 @@ async def test_the_bot_runs_as_a_process_from_environment_variables_only(discord
         output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     log_text = output.decode()
     assert process.returncode == 0, log_text
-    assert BOT_TOKEN not in log_text and DEFAULT_KEY not in log_text
-    assert "Webhook receiver listening" in log_text
+    assert "Webhook receiver listening" in log_text and "DEBUG" in log_text
 
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as database:
-        rows = database.execute("SELECT status, image_count, posted_at IS NOT NULL FROM jobs").fetchall()
-    assert rows == [("succeeded", 1, 1)]
+        rows = database.execute("SELECT id, status, image_count, posted_at IS NOT NULL FROM jobs").fetchall()
+    [(job_id, status, image_count, posted)] = rows
+    assert (status, image_count, posted) == ("succeeded", 1, 1)
+    secret_key = (tmp_path / "data" / "secret.key").read_bytes().strip()
+    webhook_token = WebhookSigner(secret_key).token_for(job_id)
+    # Even at LOG_LEVEL=DEBUG: no bot token, API key, interaction token or webhook token in the output.
+    for secret in (BOT_TOKEN, DEFAULT_KEY, interaction.token, webhook_token):
+        assert secret not in log_text
     assert (tmp_path / "data" / "secret.key").stat().st_mode & 0o777 == 0o600
 
 

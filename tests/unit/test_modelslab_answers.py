@@ -167,3 +167,14 @@ def test_the_key_and_markup_never_survive_into_the_detail():
 def test_non_http_fetch_result_is_ignored():
     answer = read({"status": "processing", "id": 1, "fetch_result": "file:///etc/passwd"})
     assert isinstance(answer, Pending) and answer.fetch_url is None
+
+
+def test_a_null_message_falls_back_to_messege():
+    answer = read({"status": "error", "message": None, "messege": "Invalid API key"})
+    assert isinstance(answer, Failure) and answer.kind is ErrorKind.INVALID_KEY
+    assert answer.detail == "Invalid API key"
+
+
+def test_a_429_with_an_html_body_is_still_a_full_queue():
+    answer = read(b"<html>Too Many Requests</html>", 429)
+    assert isinstance(answer, Failure) and answer.kind is ErrorKind.QUEUE_FULL and answer.retry_after == 30

@@ -81,3 +81,10 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`{name.upper()}`" in readme, name
+
+
+def test_a_short_secret_key_is_a_plain_error(monkeypatch):
+    monkeypatch.setenv("DISCORD_TOKEN", "t")
+    monkeypatch.setenv("SECRET_KEY", "short")
+    with pytest.raises(SettingsError, match=r"SECRET_KEY: .*at least 16 characters"):
+        load_settings()

@@ -124,3 +124,9 @@ async def test_adopting_a_modelslab_id_only_fills_a_missing_one(tmp_path):
         assert not await store.adopt_modelslab_id("a" * 32, "2")
         job = await store.get("a" * 32)
         assert job is not None and job.modelslab_id == "1"
+
+
+async def test_a_missing_migrations_folder_is_a_plain_error(tmp_path):
+    async with Database.open(tmp_path / "db.sqlite3", upgrade=False) as database:
+        with pytest.raises(StorageError, match=r"migrations folder .* is missing"):
+            await database.upgrade(tmp_path / "nowhere")
