@@ -129,7 +129,7 @@ def failure_sentence(
             )
         case ErrorKind.LOST:
             return (
-                "The bot restarted while sending this request and cannot tell whether ModelsLab got it; "
+                "ModelsLab's answer to this request never came, so the bot cannot tell whether ModelsLab got it; "
                 "it is not counted against you: please try again."
             )
         case ErrorKind.DOWNLOAD_FAILED:
