@@ -17,11 +17,14 @@ from aiohttp import web
 
 from bot.discord_bot import ImagineBot, point_discord_at
 from bot.downloads import ImageDownloader
+from bot.guilds import GuildAdmin
 from bot.jobs import DISCORD_RETRY_DELAYS, JobService, JobSettings
+from bot.keybox import KeyBox
+from bot.model_catalog import ModelCatalog
 from bot.modelslab import ModelsLabClient
 from bot.settings import Settings, ensure_secret_key
 from bot.signing import WebhookSigner
-from bot.storage import Database, JobStore
+from bot.storage import Database, GuildStore, JobStore
 from bot.webhook import create_app
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class App:
     settings: Settings
     bot: ImagineBot
     jobs: JobService
+    guilds: GuildAdmin
     database: Database
     signer: WebhookSigner
     webhook_runner: web.AppRunner
@@ -60,25 +64,38 @@ async def running_app(
     timeout = aiohttp.ClientTimeout(total=120, connect=15)
     async with aiohttp.ClientSession(timeout=timeout) as session, Database.open(settings.database_path) as database:
         log.info("Database ready at %s (schema version %d)", database.path, await database.current_version())
+        client = ModelsLabClient(
+            session,
+            base_url=settings.modelslab_base,
+            flavour=settings.modelslab_api,
+            request_timeout=timings.modelslab_request_timeout,
+        )
+        job_store = JobStore(database)
+        guilds = GuildAdmin(
+            guilds=GuildStore(database),
+            jobs=job_store,
+            keybox=KeyBox(secret_key),
+            client=client,
+            default_api_key=api_key,
+            allow_default_key=settings.allow_default_key,
+        )
+        catalog = ModelCatalog(client)
         jobs = JobService(
-            store=JobStore(database),
-            client=ModelsLabClient(
-                session,
-                base_url=settings.modelslab_base,
-                flavour=settings.modelslab_api,
-                request_timeout=timings.modelslab_request_timeout,
-            ),
+            store=job_store,
+            client=client,
+            guilds=guilds,
             downloader=ImageDownloader(session, rounds=timings.download_rounds, first_wait=timings.download_first_wait),
             signer=signer,
             settings=JobSettings(
                 flavour=settings.modelslab_api,
                 timeout=settings.modelslab_job_timeout,
                 webhook_base=settings.public_base,
-                default_api_key=api_key,
             ),
             discord_retry_delays=timings.discord_retry_delays,
         )
-        bot = ImagineBot(settings=settings, jobs=jobs, guild_ready_timeout=guild_ready_timeout)
+        bot = ImagineBot(
+            settings=settings, jobs=jobs, guild_admin=guilds, catalog=catalog, guild_ready_timeout=guild_ready_timeout
+        )
 
         async def healthy() -> bool:
             return bot.is_ready() and not bot.is_closed()
@@ -94,7 +111,7 @@ async def running_app(
             if settings.public_base is None:
                 log.info("PUBLIC_URL is not set: results are collected by polling ModelsLab")
             try:
-                yield App(settings, bot, jobs, database, signer, runner)
+                yield App(settings, bot, jobs, guilds, database, signer, runner)
             finally:
                 if not bot.is_closed():
                     await bot.close()

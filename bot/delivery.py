@@ -20,7 +20,7 @@ import discord
 
 from bot.imaging import ImageFile
 from bot.jobs import PresentationRefused
-from bot.presentation import failure_text, result_summary, status_text
+from bot.presentation import failure_text, gallery_text, result_summary, status_text
 from bot.storage import Job
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,11 @@ NO_MENTIONS = discord.AllowedMentions.none()
 RESULT_COLOUR = discord.Colour(0x5865F2)
 
 
-def _files(job: Job, images: Sequence[ImageFile]) -> list[discord.File]:
+def _files(job: Job, images: Sequence[ImageFile], *, spoiler: bool) -> list[discord.File]:
     return [
-        discord.File(io.BytesIO(image.data), filename=f"imagine-{job.id[:8]}-{index}.{image.extension}")
+        discord.File(
+            io.BytesIO(image.data), filename=f"imagine-{job.id[:8]}-{index}.{image.extension}", spoiler=spoiler
+        )
         for index, image in enumerate(images, start=1)
     ]
 
@@ -50,15 +52,31 @@ class DiscordPresenter:
         # No `attachments`/`embed` keys: a progress edit leaves the rest of the message alone.
         await self._show(job, lambda: {"content": status_text(job)}, replace_if_gone=False)
 
-    async def show_result(self, job: Job, images: list[ImageFile]) -> int | None:
-        summary = result_summary(job, images)
+    async def show_result(self, job: Job, images: list[ImageFile], *, spoiler: bool, withheld: bool) -> int | None:
+        summary = result_summary(job, images, spoiler=spoiler, withheld=withheld)
         embed = discord.Embed(title=summary.title, description=summary.description, colour=RESULT_COLOUR)
         for name, value in summary.fields:
             embed.add_field(name=name, value=value, inline=name != "Negative prompt")
         embed.set_footer(text=f"Job {job.id[:8]}")
         return await self._show(
-            job, lambda: {"content": summary.content, "embed": embed, "attachments": _files(job, images)}
+            job,
+            lambda: {"content": summary.content, "embed": embed, "attachments": _files(job, images, spoiler=spoiler)},
         )
+
+    async def post_to_gallery(self, job: Job, images: list[ImageFile], channel_id: int) -> int:
+        """A copy in the gallery channel, crediting the author and linking the original message."""
+        try:
+            message = await self._client.get_partial_messageable(channel_id).send(
+                content=gallery_text(job),
+                files=_files(job, images, spoiler=False),
+                allowed_mentions=NO_MENTIONS,
+                nonce=("g" + job.id)[:25],  # a retried post cannot appear twice
+            )
+        except discord.HTTPException as exc:
+            if 400 <= exc.status < 500 and exc.status != 429:
+                raise PresentationRefused(f"{exc.status} {exc.text or ''}".strip()) from exc
+            raise
+        return message.id
 
     async def show_failure(self, job: Job) -> int | None:
         text = failure_text(job, timeout=self._job_timeout)

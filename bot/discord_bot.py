@@ -12,12 +12,14 @@ from discord.ext import commands
 
 from bot.delivery import DiscordPresenter
 from bot.errors import UserFacingError
+from bot.guilds import GuildAdmin
 from bot.jobs import JobService
+from bot.model_catalog import ModelCatalog
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine",)
+EXTENSIONS = ("cogs.imagine", "cogs.config")
 INTERNAL_ERROR = (
     "Something went wrong on the bot's side and nothing was sent to ModelsLab; please try again. "
     "If it keeps happening, tell the bot's admin (reference {ref})."
@@ -53,7 +55,7 @@ class ImagineCommandTree(app_commands.CommandTree["ImagineBot"]):
             message = original.message
         elif isinstance(error, app_commands.NoPrivateMessage):
             message = "This command works only in a server, not in direct messages."
-        elif isinstance(error, app_commands.MissingPermissions | app_commands.BotMissingPermissions):
+        elif isinstance(error, app_commands.CheckFailure) and str(error):
             message = str(error)
         else:
             ref = secrets.token_hex(3)
@@ -69,7 +71,15 @@ class ImagineCommandTree(app_commands.CommandTree["ImagineBot"]):
 class ImagineBot(commands.Bot):
     """Holds what the cogs share: settings and the job service. Owns no resources: `main` does."""
 
-    def __init__(self, *, settings: Settings, jobs: JobService, guild_ready_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        jobs: JobService,
+        guild_admin: GuildAdmin,
+        catalog: ModelCatalog,
+        guild_ready_timeout: float = 2.0,
+    ) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
         super().__init__(
@@ -82,6 +92,8 @@ class ImagineBot(commands.Bot):
         )
         self.settings = settings
         self.jobs = jobs
+        self.guild_admin = guild_admin
+        self.catalog = catalog
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:

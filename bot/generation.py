@@ -104,6 +104,7 @@ class GenerationRequest:
     scheduler: str | None = None
     lora_models: tuple[str, ...] = field(default_factory=tuple)
     lora_strengths: tuple[float, ...] = field(default_factory=tuple)
+    safety_checker: bool = True
 
     def to_payload(self) -> dict[str, Any]:
         """The JSON body fields as the vendor's examples send them ("yes"/"no" flags, numbers as numbers)."""
@@ -116,7 +117,7 @@ class GenerationRequest:
             "num_inference_steps": self.steps,
             "guidance_scale": self.guidance,
             "seed": self.seed,
-            "safety_checker": "yes",
+            "safety_checker": "yes" if self.safety_checker else "no",
         }
         if self.negative_prompt:
             payload["negative_prompt"] = self.negative_prompt
@@ -162,15 +163,22 @@ def build_generation_request(
     scheduler: str | None = None,
     lora: str | None = None,
     lora_strength: str | None = None,
+    safety_checker: bool = True,
+    defaults: ServerDefaults | None = None,
 ) -> GenerationRequest:
-    """Check every option of `/imagine` and build the request, or raise `InvalidOption` for the first bad one."""
+    """Check every option of `/imagine` and build the request, or raise `InvalidOption` for the first bad one.
+
+    Precedence: the member's option, then the server's default (`defaults`, used only where it is valid for
+    the chosen model: a member is never refused for a server setting), then the built-in default.
+    """
+    defaults = defaults or ServerDefaults()
     prompt = (prompt or "").strip()
     if not prompt:
         raise InvalidOption("prompt", "must not be empty: describe the image you want.")
     if len(prompt) > PROMPT_MAX_LENGTH:
         raise InvalidOption("prompt", f"must be at most {PROMPT_MAX_LENGTH} characters (yours has {len(prompt)}).")
 
-    model_id = (model or "").strip() or default_model
+    model_id = (model or "").strip() or defaults.model or default_model
     if not _MODEL_ID.match(model_id):
         raise InvalidOption(
             "model", "must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100."
@@ -178,7 +186,9 @@ def build_generation_request(
     flux = is_flux(model_id)
 
     negative = (negative_prompt or "").strip() or None
-    if negative is not None:
+    if negative is None and defaults.negative_prompt and not flux:
+        negative = defaults.negative_prompt[:PROMPT_MAX_LENGTH]
+    elif negative is not None:
         if flux:
             raise InvalidOption(
                 "negative_prompt", "is ignored by the flux model: leave it out, or pick another model such as fluxdev."
@@ -187,8 +197,12 @@ def build_generation_request(
             raise InvalidOption("negative_prompt", f"must be at most {PROMPT_MAX_LENGTH} characters.")
 
     side_min = FLUX_SIDE_MIN if flux else SIDE_MIN
-    checked_width = _check_side("width", width, side_min)
-    checked_height = _check_side("height", height, side_min)
+    checked_width = _check_side(
+        "width", width if width is not None else _valid_side(defaults.width, side_min), side_min
+    )
+    checked_height = _check_side(
+        "height", height if height is not None else _valid_side(defaults.height, side_min), side_min
+    )
 
     if samples is None:
         samples = 1
@@ -197,7 +211,7 @@ def build_generation_request(
 
     rule = step_rule(flavour, model_id)
     if steps is None:
-        steps = rule.default
+        steps = defaults.steps if defaults.steps is not None and rule.accepts(defaults.steps) else rule.default
     elif not rule.accepts(steps):
         where = "on the enterprise API" if flavour == "enterprise" else f"for the {model_id} model"
         raise InvalidOption("steps", f"{rule.describe()} {where} (you gave {steps}).")
@@ -248,7 +262,23 @@ def build_generation_request(
         scheduler=scheduler,
         lora_models=lora_models,
         lora_strengths=lora_strengths,
+        safety_checker=safety_checker,
     )
+
+
+@dataclass(frozen=True)
+class ServerDefaults:
+    """A server's own defaults (`/config defaults`)."""
+
+    model: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+
+
+def _valid_side(value: int | None, minimum: int) -> int | None:
+    return value if value is not None and minimum <= value <= SIDE_MAX and value % 8 == 0 else None
 
 
 def _check_side(option: str, value: int | None, minimum: int) -> int:

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 from bot.downloads import DownloadFailed, ImageDownloader
 from bot.generation import GenerationRequest
+from bot.guild_rules import GuildConfig, Limits, Refused, explain_refusal
 from bot.imaging import ImageFile, fit_to_limit
 from bot.modelslab import Answer, ApiFlavour, ErrorKind, Failure, Finished, ModelsLabClient, Pending
 from bot.signing import WebhookSigner
@@ -49,8 +50,13 @@ class JobPresenter(Protocol):
 
     async def show_progress(self, job: Job) -> None: ...
 
-    async def show_result(self, job: Job, images: list[ImageFile]) -> int | None:
-        """Show the images; return the id of the message that shows them if it is not `job.message_id`."""
+    async def show_result(self, job: Job, images: list[ImageFile], *, spoiler: bool, withheld: bool) -> int | None:
+        """Show the images (behind spoilers, or not at all if withheld); return the id of the message that shows
+        them if it is not `job.message_id`."""
+        ...
+
+    async def post_to_gallery(self, job: Job, images: list[ImageFile], channel_id: int) -> int:
+        """Post a copy of the images, crediting their author, in the server's gallery channel."""
         ...
 
     async def show_failure(self, job: Job) -> int | None: ...
@@ -60,12 +66,19 @@ class JobPresenter(Protocol):
         ...
 
 
+class GuildDirectory(Protocol):
+    """What the job service needs to know of a server: implemented by `bot.guilds.GuildAdmin`."""
+
+    async def api_key_for(self, guild_id: int | None) -> str | None: ...
+
+    async def config(self, guild_id: int) -> GuildConfig: ...
+
+
 @dataclass(frozen=True)
 class JobSettings:
     flavour: ApiFlavour
     timeout: float
     webhook_base: str | None  # PUBLIC_URL, or None for polling only
-    default_api_key: str | None
 
 
 def poll_delays(
@@ -93,6 +106,7 @@ class JobService:
         downloader: ImageDownloader,
         signer: WebhookSigner,
         settings: JobSettings,
+        guilds: GuildDirectory,
         clock: Callable[[], float] = time.time,
         discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS,
     ) -> None:
@@ -101,6 +115,7 @@ class JobService:
         self._downloader = downloader
         self._signer = signer
         self._settings = settings
+        self._guilds = guilds
         self._clock = clock
         self._discord_retry_delays = discord_retry_delays
         self._presenter: JobPresenter | None = None
@@ -117,9 +132,9 @@ class JobService:
     def attach_presenter(self, presenter: JobPresenter) -> None:
         self._presenter = presenter
 
-    def api_key_for(self, guild_id: int | None) -> str | None:
+    async def api_key_for(self, guild_id: int | None) -> str | None:
         """The ModelsLab key that pays for this server's jobs."""
-        return self._settings.default_api_key
+        return await self._guilds.api_key_for(guild_id)
 
     # ------------------------------------------------------------------------------------------ creating
 
@@ -135,8 +150,10 @@ class JobService:
         interaction_token: str | None,
         token_expires_at: float | None,
         attachment_size_limit: int | None,
+        channel_nsfw: bool = False,
+        limits: Limits | None = None,
     ) -> Job:
-        """Store a new job before anything is sent anywhere."""
+        """Store a new job before anything is sent anywhere, if it fits the server's limits (else `Refused`)."""
         now = self._clock()
         job = Job(
             id=secrets.token_hex(16),
@@ -155,8 +172,14 @@ class JobService:
             interaction_token=interaction_token,
             token_expires_at=token_expires_at,
             attachment_size_limit=attachment_size_limit,
+            channel_nsfw=channel_nsfw,
         )
-        await self._store.insert(job)
+        if limits is None:
+            await self._store.insert(job)
+        elif not await self._store.insert_within_limits(job, limits):
+            usage = await self._store.usage(guild_id, user_id, now)
+            log.info("Request of member %s in server %s refused by the server's limits", user_id, guild_id)
+            raise Refused(explain_refusal(limits, usage, request.samples, now))
         log.info("Job %s stored (%s, %d image(s), model %s)", job.id, kind, request.samples, request.model_id)
         return job
 
@@ -280,9 +303,9 @@ class JobService:
 
         if self._clock() >= job.deadline_at:
             return await self._fail(job.id, ErrorKind.EXPIRED, "deadline passed before submission")
-        api_key = self.api_key_for(job.guild_id)
+        api_key = await self.api_key_for(job.guild_id)
         if api_key is None:
-            return await self._fail(job.id, ErrorKind.INVALID_KEY, "no API key configured")
+            return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
         if not await self._store.mark_submitting(job.id):
             return await self._reload(job.id)
 
@@ -353,9 +376,9 @@ class JobService:
 
     async def _fetch_once(self, job: Job) -> Job:
         assert job.modelslab_id is not None
-        api_key = self.api_key_for(job.guild_id)
+        api_key = await self.api_key_for(job.guild_id)
         if api_key is None:
-            return await self._fail(job.id, ErrorKind.INVALID_KEY, "no API key configured")
+            return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
         answer = await self._client.fetch(api_key, job.modelslab_id, job.fetch_url)
         if isinstance(answer, Failure) and answer.transient:
             log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
@@ -377,6 +400,7 @@ class JobService:
                 seed=seed if seed is not None else before.request.seed,
                 generation_time=answer.generation_time,
                 charged_images=len(answer.output_urls),
+                nsfw_detected=answer.nsfw_detected,
             ):
                 log.info("Job %s finished at ModelsLab with %d image(s)", job_id, len(answer.output_urls))
             return await self._reload(job_id)
@@ -436,20 +460,8 @@ class JobService:
                     job.id, ErrorKind.DOWNLOAD_FAILED, "no image could be downloaded", from_succeeded=True
                 )
             else:
-                limit = job.attachment_size_limit or DEFAULT_ATTACHMENT_LIMIT
-                images = await asyncio.to_thread(fit_to_limit, images, limit)
-                try:
-                    message_id = await self._keep_trying(job, "result", lambda: presenter.show_result(job, images))
-                except PresentationRefused as exc:
-                    log.warning("Job %s: Discord refused the result (%s)", job.id, exc)
-                    job = await self._fail(job.id, ErrorKind.DELIVERY_REFUSED, str(exc), from_succeeded=True)
-                else:
-                    await self._store.mark_posted(
-                        job.id, image_count=len(images), charged_images=len(images), message_id=message_id
-                    )
-                    self._announce_posted(job.id)
-                    log.info("Job %s posted with %d image(s)", job.id, len(images))
-                    return
+                await self._show_result(job, images)
+                return
         try:
             message_id = await self._keep_trying(job, "failure", lambda: presenter.show_failure(job))
         except PresentationRefused as exc:
@@ -458,6 +470,44 @@ class JobService:
         await self._store.mark_posted(job.id, message_id=message_id)
         self._announce_posted(job.id)
         log.info("Job %s failure shown (%s)", job.id, job.error_kind)
+
+    async def _show_result(self, job: Job, images: list[ImageFile]) -> None:
+        presenter = self._presenter_or_fail()
+        config = await self._guilds.config(job.guild_id) if job.guild_id is not None else None
+        # Outside age-restricted channels the safety checker was on; what it still flags follows the server policy.
+        flagged = job.nsfw_detected and not job.channel_nsfw
+        withheld = flagged and config is not None and config.nsfw_policy == "withhold"
+        limit = job.attachment_size_limit or DEFAULT_ATTACHMENT_LIMIT
+        images = await asyncio.to_thread(fit_to_limit, images, limit)
+        shown = [] if withheld else images
+        try:
+            message_id = await self._keep_trying(
+                job, "result", lambda: presenter.show_result(job, shown, spoiler=flagged, withheld=withheld)
+            )
+        except PresentationRefused as exc:
+            log.warning("Job %s: Discord refused the result (%s)", job.id, exc)
+            job = await self._fail(job.id, ErrorKind.DELIVERY_REFUSED, str(exc), from_succeeded=True)
+            await self._post(job)
+            return
+        gallery = config.gallery_channel_id if config is not None else None
+        if gallery is not None and gallery != job.channel_id and not flagged and job.gallery_message_id is None:
+            await self._post_to_gallery(job, images, gallery)
+        await self._store.mark_posted(
+            job.id, image_count=len(images), charged_images=len(images), message_id=message_id
+        )
+        self._announce_posted(job.id)
+        log.info("Job %s posted with %d image(s)%s", job.id, len(images), " (withheld)" if withheld else "")
+
+    async def _post_to_gallery(self, job: Job, images: list[ImageFile], channel_id: int) -> None:
+        presenter = self._presenter_or_fail()
+        try:
+            message_id = await self._keep_trying(
+                job, "gallery post", lambda: presenter.post_to_gallery(job, images, channel_id)
+            )
+        except PresentationRefused as exc:
+            log.warning("Job %s: the gallery channel refused the copy (%s)", job.id, exc)
+            return
+        await self._store.set_gallery_message(job.id, message_id)
 
     async def _download_images(self, job: Job) -> list[ImageFile]:
         """Every image that can be had; the ones that cannot are left out (and not counted)."""

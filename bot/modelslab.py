@@ -47,6 +47,7 @@ class ErrorKind(enum.StrEnum):
     DELIVERY_REFUSED = "delivery_refused"
     UNANSWERED = "unanswered"  # the command could not be acknowledged: nothing was sent
     EXPIRED = "expired"  # the job's deadline passed before it could be sent
+    NO_KEY = "no_key"  # the server's key was removed (or cannot be read) while the job waited
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,41 @@ class ModelsLabClient:
                 ErrorKind.SERVICE_DOWN, f"request not found ({answer.detail})", http_status=answer.http_status
             )
         return answer
+
+    async def check_key(self, api_key: str) -> Failure | None:
+        """A cheap call that proves the key works: the queue count (v6) or the server status (enterprise)."""
+        path = "/api/v6/processing/request_count" if self.flavour == "v6" else "/api/v1/enterprise/system_details"
+        try:
+            async with self._session.post(
+                self._base_url + path, json={"key": api_key}, timeout=self._timeout
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except TimeoutError:
+            return Failure(ErrorKind.SERVICE_DOWN, "timed out")
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            return Failure(ErrorKind.SERVICE_DOWN, type(exc).__name__)
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and status < 400 and str(data.get("status", "")).lower() in ("success", "ok"):
+            return None
+        answer = read_answer(status, raw, api_key=api_key)
+        if isinstance(answer, Failure):
+            return answer
+        return Failure(ErrorKind.SERVICE_DOWN, "unexpected answer", http_status=status)
+
+    async def model_list(self, api_key: str) -> list[str]:
+        """The public model ids (`/api/v4/dreambooth/model_list`); empty when ModelsLab cannot say."""
+        from bot.model_catalog import read_model_list
+
+        try:
+            url = self._base_url + "/api/v4/dreambooth/model_list"
+            async with self._session.post(url, json={"key": api_key}, timeout=self._timeout) as response:
+                return read_model_list(await response.read()) if response.status < 400 else []
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+            return []
 
     def _same_origin(self, url: str) -> bool:
         """Only follow `fetch_result` to the configured host: the key travels with the request."""

@@ -52,7 +52,9 @@ class ResultSummary:
     description: str
 
 
-def result_summary(job: Job, images: list[ImageFile]) -> ResultSummary:
+def result_summary(
+    job: Job, images: list[ImageFile], *, spoiler: bool = False, withheld: bool = False
+) -> ResultSummary:
     """Prompt, model, the real seed, size and generation time, for the message that carries the images."""
     request = job.request
     seed = job.seed if job.seed is not None else request.seed
@@ -70,17 +72,33 @@ def result_summary(job: Job, images: list[ImageFile]) -> ResultSummary:
     count = len(images)
     content = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
     missing = len(job.output_urls) - count
+    if withheld:
+        content += (
+            "\n🔞 ModelsLab flagged this result as NSFW; this server withholds such images outside "
+            "age-restricted channels."
+        )
+        missing = 0
+    elif spoiler:
+        content += "\n🔞 ModelsLab flagged this result as NSFW: it is hidden behind a spoiler."
     if missing > 0:
         content += (
             f"\n⚠️ {missing} of {len(job.output_urls)} images could not be downloaded from ModelsLab "
             "and are not counted against you."
         )
+    if withheld:
+        count = len(job.output_urls)
     return ResultSummary(
         content=content,
-        title=f"{count} image{'s' if count != 1 else ''}",
+        title=f"{count} image{'s' if count != 1 else ''}" + (" (withheld)" if withheld else ""),
         fields=fields,
         description=prompt_preview(request.prompt, 1000),
     )
+
+
+def gallery_text(job: Job) -> str:
+    link = f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}" if job.message_id else ""
+    text = f"🖼️ **{prompt_preview(job.request.prompt)}** — by <@{job.user_id}> · `{job.request.model_id}`"
+    return f"{text}\n{link}" if link else text
 
 
 def _duration(job: Job) -> str:
@@ -134,6 +152,11 @@ def failure_sentence(
             )
         case ErrorKind.DOWNLOAD_FAILED:
             return "The images were made but could not be downloaded from ModelsLab: please try again."
+        case ErrorKind.NO_KEY:
+            return (
+                "This server has no usable ModelsLab API key any more: an admin must run `/config apikey`; "
+                "it is not counted against you."
+            )
         case ErrorKind.UNANSWERED:
             return "The bot could not confirm this request in time, so nothing was sent to ModelsLab: please try again."
         case ErrorKind.EXPIRED:

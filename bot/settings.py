@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     discord_dev_guild_id: int | None = Field(None, description="Sync commands to this guild only, at start-up.")
 
     modelslab_api_key: SecretStr | None = Field(None, description="The operator's default ModelsLab API key.")
+    allow_default_key: bool = Field(True, description="Servers without their own key use MODELSLAB_API_KEY.")
     modelslab_base_url: AnyHttpUrl = Field(AnyHttpUrl("https://modelslab.com"), description="Scheme and host.")
     modelslab_api: Literal["v6", "enterprise"] = Field("v6", description="Community (v6) or enterprise endpoints.")
     modelslab_default_model: str = Field("flux", min_length=1, description="model_id used when none is given.")

@@ -21,6 +21,7 @@ from typing import Any
 import aiosqlite
 
 from bot.generation import GenerationRequest
+from bot.guild_rules import GuildConfig, Limits, Usage, day_start
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,9 @@ class Job:
     submitted_at: float | None = None
     finished_at: float | None = None
     posted_at: float | None = None
+    channel_nsfw: bool = False
+    nsfw_detected: bool = False
+    gallery_message_id: int | None = None
 
     @property
     def needs_posting(self) -> bool:
@@ -218,6 +222,9 @@ class Job:
             submitted_at=row["submitted_at"],
             finished_at=row["finished_at"],
             posted_at=row["posted_at"],
+            channel_nsfw=bool(row["channel_nsfw"]),
+            nsfw_detected=bool(row["nsfw_detected"]),
+            gallery_message_id=row["gallery_message_id"],
         )
 
 
@@ -227,31 +234,89 @@ class JobStore:
     def __init__(self, database: Database) -> None:
         self._db = database.connection
 
+    _INSERT_COLUMNS = (
+        "id, kind, guild_id, channel_id, user_id, request_json, api_flavour, status, charged_images, application_id,"
+        " interaction_token, token_expires_at, attachment_size_limit, channel_nsfw, created_at, deadline_at, updated_at"
+    )
+
+    def _insert_values(self, job: Job) -> tuple[Any, ...]:
+        return (
+            job.id,
+            job.kind,
+            job.guild_id,
+            job.channel_id,
+            job.user_id,
+            json.dumps(job.request.to_json()),
+            job.api_flavour,
+            job.status.value,
+            job.charged_images,
+            job.application_id,
+            job.interaction_token,
+            job.token_expires_at,
+            job.attachment_size_limit,
+            int(job.channel_nsfw),
+            job.created_at,
+            job.deadline_at,
+            job.updated_at,
+        )
+
     async def insert(self, job: Job) -> None:
+        placeholders = ", ".join("?" for _ in self._insert_values(job))
         await self._db.execute(
-            "INSERT INTO jobs (id, kind, guild_id, channel_id, user_id, request_json, api_flavour, status,"
-            " charged_images, application_id, interaction_token, token_expires_at, attachment_size_limit,"
-            " created_at, deadline_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job.id,
-                job.kind,
-                job.guild_id,
-                job.channel_id,
-                job.user_id,
-                json.dumps(job.request.to_json()),
-                job.api_flavour,
-                job.status.value,
-                job.charged_images,
-                job.application_id,
-                job.interaction_token,
-                job.token_expires_at,
-                job.attachment_size_limit,
-                job.created_at,
-                job.deadline_at,
-                job.updated_at,
+            f"INSERT INTO jobs ({self._INSERT_COLUMNS}) VALUES ({placeholders})", self._insert_values(job)
+        )
+
+    async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
+        """Store the job only if it fits every limit, in one statement: SQLite makes it atomic.
+
+        With a limit of 10 and 50 requests at once, exactly 10 images are admitted, whatever the interleaving,
+        and across processes too. A job's charge counts from here until it fails (which sets it to 0).
+        """
+        values = self._insert_values(job)
+        placeholders = ", ".join(f"?{index}" for index in range(1, len(values) + 1))
+        today = day_start(job.created_at)
+        running = ", ".join(f"'{s.value}'" for s in UNFINISHED)
+        cursor = await self._db.execute(
+            f"INSERT INTO jobs ({self._INSERT_COLUMNS}) SELECT {placeholders} WHERE"
+            " (:guild_daily = 0 OR (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
+            "   WHERE guild_id IS :guild AND created_at >= :today) + :n <= :guild_daily)"
+            " AND (:user_daily = 0 OR (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
+            "   WHERE guild_id IS :guild AND user_id = :user AND created_at >= :today) + :n <= :user_daily)"
+            " AND (:concurrent = 0 OR (SELECT COUNT(*) FROM jobs"
+            f"   WHERE guild_id IS :guild AND user_id = :user AND status IN ({running})) < :concurrent)"
+            " AND (:cooldown = 0 OR NOT EXISTS (SELECT 1 FROM jobs"
+            "   WHERE guild_id IS :guild AND user_id = :user AND created_at > :now - :cooldown))",
+            # sqlite3 takes either positional or named parameters: the values come first, numbered, then named.
+            _named(
+                values,
+                guild_daily=limits.guild_daily,
+                user_daily=limits.user_daily,
+                concurrent=limits.user_concurrent,
+                cooldown=limits.cooldown_seconds,
+                guild=job.guild_id,
+                user=job.user_id,
+                today=today,
+                now=job.created_at,
+                n=job.charged_images,
             ),
         )
+        return cursor.rowcount == 1
+
+    async def usage(self, guild_id: int | None, user_id: int, now: float) -> Usage:
+        today = day_start(now)
+        running = ", ".join(f"'{s.value}'" for s in UNFINISHED)
+        async with self._db.execute(
+            "SELECT"
+            " (SELECT COALESCE(SUM(charged_images), 0) FROM jobs WHERE guild_id IS ? AND created_at >= ?),"
+            " (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
+            "   WHERE guild_id IS ? AND user_id = ? AND created_at >= ?),"
+            f" (SELECT COUNT(*) FROM jobs WHERE guild_id IS ? AND user_id = ? AND status IN ({running})),"
+            " (SELECT MAX(created_at) FROM jobs WHERE guild_id IS ? AND user_id = ?)",
+            (guild_id, today, guild_id, user_id, today, guild_id, user_id, guild_id, user_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return Usage(guild_today=row[0], user_today=row[1], user_running=row[2], user_last_request_at=row[3])
 
     async def get(self, job_id: str) -> Job | None:
         async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
@@ -311,9 +376,11 @@ class JobStore:
         seed: int | None,
         generation_time: float | None,
         charged_images: int,
+        nsfw_detected: bool = False,
     ) -> bool:
         changes: dict[str, Any] = {
             "status": JobStatus.SUCCEEDED,
+            "nsfw_detected": int(nsfw_detected),
             "output_json": json.dumps({"output": list(output_urls), "proxy": list(proxy_urls)}),
             "seed": seed,
             "generation_time": generation_time,
@@ -359,6 +426,9 @@ class JobStore:
             changes["message_id"] = message_id
         await self._update(job_id, changes)
 
+    async def set_gallery_message(self, job_id: str, message_id: int) -> None:
+        await self._update(job_id, {"gallery_message_id": message_id})
+
     async def forget_interaction(self, job_id: str) -> None:
         """The interaction was never answered: its token is useless, the job is shown through the channel."""
         await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
@@ -374,4 +444,103 @@ class JobStore:
             sql += f" AND status IN ({', '.join('?' for _ in states)})"
             values.extend(states)
         cursor = await self._db.execute(sql, values)
+        return cursor.rowcount == 1
+
+
+def _named(values: tuple[Any, ...], **named: Any) -> dict[str, Any]:
+    """Positional `?` values as named parameters `?1`, `?2`, ... next to the named ones (sqlite3 takes one style)."""
+    return {**{str(index): value for index, value in enumerate(values, start=1)}, **named}
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+class GuildStore:
+    """The per-server settings of /config. The API key is stored only as the ciphertext the caller sealed."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database.connection
+
+    async def config(self, guild_id: int) -> GuildConfig:
+        async with self._db.execute("SELECT * FROM guild_settings WHERE guild_id = ?", (guild_id,)) as cursor:
+            row = await cursor.fetchone()
+        async with self._db.execute(
+            "SELECT role_id, user_daily FROM role_limits WHERE guild_id = ?", (guild_id,)
+        ) as cursor:
+            role_limits = {int(r[0]): int(r[1]) for r in await cursor.fetchall()}
+        async with self._db.execute(
+            "SELECT pattern FROM blocklist WHERE guild_id = ? ORDER BY pattern", (guild_id,)
+        ) as cursor:
+            blocklist = tuple(r[0] for r in await cursor.fetchall())
+        if row is None:
+            return GuildConfig(guild_id=guild_id, role_limits=role_limits, blocklist=blocklist)
+        return GuildConfig(
+            guild_id=guild_id,
+            api_key_last4=row["api_key_last4"] if row["api_key_ciphertext"] is not None else None,
+            guild_daily=row["guild_daily"],
+            user_daily=row["user_daily"],
+            user_concurrent=row["user_concurrent"],
+            cooldown_seconds=row["cooldown_seconds"],
+            allowed_channels=tuple(int(c) for c in json.loads(row["allowed_channels_json"])),
+            gallery_channel_id=row["gallery_channel_id"],
+            nsfw_policy=row["nsfw_policy"],
+            default_model=row["default_model"],
+            default_negative_prompt=row["default_negative_prompt"],
+            default_width=row["default_width"],
+            default_height=row["default_height"],
+            default_steps=row["default_steps"],
+            allowed_models=tuple(json.loads(row["allowed_models_json"])),
+            role_limits=role_limits,
+            blocklist=blocklist,
+        )
+
+    async def sealed_key(self, guild_id: int) -> bytes | None:
+        async with self._db.execute(
+            "SELECT api_key_ciphertext FROM guild_settings WHERE guild_id = ?", (guild_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    async def update(self, guild_id: int, **changes: Any) -> None:
+        """Set some columns of the server's row, creating it with the defaults first if needed."""
+        allowed = {
+            "api_key_ciphertext", "api_key_last4", "guild_daily", "user_daily", "user_concurrent",
+            "cooldown_seconds", "allowed_channels_json", "gallery_channel_id", "nsfw_policy", "default_model",
+            "default_negative_prompt", "default_width", "default_height", "default_steps", "allowed_models_json",
+        }  # fmt: skip
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"not server settings: {sorted(unknown)}")
+        now = time.time()
+        await self._db.execute(
+            "INSERT INTO guild_settings (guild_id, updated_at) VALUES (?, ?) ON CONFLICT (guild_id) DO NOTHING",
+            (guild_id, now),
+        )
+        if changes:
+            assignments = ", ".join(f"{name} = ?" for name in changes)
+            await self._db.execute(
+                f"UPDATE guild_settings SET {assignments}, updated_at = ? WHERE guild_id = ?",
+                (*changes.values(), now, guild_id),
+            )
+
+    async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
+        if user_daily is None:
+            await self._db.execute("DELETE FROM role_limits WHERE guild_id = ? AND role_id = ?", (guild_id, role_id))
+        else:
+            await self._db.execute(
+                "INSERT INTO role_limits (guild_id, role_id, user_daily) VALUES (?, ?, ?)"
+                " ON CONFLICT (guild_id, role_id) DO UPDATE SET user_daily = excluded.user_daily",
+                (guild_id, role_id, user_daily),
+            )
+
+    async def add_blocklist_rule(self, guild_id: int, pattern: str, added_by: int) -> bool:
+        cursor = await self._db.execute(
+            "INSERT INTO blocklist (guild_id, pattern, added_by, added_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (guild_id, pattern) DO NOTHING",
+            (guild_id, pattern, added_by, time.time()),
+        )
+        return cursor.rowcount == 1
+
+    async def remove_blocklist_rule(self, guild_id: int, pattern: str) -> bool:
+        cursor = await self._db.execute("DELETE FROM blocklist WHERE guild_id = ? AND pattern = ?", (guild_id, pattern))
         return cursor.rowcount == 1

@@ -11,7 +11,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.errors import MissingApiKey
-from bot.generation import SCHEDULERS, build_generation_request
+from bot.generation import SCHEDULERS, ServerDefaults, build_generation_request
+from bot.guild_rules import check_blocklist, check_channel, check_model, limits_for
+from bot.guilds import NO_KEY
 from bot.presentation import status_text
 
 if TYPE_CHECKING:
@@ -21,10 +23,6 @@ log = logging.getLogger(__name__)
 
 # Discord lets a bot use an interaction token for 15 minutes; stop a little before that.
 TOKEN_LIFETIME = datetime.timedelta(minutes=15) - datetime.timedelta(seconds=30)
-NO_KEY = (
-    "No ModelsLab API key is set up for this bot yet, so nothing can be generated: "
-    "the bot's admin must set MODELSLAB_API_KEY."
-)
 
 
 class Imagine(commands.Cog):
@@ -65,6 +63,11 @@ class Imagine(commands.Cog):
         lora_strength: str | None = None,
     ) -> None:
         settings = self.bot.settings
+        assert interaction.guild_id is not None and interaction.channel_id is not None  # guild_only
+        config = await self.bot.guild_admin.config(interaction.guild_id)
+        channel = interaction.channel
+        check_channel(config, interaction.channel_id, getattr(channel, "parent_id", None))
+        channel_nsfw = bool(getattr(channel, "is_nsfw", lambda: False)())
         request = build_generation_request(
             flavour=settings.modelslab_api,
             default_model=settings.modelslab_default_model,
@@ -80,11 +83,22 @@ class Imagine(commands.Cog):
             scheduler=scheduler.value if scheduler is not None else None,
             lora=lora,
             lora_strength=lora_strength,
+            # Outside age-restricted channels the safety checker is always on.
+            safety_checker=not channel_nsfw,
+            defaults=ServerDefaults(
+                model=config.default_model,
+                negative_prompt=config.default_negative_prompt,
+                width=config.default_width,
+                height=config.default_height,
+                steps=config.default_steps,
+            ),
         )
+        check_model(config, request.model_id)
+        check_blocklist(config.blocklist, request.prompt)
         jobs = self.bot.jobs
-        if jobs.api_key_for(interaction.guild_id) is None:
+        if await jobs.api_key_for(interaction.guild_id) is None:
             raise MissingApiKey(NO_KEY)
-        assert interaction.channel_id is not None  # guild_only
+        role_ids = [role.id for role in getattr(interaction.user, "roles", [])]
         job = await jobs.create(
             kind="text2img",
             guild_id=interaction.guild_id,
@@ -95,6 +109,8 @@ class Imagine(commands.Cog):
             interaction_token=interaction.token,
             token_expires_at=(interaction.created_at + TOKEN_LIFETIME).timestamp(),
             attachment_size_limit=interaction.filesize_limit,
+            channel_nsfw=channel_nsfw,
+            limits=limits_for(config, role_ids),
         )
         try:
             response = await interaction.response.send_message(
@@ -104,6 +120,19 @@ class Imagine(commands.Cog):
             await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
             raise
         await jobs.status_message_shown(job.id, response.message_id)
+
+    @imagine.autocomplete("model")
+    async def model_autocomplete(
+        self, interaction: discord.Interaction[ImagineBot], current: str
+    ) -> list[app_commands.Choice[str]]:
+        """The server's allowed models, else ModelsLab's public list (cached; never a slow answer)."""
+        allowed: tuple[str, ...] = ()
+        api_key = None
+        if interaction.guild_id is not None:
+            allowed = (await self.bot.guild_admin.config(interaction.guild_id)).allowed_models
+            api_key = await self.bot.jobs.api_key_for(interaction.guild_id)
+        models = await self.bot.catalog.suggestions(current, api_key, allowed)
+        return [app_commands.Choice(name=model, value=model) for model in models]
 
 
 async def setup(bot: ImagineBot) -> None:

@@ -206,7 +206,8 @@ async def test_without_any_api_key_the_member_is_told_what_to_do(runner, discord
     await runner.start(modelslab_api_key=None)
     interaction = await imagine(discord_server)
     assert interaction.original.flags & 64
-    assert "No ModelsLab API key is set up" in interaction.original.content
+    assert "This server has no ModelsLab API key yet" in interaction.original.content
+    assert "`/config apikey`" in interaction.original.content
     assert modelslab.requests == [] and await runner.job_count() == 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from bot.signing import WebhookSigner
+from bot.storage import available_migrations
 from tests.e2e.conftest import BOT_TOKEN, free_port
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab, Queued
@@ -116,8 +117,9 @@ async def test_a_missing_token_stops_the_process_with_a_plain_error(tmp_path):
 
 async def test_db_upgrade_and_current_from_the_command_line(tmp_path):
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "DATABASE_PATH": str(tmp_path / "x.sqlite3")}
+    latest = available_migrations()[-1]
     code, output = await run_module("db", "upgrade", env=env, cwd=tmp_path)
     assert code == 0, output
-    assert "applied 0001_jobs" in output
+    assert "applied 0001_jobs" in output and f"applied {latest.version:04d}_{latest.name}" in output
     code, output = await run_module("db", "current", env=env, cwd=tmp_path)
-    assert code == 0 and "schema version 1" in output
+    assert code == 0 and f"schema version {latest.version}" in output

@@ -1,0 +1,172 @@
+"""Each server's own rules, as plain data and pure checks: quotas, cooldowns, channels, blocklist, models.
+
+The quota reservation itself is one atomic SQL statement (`JobStore.insert_within_limits`); the
+functions here say *why* a request was refused, in one sentence with the time the limit resets.
+Quotas count images (samples) per UTC day.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bot.errors import UserFacingError
+
+NsfwPolicy = Literal["spoiler", "withhold"]
+MAX_BLOCKLIST_PATTERN = 100
+
+
+class Refused(UserFacingError):
+    """A server rule said no. Nothing is stored or sent."""
+
+
+@dataclass(frozen=True)
+class GuildConfig:
+    """A server's settings (a server that never ran /config has these defaults)."""
+
+    guild_id: int
+    api_key_last4: str | None = None
+    guild_daily: int = 0
+    user_daily: int = 0
+    user_concurrent: int = 0
+    cooldown_seconds: int = 0
+    allowed_channels: tuple[int, ...] = ()
+    gallery_channel_id: int | None = None
+    nsfw_policy: NsfwPolicy = "spoiler"
+    default_model: str | None = None
+    default_negative_prompt: str | None = None
+    default_width: int | None = None
+    default_height: int | None = None
+    default_steps: int | None = None
+    allowed_models: tuple[str, ...] = ()
+    role_limits: Mapping[int, int] = field(default_factory=dict)
+    blocklist: tuple[str, ...] = ()
+
+    @property
+    def has_own_key(self) -> bool:
+        return self.api_key_last4 is not None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits that apply to one member's request: 0 means none."""
+
+    guild_daily: int = 0
+    user_daily: int = 0
+    user_concurrent: int = 0
+    cooldown_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a server and a member have used, as the database says now."""
+
+    guild_today: int = 0
+    user_today: int = 0
+    user_running: int = 0
+    user_last_request_at: float | None = None
+
+
+def limits_for(config: GuildConfig, member_role_ids: Iterable[int]) -> Limits:
+    """A role limit replaces the server's per-member limit when it is higher; a role limit of 0 means unlimited."""
+    user_daily = config.user_daily
+    role_values = [config.role_limits[r] for r in member_role_ids if r in config.role_limits]
+    if role_values:
+        if 0 in role_values:
+            user_daily = 0
+        elif user_daily != 0:
+            user_daily = max(user_daily, *role_values)
+    return Limits(config.guild_daily, user_daily, config.user_concurrent, config.cooldown_seconds)
+
+
+def day_start(now: float) -> float:
+    moment = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def next_reset(now: float) -> float:
+    return day_start(now) + 86400
+
+
+def timestamp(unix_time: float, style: str = "R") -> str:
+    return f"<t:{math.ceil(unix_time)}:{style}>"
+
+
+def explain_refusal(limits: Limits, usage: Usage, samples: int, now: float) -> str:
+    """Why a request for `samples` images does not fit, naming the limit and when it resets."""
+    resets = timestamp(next_reset(now))
+    if limits.cooldown_seconds and usage.user_last_request_at is not None:
+        ready_at = usage.user_last_request_at + limits.cooldown_seconds
+        if ready_at > now:
+            return (
+                f"This server asks for {limits.cooldown_seconds} s between a member's requests "
+                f"(cooldown): you can ask again {timestamp(ready_at)}."
+            )
+    if limits.user_concurrent and usage.user_running >= limits.user_concurrent:
+        return (
+            f"You already have {usage.user_running} job(s) running, the most this server allows at once "
+            "(concurrent jobs): wait for one to finish."
+        )
+    if limits.guild_daily and usage.guild_today + samples > limits.guild_daily:
+        left = max(limits.guild_daily - usage.guild_today, 0)
+        return (
+            f"This server has {left} of its {limits.guild_daily} images for today left (server daily limit) "
+            f"and this asks for {samples}: the count resets {resets}."
+        )
+    if limits.user_daily and usage.user_today + samples > limits.user_daily:
+        left = max(limits.user_daily - usage.user_today, 0)
+        return (
+            f"You have {left} of your {limits.user_daily} images for today left (daily limit per member) "
+            f"and this asks for {samples}: your count resets {resets}."
+        )
+    return "Too many requests arrived at once and this one no longer fits the server's limits: please try again."
+
+
+def check_channel(config: GuildConfig, channel_id: int, parent_id: int | None = None) -> None:
+    """Generation may be restricted to some channels (a thread counts as its parent channel)."""
+    if not config.allowed_channels:
+        return
+    if channel_id in config.allowed_channels or (parent_id is not None and parent_id in config.allowed_channels):
+        return
+    where = ", ".join(f"<#{c}>" for c in config.allowed_channels)
+    raise Refused(f"Images are not made in this channel on this server (channel restriction): use {where}.")
+
+
+def check_model(config: GuildConfig, model_id: str) -> None:
+    if config.allowed_models and model_id not in config.allowed_models:
+        allowed = ", ".join(f"`{m}`" for m in config.allowed_models)
+        raise Refused(f"`model` must be one of this server's allowed models: {allowed}.")
+
+
+def blocklist_pattern(rule: str) -> re.Pattern[str]:
+    """A rule is a word or phrase, matched on word boundaries and case-insensitively; `*` matches within a word."""
+    words = rule.strip().split()
+    parts = [r"\w*".join(re.escape(piece) for piece in word.split("*")) for word in words]
+    return re.compile(r"(?<!\w)" + r"\s+".join(parts) + r"(?!\w)", re.IGNORECASE)
+
+
+def normalise_rule(rule: str) -> str:
+    text = " ".join(rule.split()).lower()
+    if not text or not re.search(r"\w", text):
+        raise Refused("A blocklist rule needs at least one letter or digit.")
+    if len(text) > MAX_BLOCKLIST_PATTERN:
+        raise Refused(f"A blocklist rule may be at most {MAX_BLOCKLIST_PATTERN} characters long.")
+    return text
+
+
+def check_blocklist(rules: Iterable[str], *texts: str | None) -> None:
+    for rule in rules:
+        pattern = blocklist_pattern(rule)
+        for text in texts:
+            if not text:
+                continue
+            found = pattern.search(text)
+            if found:
+                raise Refused(
+                    f"Your prompt contains “{found.group(0)}”, which this server's blocklist does not allow "
+                    f"(rule: `{rule}`): rephrase it and try again."
+                )

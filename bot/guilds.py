@@ -1,0 +1,166 @@
+"""Server administration as a service: keys, limits, channels, policy and defaults. Knows nothing of discord.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from bot.errors import UserFacingError
+from bot.guild_rules import GuildConfig, Limits, NsfwPolicy, Refused, Usage, limits_for, next_reset, normalise_rule
+from bot.keybox import KeyBox, KeyUnreadable, last4
+from bot.modelslab import ErrorKind, ModelsLabClient
+from bot.presentation import failure_sentence
+from bot.storage import GuildStore, JobStore
+
+log = logging.getLogger(__name__)
+
+NO_KEY = (
+    "This server has no ModelsLab API key yet, so nothing can be generated: "
+    "an admin (Manage Server) must run `/config apikey`."
+)
+MAX_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    limits: Limits
+    usage: Usage
+    resets_at: float
+
+    @property
+    def user_left(self) -> int | None:
+        return None if not self.limits.user_daily else max(self.limits.user_daily - self.usage.user_today, 0)
+
+    @property
+    def guild_left(self) -> int | None:
+        return None if not self.limits.guild_daily else max(self.limits.guild_daily - self.usage.guild_today, 0)
+
+
+class GuildAdmin:
+    """Reads and changes a server's settings; resolves the key that pays for its jobs."""
+
+    def __init__(
+        self,
+        *,
+        guilds: GuildStore,
+        jobs: JobStore,
+        keybox: KeyBox,
+        client: ModelsLabClient,
+        default_api_key: str | None,
+        allow_default_key: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._guilds = guilds
+        self._jobs = jobs
+        self._keybox = keybox
+        self._client = client
+        self._default_api_key = default_api_key
+        self._allow_default_key = allow_default_key
+        self._clock = clock
+
+    async def config(self, guild_id: int) -> GuildConfig:
+        return await self._guilds.config(guild_id)
+
+    # ------------------------------------------------------------------------------------------ keys
+
+    async def api_key_for(self, guild_id: int | None) -> str | None:
+        """The server's own key; else the operator's, if the operator allows that; else none."""
+        if guild_id is not None:
+            sealed = await self._guilds.sealed_key(guild_id)
+            if sealed is not None:
+                try:
+                    return self._keybox.open(guild_id, sealed)
+                except KeyUnreadable:
+                    log.error("The stored API key of server %s cannot be decrypted (was SECRET_KEY changed?)", guild_id)
+                    return None
+        return self._default_api_key if self._allow_default_key else None
+
+    async def set_api_key(self, guild_id: int, api_key: str) -> str:
+        """Check the key with a cheap ModelsLab call, then store it encrypted. Returns its last 4 characters."""
+        api_key = api_key.strip()
+        if not 8 <= len(api_key) <= 200 or any(c.isspace() for c in api_key):
+            raise UserFacingError("That does not look like a ModelsLab API key: paste the key exactly as shown.")
+        problem = await self._client.check_key(api_key)
+        if problem is not None:
+            if problem.kind is ErrorKind.INVALID_KEY:
+                raise UserFacingError("ModelsLab does not accept this key (invalid key): nothing was saved.")
+            sentence = failure_sentence(
+                problem.kind, problem.detail, model_id="", retry_after=problem.retry_after, timeout=0
+            )
+            raise UserFacingError(f"The key could not be checked, so it was not saved. {sentence}")
+        await self._guilds.update(
+            guild_id, api_key_ciphertext=self._keybox.seal(guild_id, api_key), api_key_last4=last4(api_key)
+        )
+        log.info("Server %s set its ModelsLab API key", guild_id)
+        return last4(api_key)
+
+    async def clear_api_key(self, guild_id: int) -> None:
+        await self._guilds.update(guild_id, api_key_ciphertext=None, api_key_last4=None)
+        log.info("Server %s removed its ModelsLab API key", guild_id)
+
+    def uses_operator_key(self, config: GuildConfig) -> bool:
+        return not config.has_own_key and self._allow_default_key and self._default_api_key is not None
+
+    # ------------------------------------------------------------------------------------------ limits
+
+    async def set_limits(self, guild_id: int, **limits: int | None) -> GuildConfig:
+        columns = {"guild_daily": "guild_daily", "user_daily": "user_daily"}
+        columns |= {"user_concurrent": "user_concurrent", "cooldown": "cooldown_seconds"}
+        changes = {}
+        for name, value in limits.items():
+            if value is None:
+                continue
+            if not 0 <= value <= MAX_LIMIT:
+                raise Refused(f"`{name}` must be from 0 (no limit) to {MAX_LIMIT}.")
+            changes[columns[name]] = value
+        await self._guilds.update(guild_id, **changes)
+        return await self.config(guild_id)
+
+    async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
+        if user_daily is not None and not 0 <= user_daily <= MAX_LIMIT:
+            raise Refused(f"`user_daily` must be from 0 (unlimited) to {MAX_LIMIT}.")
+        await self._guilds.set_role_limit(guild_id, role_id, user_daily)
+
+    async def quota_status(self, guild_id: int, user_id: int, role_ids: Iterable[int]) -> QuotaStatus:
+        now = self._clock()
+        config = await self.config(guild_id)
+        usage = await self._jobs.usage(guild_id, user_id, now)
+        return QuotaStatus(limits_for(config, role_ids), usage, next_reset(now))
+
+    # ------------------------------------------------------------------------------------------ channels, policy
+
+    async def allow_channel(self, guild_id: int, channel_id: int, allowed: bool) -> GuildConfig:
+        config = await self.config(guild_id)
+        channels = [c for c in config.allowed_channels if c != channel_id]
+        if allowed:
+            channels.append(channel_id)
+        await self._guilds.update(guild_id, allowed_channels_json=json.dumps(channels))
+        return await self.config(guild_id)
+
+    async def allow_everywhere(self, guild_id: int) -> None:
+        await self._guilds.update(guild_id, allowed_channels_json="[]")
+
+    async def set_gallery(self, guild_id: int, channel_id: int | None) -> None:
+        await self._guilds.update(guild_id, gallery_channel_id=channel_id)
+
+    async def set_nsfw_policy(self, guild_id: int, policy: NsfwPolicy) -> None:
+        await self._guilds.update(guild_id, nsfw_policy=policy)
+
+    async def add_blocklist_rule(self, guild_id: int, rule: str, added_by: int) -> str:
+        pattern = normalise_rule(rule)
+        if not await self._guilds.add_blocklist_rule(guild_id, pattern, added_by):
+            raise Refused(f"`{pattern}` is already on the blocklist.")
+        return pattern
+
+    async def remove_blocklist_rule(self, guild_id: int, rule: str) -> str:
+        pattern = normalise_rule(rule)
+        if not await self._guilds.remove_blocklist_rule(guild_id, pattern):
+            raise Refused(f"`{pattern}` is not on the blocklist.")
+        return pattern
+
+    async def set_defaults(self, guild_id: int, **changes: object) -> GuildConfig:
+        await self._guilds.update(guild_id, **changes)
+        return await self.config(guild_id)
