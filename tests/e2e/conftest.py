@@ -169,6 +169,11 @@ class BotRunner:
         return self.app.jobs
 
     @property
+    def guilds(self) -> Any:
+        assert self.app is not None
+        return self.app.guilds
+
+    @property
     def store(self) -> JobStore:
         assert self.app is not None
         return JobStore(self.app.database)
