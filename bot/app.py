@@ -18,7 +18,7 @@ from aiohttp import web
 from bot.discord_bot import ImagineBot, point_discord_at
 from bot.downloads import ImageDownloader
 from bot.guilds import GuildAdmin
-from bot.jobs import DISCORD_RETRY_DELAYS, JobService, JobSettings
+from bot.jobs import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobService, JobSettings
 from bot.keybox import KeyBox
 from bot.model_catalog import ModelCatalog
 from bot.modelslab import ModelsLabClient
@@ -38,6 +38,7 @@ class Timings:
     download_rounds: int = 7
     download_first_wait: float = 0.5
     discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS
+    submit_retry_delay: float = RETRY_BASE_DELAY
 
 
 @dataclass
@@ -90,8 +91,10 @@ async def running_app(
                 flavour=settings.modelslab_api,
                 timeout=settings.modelslab_job_timeout,
                 webhook_base=settings.public_base,
+                max_queued=settings.modelslab_max_queued,
             ),
             discord_retry_delays=timings.discord_retry_delays,
+            submit_retry_delay=timings.submit_retry_delay,
         )
         bot = ImagineBot(
             settings=settings, jobs=jobs, guild_admin=guilds, catalog=catalog, guild_ready_timeout=guild_ready_timeout

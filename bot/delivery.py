@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import discord
 
 from bot.imaging import ImageFile
-from bot.jobs import PresentationRefused
+from bot.jobs import PresentationRefused, Progress
 from bot.presentation import failure_text, gallery_text, result_summary, status_text
 from bot.storage import Job
 
@@ -48,9 +49,11 @@ class DiscordPresenter:
         self._job_timeout = job_timeout
         self._clock = clock
 
-    async def show_progress(self, job: Job) -> None:
+    async def show_progress(self, job: Job, progress: Progress) -> None:
         # No `attachments`/`embed` keys: a progress edit leaves the rest of the message alone.
-        await self._show(job, lambda: {"content": status_text(job)}, replace_if_gone=False)
+        text = status_text(job, position=progress.position, waiting=progress.waiting, retry_in=progress.retry_in)
+        view = cancel_view(job.id) if progress.cancellable else None
+        await self._show(job, lambda: {"content": text, "view": view}, replace_if_gone=False)
 
     async def show_result(self, job: Job, images: list[ImageFile], *, spoiler: bool, withheld: bool) -> int | None:
         summary = result_summary(job, images, spoiler=spoiler, withheld=withheld)
@@ -60,7 +63,12 @@ class DiscordPresenter:
         embed.set_footer(text=f"Job {job.id[:8]}")
         return await self._show(
             job,
-            lambda: {"content": summary.content, "embed": embed, "attachments": _files(job, images, spoiler=spoiler)},
+            lambda: {
+                "content": summary.content,
+                "embed": embed,
+                "attachments": _files(job, images, spoiler=spoiler),
+                "view": None,
+            },
         )
 
     async def post_to_gallery(self, job: Job, images: list[ImageFile], channel_id: int) -> int:
@@ -80,7 +88,7 @@ class DiscordPresenter:
 
     async def show_failure(self, job: Job) -> int | None:
         text = failure_text(job, timeout=self._job_timeout)
-        return await self._show(job, lambda: {"content": text, "embed": None, "attachments": []})
+        return await self._show(job, lambda: {"content": text, "embed": None, "attachments": [], "view": None})
 
     async def find_status_message(self, job: Job) -> int | None:
         webhook = self._interaction_webhook(job)
@@ -158,3 +166,36 @@ class DiscordPresenter:
         )
         log.info("Job %s: status message was gone; posted a new one", job.id)
         return sent.id
+
+
+class CancelJobButton(
+    discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=r"job:cancel:(?P<job_id>[0-9a-f]{32})"
+):
+    """The Cancel button of a waiting job. Persistent: the job id is in its custom id, the rest in the database."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            discord.ui.Button(label="Cancel", style=discord.ButtonStyle.secondary, custom_id=f"job:cancel:{job_id}")
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> CancelJobButton:
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        jobs = getattr(interaction.client, "jobs", None)
+        if jobs is None:
+            return
+        answer = await jobs.cancel(
+            self.job_id, by_user_id=interaction.user.id, may_manage_messages=interaction.permissions.manage_messages
+        )
+        await interaction.response.send_message(answer, ephemeral=True)
+
+
+def cancel_view(job_id: str) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelJobButton(job_id))
+    return view

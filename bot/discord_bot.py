@@ -10,7 +10,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.delivery import DiscordPresenter
+from bot.delivery import CancelJobButton, DiscordPresenter
 from bot.errors import UserFacingError
 from bot.guilds import GuildAdmin
 from bot.jobs import JobService
@@ -98,6 +98,7 @@ class ImagineBot(commands.Bot):
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
             await self.load_extension(extension)
+        self.add_dynamic_items(CancelJobButton)
         self.jobs.attach_presenter(DiscordPresenter(self, job_timeout=self.jobs.timeout))
         await self.sync_commands()
         await self.jobs.resume()

@@ -105,6 +105,7 @@ class GenerationRequest:
     lora_models: tuple[str, ...] = field(default_factory=tuple)
     lora_strengths: tuple[float, ...] = field(default_factory=tuple)
     safety_checker: bool = True
+    seed_is_random: bool = False  # the bot chose the seed: it may choose another (re-submissions, re-rolls)
 
     def to_payload(self) -> dict[str, Any]:
         """The JSON body fields as the vendor's examples send them ("yes"/"no" flags, numbers as numbers)."""
@@ -221,6 +222,7 @@ def build_generation_request(
     if not math.isfinite(guidance) or not GUIDANCE_MIN <= guidance <= GUIDANCE_MAX:
         raise InvalidOption("guidance", f"must be from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (you gave {guidance:g}).")
 
+    seed_is_random = seed is None
     if seed is None:
         # Chosen here rather than by ModelsLab: its slim answers do not report the seed it picked, and a
         # re-roll must never repeat an identical payload (ModelsLab's spam filter).
@@ -263,6 +265,7 @@ def build_generation_request(
         lora_models=lora_models,
         lora_strengths=lora_strengths,
         safety_checker=safety_checker,
+        seed_is_random=seed_is_random,
     )
 
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import itertools
+import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -28,6 +32,7 @@ from bot.generation import GenerationRequest
 from bot.guild_rules import GuildConfig, Limits, Refused, explain_refusal
 from bot.imaging import ImageFile, fit_to_limit
 from bot.modelslab import Answer, ApiFlavour, ErrorKind, Failure, Finished, ModelsLabClient, Pending
+from bot.queueing import Cancelled, FairQueue
 from bot.signing import WebhookSigner
 from bot.storage import Job, JobStatus, JobStore
 
@@ -39,6 +44,11 @@ DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
 DISCORD_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 ETA_CHANGE_WORTH_SHOWING = 5.0  # seconds
 SHUTDOWN_GRACE = 30.0  # seconds an in-flight submit call may take to finish when the bot stops
+QUEUE_MAX_WAIT = 3600.0  # a job not sent within an hour (a long outage, a stuck key) is given up, unsent
+SUBMIT_ATTEMPTS = 3  # tries of a submit call that failed for a passing reason (5xx, no answer)
+RETRY_BASE_DELAY = 2.0  # seconds, doubled each try, with jitter
+SPAM_WINDOW = 30.0  # ModelsLab refuses an identical payload repeated within this many seconds
+PROGRESS_MIN_INTERVAL = 2.0  # seconds between two edits of one status message (Discord rate limits)
 
 
 class PresentationRefused(Exception):
@@ -48,7 +58,7 @@ class PresentationRefused(Exception):
 class JobPresenter(Protocol):
     """Shows a job to the members: implemented for Discord in `bot.delivery`."""
 
-    async def show_progress(self, job: Job) -> None: ...
+    async def show_progress(self, job: Job, progress: Progress) -> None: ...
 
     async def show_result(self, job: Job, images: list[ImageFile], *, spoiler: bool, withheld: bool) -> int | None:
         """Show the images (behind spoilers, or not at all if withheld); return the id of the message that shows
@@ -75,10 +85,21 @@ class GuildDirectory(Protocol):
 
 
 @dataclass(frozen=True)
+class Progress:
+    """Where a job stands, for its status message."""
+
+    position: int | None = None  # place in the bot's queue for its key (1 = next)
+    waiting: int | None = None  # jobs waiting for that key
+    retry_in: float = 0.0  # ModelsLab sent it back (429): seconds before it is tried again
+    cancellable: bool = False
+
+
+@dataclass(frozen=True)
 class JobSettings:
     flavour: ApiFlavour
     timeout: float
     webhook_base: str | None  # PUBLIC_URL, or None for polling only
+    max_queued: int = 5  # MODELSLAB_MAX_QUEUED: jobs of one key at ModelsLab at once
 
 
 def poll_delays(
@@ -109,6 +130,7 @@ class JobService:
         guilds: GuildDirectory,
         clock: Callable[[], float] = time.time,
         discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS,
+        submit_retry_delay: float = RETRY_BASE_DELAY,
     ) -> None:
         self._store = store
         self._client = client
@@ -118,12 +140,18 @@ class JobService:
         self._guilds = guilds
         self._clock = clock
         self._discord_retry_delays = discord_retry_delays
+        self._submit_retry_delay = submit_retry_delay
         self._presenter: JobPresenter | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._in_flight: set[asyncio.Task[Job]] = set()
+        self._in_flight: set[asyncio.Task[tuple[Job, Answer | None]]] = set()
         self._wake: dict[str, asyncio.Event] = {}
         self._posted: dict[str, asyncio.Event] = {}
         self._closing = False
+        self._queue = FairQueue(settings.max_queued, on_change=self._queue_changed)
+        self._recent_payloads: dict[tuple[str, str], float] = {}
+        self._progress_timers: dict[str, asyncio.TimerHandle] = {}
+        self._progress_last: dict[str, float] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def timeout(self) -> float:
@@ -197,6 +225,24 @@ class JobService:
             await self._store.forget_interaction(job_id)
             self.start(job_id)
 
+    async def cancel(self, job_id: str, *, by_user_id: int, may_manage_messages: bool) -> str:
+        """Cancel a job that has not been sent yet; its quota reservation is returned. Returns what to tell."""
+        job = await self._store.get(job_id)
+        if job is None:
+            return "This job no longer exists."
+        if job.user_id != by_user_id and not may_manage_messages:
+            return "Only the member who asked for it, or a member with Manage Messages, can cancel this job."
+        if job.status is not JobStatus.QUEUED:
+            return "This job was already sent to ModelsLab (or is finished), so it can no longer be cancelled."
+        if not await self._store.finish_failure(
+            job_id, kind=ErrorKind.CANCELLED, detail=str(by_user_id), only_queued=True
+        ):
+            return "This job was already sent to ModelsLab (or is finished), so it can no longer be cancelled."
+        log.info("Job %s cancelled by member %s", job_id, by_user_id)
+        if not self._queue.cancel(job_id):
+            self.start(job_id)  # no driver waiting in line (e.g. between two tries): one will post the outcome
+        return "Cancelled: it will not be sent, and it does not count against the quota."
+
     # ------------------------------------------------------------------------------------------ running
 
     def start(self, job_id: str) -> None:
@@ -219,8 +265,21 @@ class JobService:
             log.error("Job %s driver stopped on an unexpected error", job_id, exc_info=task.exception())
 
     async def resume(self) -> int:
-        """After a start-up: carry on every job that is not finished or not yet shown."""
+        """After a start-up: carry on every job that is not finished or not yet shown.
+
+        The queue is rebuilt before any driver runs: jobs already at ModelsLab hold their key's slots,
+        then the waiting ones line up in the order they were made.
+        """
         jobs = await self._store.needing_work()
+        for job in jobs:
+            if job.status in (JobStatus.SUBMITTING, JobStatus.PROCESSING):
+                key = await self.api_key_for(job.guild_id)
+                self._queue.hold(_key_ref(key), job.id, job.user_id)
+        for job in jobs:
+            if job.status is JobStatus.QUEUED and job.message_id is not None:
+                key = await self.api_key_for(job.guild_id)
+                if key is not None:
+                    self._queue.enqueue(_key_ref(key), job.id, job.user_id)
         for job in jobs:
             self.start(job.id)
         if jobs:
@@ -254,7 +313,9 @@ class JobService:
         """Stop every driver. A submit call under way is let finish (within `grace`) and its answer recorded:
         cut off, its job could be paid at ModelsLab and yet reported lost."""
         self._closing = True
-        tasks = list(self._tasks.values())
+        for timer in self._progress_timers.values():
+            timer.cancel()
+        tasks = [*self._tasks.values(), *self._side_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -271,12 +332,16 @@ class JobService:
         job = await self._store.get(job_id)
         if job is None:
             return
-        if job.status is JobStatus.QUEUED:
-            job = await self._submit(job)
-        if job.status is JobStatus.SUBMITTING:
-            job = await self._recover_lost_submission(job)
-        if job.status is JobStatus.PROCESSING:
-            job = await self._poll_until_finished(job)
+        try:
+            if job.status is JobStatus.QUEUED:
+                job = await self._queue_and_submit(job)
+            if job.status is JobStatus.SUBMITTING:
+                job = await self._recover_lost_submission(job)
+            if job.status is JobStatus.PROCESSING:
+                job = await self._poll_until_finished(job)
+        finally:
+            # Finished (or failed, or this process stops): the job no longer counts at ModelsLab.
+            self._queue.release(job_id)
         if job.needs_posting:
             await self._post(job)
 
@@ -291,7 +356,8 @@ class JobService:
 
     # ------------------------------------------------------------------------------------------ submitting
 
-    async def _submit(self, job: Job) -> Job:
+    async def _queue_and_submit(self, job: Job) -> Job:
+        """Wait for the job's turn in its key's queue, then send it; sent back (429, a passing fault), try again."""
         if job.message_id is None:
             # Stored, then the bot stopped before it knew whether the member saw the status message.
             presenter = self._presenter_or_fail()
@@ -301,28 +367,97 @@ class JobService:
                 return await self._reload(job.id)
             await self._store.set_message(job.id, found)
 
-        if self._clock() >= job.deadline_at:
-            return await self._fail(job.id, ErrorKind.EXPIRED, "deadline passed before submission")
-        api_key = await self.api_key_for(job.guild_id)
-        if api_key is None:
-            return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
-        if not await self._store.mark_submitting(job.id):
-            return await self._reload(job.id)
+        failed_tries = 0
+        first_in_line = False
+        while True:
+            if self._clock() >= job.created_at + QUEUE_MAX_WAIT:
+                return await self._fail(job.id, ErrorKind.EXPIRED, "not sent within the queue's time limit")
+            api_key = await self.api_key_for(job.guild_id)
+            if api_key is None:
+                return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
+            key = _key_ref(api_key)
+            self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
+            self._schedule_progress(job.id)
+            try:
+                await self._queue.wait_turn(job.id)
+            except Cancelled:
+                return await self._reload(job.id)
+            job = await self._reload(job.id)
+            if job.status is not JobStatus.QUEUED:
+                return job  # cancelled while it waited
+            job = await self._distinct_from_recent(job, key)
+            job, answer = await self._send(job, api_key)
+            if job.status is not JobStatus.QUEUED:
+                return job  # at ModelsLab, finished, or failed for good
+            # Sent back: it keeps its place at the head of the line. A full queue pauses the whole key first
+            # (or its slot would go straight to the next job); after a passing fault the slot is passed on.
+            first_in_line = True
+            if isinstance(answer, Failure) and answer.kind is ErrorKind.QUEUE_FULL:
+                wait = answer.retry_after or 30.0
+                log.info("Job %s: ModelsLab's queue is full; trying again in %.0f s", job.id, wait)
+                self._queue.pause(key, wait)
+                self._queue.release(job.id)
+                continue
+            self._queue.release(job.id)
+            failed_tries += 1
+            detail = answer.detail if isinstance(answer, Failure) else "no answer"
+            if failed_tries >= SUBMIT_ATTEMPTS:
+                kind = answer.kind if isinstance(answer, Failure) else ErrorKind.SERVICE_DOWN
+                return await self._fail(job.id, kind, detail)
+            delay = self._submit_retry_delay * 2 ** (failed_tries - 1) * random.uniform(0.75, 1.25)
+            log.info("Job %s: submit failed (%s); try %d in %.1f s", job.id, detail, failed_tries + 1, delay)
+            await asyncio.sleep(delay)
 
+    async def _send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
+        """One submit call, and the record of its answer, shielded: a shutdown must not cut it off between
+        ModelsLab taking the job and us writing that down."""
+        if not await self._store.mark_submitting(job.id, deadline_at=self._clock() + self._settings.timeout):
+            return await self._reload(job.id), None
         payload: dict[str, Any] = {**job.request.to_payload(), "track_id": job.id}
         if self._settings.webhook_base:
             payload["webhook"] = self._signer.webhook_url(self._settings.webhook_base, job.id)
+        self._recent_payloads[(_key_ref(api_key), _payload_ref(job.request))] = self._clock()
         log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
 
-        async def send() -> Job:
+        async def send() -> tuple[Job, Answer | None]:
             answer = await self._client.submit("text2img" if job.kind == "text2img" else "img2img", api_key, payload)
-            return await self._apply(job.id, answer, submitting=True)
+            if isinstance(answer, Failure) and self._send_back(answer):
+                await self._store.requeue(job.id, retry_after=answer.retry_after)
+                return await self._reload(job.id), answer
+            return await self._apply(job.id, answer, submitting=True), answer
 
-        # Shielded: a shutdown must not cut the call off between ModelsLab taking the job and us recording it.
         call = asyncio.create_task(send(), name=f"submit-{job.id}")
         self._in_flight.add(call)
         call.add_done_callback(self._in_flight.discard)
         return await asyncio.shield(call)
+
+    def _send_back(self, failure: Failure) -> bool:
+        """Answers after which the job goes back in line rather than failing: a full queue, a passing fault.
+
+        A call that got no answer at all may have reached ModelsLab: with webhooks, its callback will say
+        (see `_recover_lost_submission`), so it is not sent again.
+        """
+        if failure.kind is ErrorKind.QUEUE_FULL:
+            return True
+        if failure.kind is ErrorKind.SERVICE_DOWN:
+            return failure.http_status is not None or not self._settings.webhook_base
+        return False
+
+    async def _distinct_from_recent(self, job: Job, key: str) -> Job:
+        """Never send a payload identical to one sent for this key in the last 30 s (ModelsLab's spam filter):
+        a seed the bot chose is chosen again; a seed the member chose is kept, and the job waits."""
+        now = self._clock()
+        for stamp in [k for k, at in self._recent_payloads.items() if now - at >= SPAM_WINDOW]:
+            del self._recent_payloads[stamp]
+        sent_at = self._recent_payloads.get((key, _payload_ref(job.request)))
+        if sent_at is None:
+            return job
+        if job.request.seed_is_random:
+            request = dataclasses.replace(job.request, seed=secrets.randbelow(2**32))
+            await self._store.update_request(job.id, request)
+            return await self._reload(job.id)
+        await asyncio.sleep(max(sent_at + SPAM_WINDOW - now, 0))
+        return job
 
     async def _recover_lost_submission(self, job: Job) -> Job:
         """Whether ModelsLab got the job is unknown (the bot stopped during the submit call, or it went unanswered).
@@ -550,15 +685,56 @@ class JobService:
             raise RuntimeError("no presenter attached")
         return self._presenter
 
-    async def _show_progress(self, job: Job) -> None:
+    def _queue_changed(self, key: str) -> None:
+        for job_id in self._queue.waiting_jobs(key):
+            self._schedule_progress(job_id)
+
+    def _schedule_progress(self, job_id: str) -> None:
+        """Show the job's new place in line soon, coalescing changes: at most one edit per message per interval."""
+        if self._closing or job_id in self._progress_timers:
+            return
+        delay = max(self._progress_last.get(job_id, 0.0) + PROGRESS_MIN_INTERVAL - time.monotonic(), 0.0)
+
+        def fire() -> None:
+            self._progress_timers.pop(job_id, None)
+            task = asyncio.create_task(self._show_queue_position(job_id), name=f"progress-{job_id}")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+        self._progress_timers[job_id] = asyncio.get_running_loop().call_later(delay, fire)
+
+    async def _show_queue_position(self, job_id: str) -> None:
+        self._progress_last[job_id] = time.monotonic()
+        job = await self._store.get(job_id)
+        if job is None or job.status is not JobStatus.QUEUED:
+            return
+        place = self._queue.position(job_id)
+        progress = Progress(
+            position=place[0] if place else None,
+            waiting=place[1] if place else None,
+            retry_in=self._queue.paused_for(job_id),
+            cancellable=True,
+        )
+        await self._show_progress(job, progress)
+
+    async def _show_progress(self, job: Job, progress: Progress | None = None) -> None:
         if self._presenter is None:
             return
         try:
-            await self._presenter.show_progress(job)
+            await self._presenter.show_progress(job, progress or Progress())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # progress is a courtesy: never let it stop the job
             log.warning("Job %s: status update failed (%s)", job.id, exc)
+
+
+def _key_ref(api_key: str | None) -> str:
+    """Which queue a key's jobs share, without keeping the key itself around."""
+    return hashlib.sha256(b"modelslab-key:" + (api_key or "").encode()).hexdigest()[:16]
+
+
+def _payload_ref(request: GenerationRequest) -> str:
+    return hashlib.sha256(json.dumps(request.to_payload(), sort_keys=True).encode()).hexdigest()
 
 
 def _eta_moved(before: float | None, after: float | None) -> bool:

@@ -47,6 +47,7 @@ class ErrorKind(enum.StrEnum):
     DELIVERY_REFUSED = "delivery_refused"
     UNANSWERED = "unanswered"  # the command could not be acknowledged: nothing was sent
     EXPIRED = "expired"  # the job's deadline passed before it could be sent
+    CANCELLED = "cancelled"  # by the member (or a moderator) before it was sent
     NO_KEY = "no_key"  # the server's key was removed (or cannot be read) while the job waited
 
 

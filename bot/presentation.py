@@ -7,6 +7,7 @@ Plain text only (Discord markdown and `<t:...:R>` timestamps are just text); the
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from bot.imaging import ImageFile
@@ -34,11 +35,19 @@ def relative_time(unix_time: float) -> str:
     return f"<t:{math.ceil(unix_time)}:R>"
 
 
-def status_text(job: Job) -> str:
-    """The status message while a job is under way."""
+def status_text(job: Job, *, position: int | None = None, waiting: int | None = None, retry_in: float = 0.0) -> str:
+    """The status message while a job is under way: its place in line, then ModelsLab's ETA."""
     head = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
-    if job.status in (JobStatus.QUEUED, JobStatus.SUBMITTING):
+    if job.status is JobStatus.QUEUED:
+        if retry_in > 0:
+            return f"{head}\n⏳ Queued: ModelsLab is busy, trying again {relative_time(time.time() + retry_in)}."
+        if position == 1:
+            return f"{head}\n⏳ Queued: next in line."
+        if position is not None and waiting is not None:
+            return f"{head}\n⏳ Queued: position {position} of {waiting} in line."
         return f"{head}\n⏳ Queued: sending to ModelsLab…"
+    if job.status is JobStatus.SUBMITTING:
+        return f"{head}\n⏳ Sending to ModelsLab…"
     if job.eta_at is not None:
         return f"{head}\n🎨 Generating, ready {relative_time(job.eta_at)} (ModelsLab's estimate)."
     return f"{head}\n🎨 Generating…"
@@ -152,6 +161,9 @@ def failure_sentence(
             )
         case ErrorKind.DOWNLOAD_FAILED:
             return "The images were made but could not be downloaded from ModelsLab: please try again."
+        case ErrorKind.CANCELLED:
+            who = f"<@{detail}>" if detail.isdigit() else "a member"
+            return f"Cancelled by {who} before it was sent; it does not count against the quota."
         case ErrorKind.NO_KEY:
             return (
                 "This server has no usable ModelsLab API key any more: an admin must run `/config apikey`; "

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     modelslab_api: Literal["v6", "enterprise"] = Field("v6", description="Community (v6) or enterprise endpoints.")
     modelslab_default_model: str = Field("flux", min_length=1, description="model_id used when none is given.")
     modelslab_job_timeout: float = Field(600, gt=0, description="Seconds before an unfinished job is given up.")
+    modelslab_max_queued: int = Field(5, ge=1, le=100, description="Jobs of one API key at ModelsLab at once.")
 
     database_path: Path = Field(Path("./data/bot.sqlite3"), description="The SQLite database file.")
     webhook_host: str = Field("0.0.0.0", description="Interface the webhook receiver listens on.")

@@ -333,10 +333,22 @@ class JobStore:
     async def set_message(self, job_id: str, message_id: int) -> None:
         await self._update(job_id, {"message_id": message_id})
 
-    async def mark_submitting(self, job_id: str) -> bool:
+    async def mark_submitting(self, job_id: str, *, deadline_at: float | None = None) -> bool:
+        """About to call ModelsLab. The job's deadline (MODELSLAB_JOB_TIMEOUT) counts from here: time spent
+        waiting in the bot's own queue is not ModelsLab's."""
+        changes: dict[str, Any] = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
+        if deadline_at is not None:
+            changes["deadline_at"] = deadline_at
+        return await self._update(job_id, changes, only_from=[JobStatus.QUEUED])
+
+    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
+        """ModelsLab did not take the job (a full queue, a passing fault): it waits in line again."""
         return await self._update(
-            job_id, {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}, only_from=[JobStatus.QUEUED]
+            job_id, {"status": JobStatus.QUEUED, "retry_after": retry_after}, only_from=[JobStatus.SUBMITTING]
         )
+
+    async def update_request(self, job_id: str, request: GenerationRequest) -> None:
+        await self._update(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
 
     async def mark_processing(
         self,
@@ -394,10 +406,20 @@ class JobStore:
         return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
 
     async def finish_failure(
-        self, job_id: str, *, kind: str, detail: str, retry_after: float | None = None, from_succeeded: bool = False
+        self,
+        job_id: str,
+        *,
+        kind: str,
+        detail: str,
+        retry_after: float | None = None,
+        from_succeeded: bool = False,
+        only_queued: bool = False,
     ) -> bool:
-        """Fail a job and give its charge back. `from_succeeded`: the images were made but could not be shown."""
+        """Fail a job and give its charge back. `from_succeeded`: the images were made but could not be shown;
+        `only_queued`: only if it was never sent (a cancellation)."""
         allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
+        if only_queued:
+            allowed = [JobStatus.QUEUED]
         changes = {
             "status": JobStatus.FAILED,
             "error_kind": kind,

@@ -24,7 +24,7 @@ from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
 
 BOT_TOKEN = "fake-bot-token.Xy12.secretpart"
 # Real defaults would make a missing image or a Discord outage cost the test minutes.
-FAST = Timings(download_rounds=2, download_first_wait=0.05, discord_retry_delays=(0.05, 0.1))
+FAST = Timings(download_rounds=2, download_first_wait=0.05, discord_retry_delays=(0.05, 0.1), submit_retry_delay=0.05)
 
 
 class LogCapture(logging.Handler):

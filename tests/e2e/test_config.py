@@ -169,10 +169,10 @@ async def test_exactly_the_quota_is_admitted_when_fifty_requests_arrive_at_once(
 async def test_samples_count_and_a_failed_job_gives_its_images_back(runner, discord_server, modelslab):
     await runner.start()
     await config(discord_server, "limits", {"user_daily": 3})
-    modelslab.script(ErrorAnswer(http_status=503, message="Service Unavailable"))
+    modelslab.script(ErrorAnswer(message="Model not found"))
     failed = await imagine(discord_server, options={"samples": 3})
     await runner.wait_posted(await runner.first_job_id_from_db())
-    assert "service down" in failed.original.content
+    assert "model not found" in failed.original.content
 
     accepted = await imagine(discord_server, options={"samples": 3})  # the failure's 3 images came back
     assert not accepted.original.flags & 64

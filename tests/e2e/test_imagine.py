@@ -219,13 +219,6 @@ async def test_without_any_api_key_the_member_is_told_what_to_do(runner, discord
     [
         (ErrorAnswer(http_status=401, message="Invalid API key"), "invalid_key", "invalid key"),
         (ErrorAnswer(http_status=402, message="Insufficient credits"), "no_credits", "out of credits"),
-        (
-            ErrorAnswer(
-                http_status=429, message="Rate limit exceeded. Maximum 5 queued requests allowed.", retry_after=42
-            ),
-            "queue_full",
-            "try again in 42 s",
-        ),
         (ErrorAnswer(message="Model not found"), "model_not_found", "no model called `flux` (model not found)"),
         (
             ErrorAnswer(message="Your prompt contains NSFW words", key="messege"),
@@ -244,7 +237,8 @@ async def test_without_any_api_key_the_member_is_told_what_to_do(runner, discord
 async def test_each_modelslab_error_replaces_the_status_with_one_plain_sentence(
     runner, discord_server, modelslab, behaviour, kind, words
 ):
-    modelslab.script(behaviour)
+    # Passing faults are tried again, three times in all: make them last. (A full queue waits: test_queue.py.)
+    modelslab.script(*[behaviour] * (3 if kind == "service_down" else 1))
     await runner.start()
     interaction = await imagine(discord_server)
     job = await runner.wait_posted()
@@ -567,15 +561,21 @@ async def test_a_submit_call_without_an_answer_is_resolved_by_the_webhook(runner
     assert len(attachments_of(interaction.original)) == 1
 
 
-async def test_a_submit_call_without_an_answer_and_no_webhook_is_reported(runner, discord_server, modelslab):
+async def test_a_submit_call_without_an_answer_and_no_webhook_is_tried_again_then_reported(
+    runner, discord_server, modelslab
+):
     from bot.app import Timings
 
-    modelslab.script(Hang(1.0, then=Queued(eta=5)))
-    await runner.start(timings=Timings(modelslab_request_timeout=0.3, discord_retry_delays=(0.05,)))
+    # Without a webhook to tell, a call with no answer is tried again (three times in all), then reported.
+    modelslab.script(*[Hang(1.0, then=Queued(eta=5))] * 3)
+    timings = Timings(modelslab_request_timeout=0.3, discord_retry_delays=(0.05,), submit_retry_delay=0.05)
+    await runner.start(timings=timings)
     interaction = await imagine(discord_server)
     job = await runner.wait_posted(await runner.first_job_id_from_db())
     assert job.status is JobStatus.FAILED and job.error_kind == "service_down"
     assert "service down" in interaction.original.content
+    first, second, third = (call.json for call in modelslab.submissions())
+    assert len({first["seed"], second["seed"], third["seed"]}) == 3  # never an identical payload again
 
 
 async def test_images_that_cannot_be_downloaded_are_left_out_and_not_counted(runner, discord_server, modelslab):
@@ -604,7 +604,7 @@ async def test_a_queued_job_past_its_deadline_at_restart_is_not_sent(runner, dis
     job = await runner.wait_posted()
     # As if the bot had been down since before this job was sent, for longer than MODELSLAB_JOB_TIMEOUT.
     await runner.app.database.connection.execute(
-        "UPDATE jobs SET status = 'queued', posted_at = NULL, deadline_at = 0, interaction_token = ?,"
+        "UPDATE jobs SET status = 'queued', posted_at = NULL, created_at = 0, deadline_at = 0, interaction_token = ?,"
         " token_expires_at = ? WHERE id = ?",
         (interaction.token, time.time() + 600, job.id),
     )

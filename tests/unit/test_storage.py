@@ -130,3 +130,13 @@ async def test_a_missing_migrations_folder_is_a_plain_error(tmp_path):
     async with Database.open(tmp_path / "db.sqlite3", upgrade=False) as database:
         with pytest.raises(StorageError, match=r"migrations folder .* is missing"):
             await database.upgrade(tmp_path / "nowhere")
+
+
+async def test_only_a_job_not_yet_sent_can_be_cancelled(tmp_path):
+    async with Database.open(tmp_path / "bot.sqlite3") as database:
+        store = JobStore(database)
+        await store.insert(new_job())
+        await store.mark_submitting("a" * 32)
+        assert not await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
+        assert await store.requeue("a" * 32)  # sent back by ModelsLab: waiting again, cancellable again
+        assert await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
