@@ -72,19 +72,26 @@ async def running_app(
             request_timeout=timings.modelslab_request_timeout,
         )
         job_store = JobStore(database)
+        keybox = KeyBox(secret_key)
         guilds = GuildAdmin(
             guilds=GuildStore(database),
             jobs=job_store,
-            keybox=KeyBox(secret_key),
+            keybox=keybox,
             client=client,
             default_api_key=api_key,
             allow_default_key=settings.allow_default_key,
         )
+        if settings.secret_key is None and await guilds.any_server_key():
+            log.warning(
+                "Servers' API keys are encrypted with the generated secret.key, which sits next to the database: "
+                "a copy of the data folder can read them. Set SECRET_KEY in the environment (and back it up apart)."
+            )
         catalog = ModelCatalog(client)
         jobs = JobService(
             store=job_store,
             client=client,
             guilds=guilds,
+            keybox=keybox,
             downloader=ImageDownloader(session, rounds=timings.download_rounds, first_wait=timings.download_first_wait),
             signer=signer,
             settings=JobSettings(

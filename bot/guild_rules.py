@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -111,6 +112,9 @@ def explain_refusal(limits: Limits, usage: Usage, samples: int, now: float) -> s
             f"You already have {usage.user_running} job(s) running, the most this server allows at once "
             "(concurrent jobs): wait for one to finish."
         )
+    for limit, who in ((limits.user_daily, "a member"), (limits.guild_daily, "this server")):
+        if limit and samples > limit:
+            return f"This server allows {who} at most {limit} images a day (daily limit): ask for {limit} or fewer."
     if limits.guild_daily and usage.guild_today + samples > limits.guild_daily:
         left = max(limits.guild_daily - usage.guild_today, 0)
         return (
@@ -132,13 +136,13 @@ def check_channel(config: GuildConfig, channel_id: int, parent_id: int | None = 
         return
     if channel_id in config.allowed_channels or (parent_id is not None and parent_id in config.allowed_channels):
         return
-    where = ", ".join(f"<#{c}>" for c in config.allowed_channels)
+    where = listing([f"<#{c}>" for c in config.allowed_channels])
     raise Refused(f"Images are not made in this channel on this server (channel restriction): use {where}.")
 
 
 def check_model(config: GuildConfig, model_id: str) -> None:
     if config.allowed_models and model_id not in config.allowed_models:
-        allowed = ", ".join(f"`{m}`" for m in config.allowed_models)
+        allowed = listing([f"`{m}`" for m in config.allowed_models])
         raise Refused(f"`model` must be one of this server's allowed models: {allowed}.")
 
 
@@ -158,13 +162,27 @@ def normalise_rule(rule: str) -> str:
     return text
 
 
+def listing(items: list[str], most: int = 10) -> str:
+    """A comma list that stays short (Discord messages are at most 2000 characters)."""
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def normalise_prompt(text: str) -> str:
+    """What the blocklist reads: look-alike characters folded (NFKC: fullwidth letters...), invisible ones
+    (zero-width spaces, soft hyphens) removed, underscores read as spaces."""
+    folded = unicodedata.normalize("NFKC", text)
+    visible = "".join(c for c in folded if unicodedata.category(c) != "Cf")
+    return visible.replace("_", " ")
+
+
 def check_blocklist(rules: Iterable[str], *texts: str | None) -> None:
     for rule in rules:
         pattern = blocklist_pattern(rule)
         for text in texts:
             if not text:
                 continue
-            found = pattern.search(text)
+            found = pattern.search(normalise_prompt(text))
             if found:
                 raise Refused(
                     f"Your prompt contains “{found.group(0)}”, which this server's blocklist does not allow "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from bot.errors import UserFacingError
 from bot.guild_rules import GuildConfig, Limits, NsfwPolicy, Refused, Usage, limits_for, next_reset, normalise_rule
 from bot.keybox import KeyBox, KeyUnreadable, last4
+from bot.log import register_secret
 from bot.modelslab import ErrorKind, ModelsLabClient
 from bot.presentation import failure_sentence
 from bot.storage import GuildStore, JobStore
@@ -21,7 +22,13 @@ NO_KEY = (
     "This server has no ModelsLab API key yet, so nothing can be generated: "
     "an admin (Manage Server) must run `/config apikey`."
 )
+UNREADABLE_KEY = (
+    "This server's stored ModelsLab key can no longer be read (the bot's SECRET_KEY changed), so nothing can "
+    "be generated: an admin (Manage Server) must run `/config apikey` again."
+)
 MAX_LIMIT = 100_000
+MAX_ROLE_LIMITS = 25
+MAX_ALLOWED_CHANNELS = 25
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class GuildAdmin:
         self._default_api_key = default_api_key
         self._allow_default_key = allow_default_key
         self._clock = clock
+        self._unreadable_reported: set[int] = set()
 
     async def config(self, guild_id: int) -> GuildConfig:
         return await self._guilds.config(guild_id)
@@ -72,10 +80,16 @@ class GuildAdmin:
             sealed = await self._guilds.sealed_key(guild_id)
             if sealed is not None:
                 try:
-                    return self._keybox.open(guild_id, sealed)
+                    api_key = self._keybox.open(guild_id, sealed)
                 except KeyUnreadable:
-                    log.error("The stored API key of server %s cannot be decrypted (was SECRET_KEY changed?)", guild_id)
+                    if guild_id not in self._unreadable_reported:
+                        self._unreadable_reported.add(guild_id)
+                        log.error(
+                            "The stored API key of server %s cannot be decrypted (was SECRET_KEY changed?)", guild_id
+                        )
                     return None
+                register_secret(api_key)
+                return api_key
         return self._default_api_key if self._allow_default_key else None
 
     async def set_api_key(self, guild_id: int, api_key: str) -> str:
@@ -83,6 +97,7 @@ class GuildAdmin:
         api_key = api_key.strip()
         if not 8 <= len(api_key) <= 200 or any(c.isspace() for c in api_key):
             raise UserFacingError("That does not look like a ModelsLab API key: paste the key exactly as shown.")
+        register_secret(api_key)
         problem = await self._client.check_key(api_key)
         if problem is not None:
             if problem.kind is ErrorKind.INVALID_KEY:
@@ -94,6 +109,7 @@ class GuildAdmin:
         await self._guilds.update(
             guild_id, api_key_ciphertext=self._keybox.seal(guild_id, api_key), api_key_last4=last4(api_key)
         )
+        self._unreadable_reported.discard(guild_id)
         log.info("Server %s set its ModelsLab API key", guild_id)
         return last4(api_key)
 
@@ -103,6 +119,19 @@ class GuildAdmin:
 
     def uses_operator_key(self, config: GuildConfig) -> bool:
         return not config.has_own_key and self._allow_default_key and self._default_api_key is not None
+
+    async def any_server_key(self) -> bool:
+        return await self._guilds.any_key()
+
+    async def key_is_unreadable(self, guild_id: int) -> bool:
+        sealed = await self._guilds.sealed_key(guild_id)
+        if sealed is None:
+            return False
+        try:
+            self._keybox.open(guild_id, sealed)
+        except KeyUnreadable:
+            return True
+        return False
 
     # ------------------------------------------------------------------------------------------ limits
 
@@ -122,6 +151,14 @@ class GuildAdmin:
     async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
         if user_daily is not None and not 0 <= user_daily <= MAX_LIMIT:
             raise Refused(f"`user_daily` must be from 0 (unlimited) to {MAX_LIMIT}.")
+        config = await self.config(guild_id)
+        if user_daily and config.user_daily and user_daily <= config.user_daily:
+            raise Refused(
+                f"A role limit lifts the member limit ({config.user_daily} images a day), so it must be higher, "
+                "or 0 for unlimited."
+            )
+        if user_daily is not None and role_id not in config.role_limits and len(config.role_limits) >= MAX_ROLE_LIMITS:
+            raise Refused(f"A server can have at most {MAX_ROLE_LIMITS} role limits: remove one first.")
         await self._guilds.set_role_limit(guild_id, role_id, user_daily)
 
     async def quota_status(self, guild_id: int, user_id: int, role_ids: Iterable[int]) -> QuotaStatus:
@@ -136,6 +173,8 @@ class GuildAdmin:
         config = await self.config(guild_id)
         channels = [c for c in config.allowed_channels if c != channel_id]
         if allowed:
+            if len(channels) >= MAX_ALLOWED_CHANNELS:
+                raise Refused(f"At most {MAX_ALLOWED_CHANNELS} channels can be listed: remove one first.")
             channels.append(channel_id)
         await self._guilds.update(guild_id, allowed_channels_json=json.dumps(channels))
         return await self.config(guild_id)

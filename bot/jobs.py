@@ -31,6 +31,8 @@ from bot.downloads import DownloadFailed, ImageDownloader
 from bot.generation import GenerationRequest
 from bot.guild_rules import GuildConfig, Limits, Refused, explain_refusal
 from bot.imaging import ImageFile, fit_to_limit
+from bot.keybox import KeyBox, KeyUnreadable
+from bot.log import register_secret
 from bot.modelslab import Answer, ApiFlavour, ErrorKind, Failure, Finished, ModelsLabClient, Pending
 from bot.queueing import Cancelled, FairQueue
 from bot.signing import WebhookSigner
@@ -128,6 +130,7 @@ class JobService:
         signer: WebhookSigner,
         settings: JobSettings,
         guilds: GuildDirectory,
+        keybox: KeyBox,
         clock: Callable[[], float] = time.time,
         discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS,
         submit_retry_delay: float = RETRY_BASE_DELAY,
@@ -138,6 +141,7 @@ class JobService:
         self._signer = signer
         self._settings = settings
         self._guilds = guilds
+        self._keybox = keybox
         self._clock = clock
         self._discord_retry_delays = discord_retry_delays
         self._submit_retry_delay = submit_retry_delay
@@ -411,7 +415,9 @@ class JobService:
     async def _send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
         """One submit call, and the record of its answer, shielded: a shutdown must not cut it off between
         ModelsLab taking the job and us writing that down."""
-        if not await self._store.mark_submitting(job.id, deadline_at=self._clock() + self._settings.timeout):
+        sealed = self._keybox.seal_for_job(job.id, api_key)
+        deadline = self._clock() + self._settings.timeout
+        if not await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed):
             return await self._reload(job.id), None
         payload: dict[str, Any] = {**job.request.to_payload(), "track_id": job.id}
         if self._settings.webhook_base:
@@ -511,7 +517,7 @@ class JobService:
 
     async def _fetch_once(self, job: Job) -> Job:
         assert job.modelslab_id is not None
-        api_key = await self.api_key_for(job.guild_id)
+        api_key = await self._key_sent_with(job)
         if api_key is None:
             return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
         answer = await self._client.fetch(api_key, job.modelslab_id, job.fetch_url)
@@ -519,6 +525,19 @@ class JobService:
             log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
             return job
         return await self._apply(job.id, answer, submitting=False)
+
+    async def _key_sent_with(self, job: Job) -> str | None:
+        """The key the job was submitted with (the server's key may have changed since); else the current one."""
+        sealed = await self._store.sealed_key(job.id)
+        if sealed is not None:
+            try:
+                api_key = self._keybox.open_for_job(job.id, sealed)
+            except KeyUnreadable:
+                log.warning("Job %s: its key cannot be decrypted (was SECRET_KEY changed?)", job.id)
+            else:
+                register_secret(api_key)
+                return api_key
+        return await self.api_key_for(job.guild_id)
 
     async def _apply(self, job_id: str, answer: Answer, *, submitting: bool) -> Job:
         """Record what ModelsLab answered. Only the first finishing answer for a job is taken."""
@@ -534,7 +553,8 @@ class JobService:
                 meta=meta,
                 seed=seed if seed is not None else before.request.seed,
                 generation_time=answer.generation_time,
-                charged_images=len(answer.output_urls),
+                # Never more than was reserved: a surprise extra image is neither shown nor counted.
+                charged_images=min(len(answer.output_urls), before.request.samples),
                 nsfw_detected=answer.nsfw_detected,
             ):
                 log.info("Job %s finished at ModelsLab with %d image(s)", job_id, len(answer.output_urls))
@@ -625,11 +645,12 @@ class JobService:
             await self._post(job)
             return
         gallery = config.gallery_channel_id if config is not None else None
-        if gallery is not None and gallery != job.channel_id and not flagged and job.gallery_message_id is None:
+        # Images made with the safety checker off (age-restricted channels) or flagged never go to the gallery.
+        shareable = not flagged and not job.channel_nsfw
+        if gallery is not None and gallery != job.channel_id and shareable and job.gallery_message_id is None:
             await self._post_to_gallery(job, images, gallery)
-        await self._store.mark_posted(
-            job.id, image_count=len(images), charged_images=len(images), message_id=message_id
-        )
+        # Images that could not be downloaded were still made and billed: the charge stays as recorded.
+        await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
         self._announce_posted(job.id)
         log.info("Job %s posted with %d image(s)%s", job.id, len(images), " (withheld)" if withheld else "")
 
@@ -647,7 +668,7 @@ class JobService:
     async def _download_images(self, job: Job) -> list[ImageFile]:
         """Every image that can be had; the ones that cannot are left out (and not counted)."""
         downloads = []
-        for index, url in enumerate(job.output_urls):
+        for index, url in enumerate(job.output_urls[: job.request.samples]):
             urls = [url]
             if index < len(job.proxy_urls) and job.proxy_urls[index] != url:
                 urls.append(job.proxy_urls[index])

@@ -30,21 +30,29 @@ class KeyBox:
         self._aead = AESGCM(derived)
 
     def seal(self, guild_id: int, api_key: str) -> bytes:
-        nonce = os.urandom(_NONCE_BYTES)
-        return _VERSION + nonce + self._aead.encrypt(nonce, api_key.encode(), _associated(guild_id))
+        return self._seal(b"guild:" + str(guild_id).encode(), api_key)
 
     def open(self, guild_id: int, sealed: bytes) -> str:
+        return self._open(b"guild:" + str(guild_id).encode(), sealed)
+
+    def seal_for_job(self, job_id: str, api_key: str) -> bytes:
+        return self._seal(b"job:" + job_id.encode(), api_key)
+
+    def open_for_job(self, job_id: str, sealed: bytes) -> str:
+        return self._open(b"job:" + job_id.encode(), sealed)
+
+    def _seal(self, context: bytes, text: str) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return _VERSION + nonce + self._aead.encrypt(nonce, text.encode(), context)
+
+    def _open(self, context: bytes, sealed: bytes) -> str:
         if len(sealed) <= 1 + _NONCE_BYTES or sealed[:1] != _VERSION:
             raise KeyUnreadable("unknown key format")
         nonce, ciphertext = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
         try:
-            return self._aead.decrypt(nonce, ciphertext, _associated(guild_id)).decode()
+            return self._aead.decrypt(nonce, ciphertext, context).decode()
         except InvalidTag:
             raise KeyUnreadable("the key does not decrypt with this SECRET_KEY") from None
-
-
-def _associated(guild_id: int) -> bytes:
-    return b"guild:" + str(guild_id).encode()
 
 
 def last4(api_key: str) -> str:

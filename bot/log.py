@@ -15,6 +15,13 @@ _TOKEN_PATHS = (
     re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+"""),  # gateway payloads: interaction tokens
 )
 REDACTED = "[redacted]"
+# Secrets learnt while running (servers' keys, as they are saved or read): every filter masks them too.
+_RUNTIME_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    if value and len(value) >= 6:
+        _RUNTIME_SECRETS.add(value)
 
 
 class SecretFilter(logging.Filter):
@@ -39,7 +46,7 @@ class SecretFilter(logging.Filter):
         return True
 
     def clean(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in (*self._secrets, *sorted(_RUNTIME_SECRETS, key=len, reverse=True)):
             text = text.replace(secret, REDACTED)
         for pattern in _TOKEN_PATHS:
             text = pattern.sub(lambda m: m.group(1) + REDACTED, text)

@@ -115,6 +115,8 @@ def read_answer(http_status: int, body: bytes, *, api_key: str | None = None) ->
         request_id = _as_id(data["meta"].get("id"))
     raw_meta = data.get("meta")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    if api_key:  # never keep an echo of the key (meta is stored)
+        meta = {k: v for k, v in meta.items() if k != "key" and not (isinstance(v, str) and api_key in v)}
 
     if status == "success":
         outputs = _as_url_list(data.get("output"))

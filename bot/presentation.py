@@ -80,7 +80,7 @@ def result_summary(
         fields.append(("LoRA", ", ".join(request.lora_models)))
     count = len(images)
     content = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
-    missing = len(job.output_urls) - count
+    missing = min(len(job.output_urls), job.request.samples) - count
     if withheld:
         content += (
             "\n🔞 ModelsLab flagged this result as NSFW; this server withholds such images outside "
@@ -90,10 +90,7 @@ def result_summary(
     elif spoiler:
         content += "\n🔞 ModelsLab flagged this result as NSFW: it is hidden behind a spoiler."
     if missing > 0:
-        content += (
-            f"\n⚠️ {missing} of {len(job.output_urls)} images could not be downloaded from ModelsLab "
-            "and are not counted against you."
-        )
+        content += f"\n⚠️ {missing} of {len(job.output_urls)} images could not be downloaded from ModelsLab."
     if withheld:
         count = len(job.output_urls)
     return ResultSummary(
@@ -160,7 +157,10 @@ def failure_sentence(
                 "it is not counted against you: please try again."
             )
         case ErrorKind.DOWNLOAD_FAILED:
-            return "The images were made but could not be downloaded from ModelsLab: please try again."
+            return (
+                "The images were made (and count against the quota) but could not be downloaded from ModelsLab: "
+                "please try again."
+            )
         case ErrorKind.CANCELLED:
             who = f"<@{detail}>" if detail.isdigit() else "a member"
             return f"Cancelled by {who} before it was sent; it does not count against the quota."
@@ -177,7 +177,10 @@ def failure_sentence(
                 "it is not counted against you: please try again."
             )
         case ErrorKind.DELIVERY_REFUSED:
-            return "The images were made but Discord refused to show them: try again with fewer or smaller images."
+            return (
+                "The images were made (and count against the quota) but Discord refused to show them: "
+                "try again with fewer or smaller images."
+            )
         case ErrorKind.GENERATION_FAILED:
             why = f" ({detail})" if detail else ""
             return f"ModelsLab could not generate this image{why}: try again, perhaps with other settings."

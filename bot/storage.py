@@ -333,12 +333,16 @@ class JobStore:
     async def set_message(self, job_id: str, message_id: int) -> None:
         await self._update(job_id, {"message_id": message_id})
 
-    async def mark_submitting(self, job_id: str, *, deadline_at: float | None = None) -> bool:
+    async def mark_submitting(
+        self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
+    ) -> bool:
         """About to call ModelsLab. The job's deadline (MODELSLAB_JOB_TIMEOUT) counts from here: time spent
-        waiting in the bot's own queue is not ModelsLab's."""
+        waiting in the bot's own queue is not ModelsLab's. The key it is sent with is kept (sealed) with it."""
         changes: dict[str, Any] = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
         if deadline_at is not None:
             changes["deadline_at"] = deadline_at
+        if api_key_ciphertext is not None:
+            changes["api_key_ciphertext"] = api_key_ciphertext
         return await self._update(job_id, changes, only_from=[JobStatus.QUEUED])
 
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
@@ -415,19 +419,20 @@ class JobStore:
         from_succeeded: bool = False,
         only_queued: bool = False,
     ) -> bool:
-        """Fail a job and give its charge back. `from_succeeded`: the images were made but could not be shown;
-        `only_queued`: only if it was never sent (a cancellation)."""
+        """Fail a job. Its reservation is given back, unless `from_succeeded`: ModelsLab made (and billed) the
+        images, which then could not be shown, so they still count. `only_queued`: only if never sent (cancel)."""
         allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
         if only_queued:
             allowed = [JobStatus.QUEUED]
-        changes = {
+        changes: dict[str, Any] = {
             "status": JobStatus.FAILED,
             "error_kind": kind,
             "error_detail": detail,
             "retry_after": retry_after,
-            "charged_images": 0,
             "finished_at": time.time(),
         }
+        if not from_succeeded:
+            changes["charged_images"] = 0
         return await self._update(job_id, changes, only_from=allowed)
 
     async def mark_posted(
@@ -438,8 +443,8 @@ class JobStore:
         charged_images: int | None = None,
         message_id: int | None = None,
     ) -> None:
-        """The outcome is shown. The interaction token is no longer needed, so it is not kept."""
-        changes: dict[str, Any] = {"posted_at": time.time(), "interaction_token": None}
+        """The outcome is shown. The interaction token and the job's key are no longer needed: not kept."""
+        changes: dict[str, Any] = {"posted_at": time.time(), "interaction_token": None, "api_key_ciphertext": None}
         if image_count is not None:
             changes["image_count"] = image_count
         if charged_images is not None:
@@ -447,6 +452,11 @@ class JobStore:
         if message_id is not None:
             changes["message_id"] = message_id
         await self._update(job_id, changes)
+
+    async def sealed_key(self, job_id: str) -> bytes | None:
+        async with self._db.execute("SELECT api_key_ciphertext FROM jobs WHERE id = ?", (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
 
     async def set_gallery_message(self, job_id: str, message_id: int) -> None:
         await self._update(job_id, {"gallery_message_id": message_id})
@@ -515,6 +525,10 @@ class GuildStore:
             role_limits=role_limits,
             blocklist=blocklist,
         )
+
+    async def any_key(self) -> bool:
+        async with self._db.execute("SELECT 1 FROM guild_settings WHERE api_key_ciphertext IS NOT NULL") as cursor:
+            return await cursor.fetchone() is not None
 
     async def sealed_key(self, guild_id: int) -> bytes | None:
         async with self._db.execute(

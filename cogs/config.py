@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Literal
 
 import discord
@@ -13,7 +14,7 @@ from discord.ext import commands
 
 from bot.errors import UserFacingError
 from bot.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN
-from bot.guild_rules import GuildConfig, Refused, timestamp
+from bot.guild_rules import GuildConfig, Refused, listing, timestamp
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
@@ -41,17 +42,29 @@ def _limit(value: int, unit: str) -> str:
     return "none" if value == 0 else f"{value} {unit}"
 
 
-def describe(config: GuildConfig, *, operator_key: bool) -> str:
-    if config.api_key_last4 is not None:
+def describe(config: GuildConfig, *, operator_key: bool, key_unreadable: bool = False) -> str:
+    if key_unreadable:
+        key = (
+            f"this server's own, ending in `{config.api_key_last4}`, **unreadable** (SECRET_KEY changed): set it again"
+        )
+    elif config.api_key_last4 is not None:
         key = f"this server's own, ending in `{config.api_key_last4}`"
     elif operator_key:
         key = "the bot operator's default key (run `/config apikey` to use this server's own)"
     else:
         key = "none: run `/config apikey` (nothing can be generated until then)"
-    roles = ", ".join(
-        f"<@&{role}>: {'unlimited' if value == 0 else f'{value}/day'}" for role, value in config.role_limits.items()
+    roles = listing(
+        [
+            f"<@&{role}>: {'unlimited' if value == 0 else f'{value}/day'}"
+            + (
+                " (no effect: not above the member limit)"
+                if value and config.user_daily and value <= config.user_daily
+                else ""
+            )
+            for role, value in config.role_limits.items()
+        ]
     )
-    channels = ", ".join(f"<#{c}>" for c in config.allowed_channels) or "everywhere"
+    channels = listing([f"<#{c}>" for c in config.allowed_channels]) or "everywhere"
     gallery = f"<#{config.gallery_channel_id}>" if config.gallery_channel_id else "none"
     size = (
         f"{config.default_width or 'default'}×{config.default_height or 'default'}"
@@ -60,11 +73,11 @@ def describe(config: GuildConfig, *, operator_key: bool) -> str:
     )
     defaults = [
         f"model `{config.default_model}`" if config.default_model else "model: the bot's default",
-        f"negative prompt “{config.default_negative_prompt[:100]}”" if config.default_negative_prompt else None,
+        f"negative prompt “{_short(config.default_negative_prompt, 100)}”" if config.default_negative_prompt else None,
         f"size {size}",
         f"steps {config.default_steps}" if config.default_steps else None,
     ]
-    allowed = ", ".join(f"`{m}`" for m in config.allowed_models) or "any"
+    allowed = listing([f"`{m}`" for m in config.allowed_models]) or "any"
     nsfw = "hidden behind a spoiler" if config.nsfw_policy == "spoiler" else "withheld"
     lines = [
         f"**ModelsLab key:** {key}",
@@ -77,7 +90,18 @@ def describe(config: GuildConfig, *, operator_key: bool) -> str:
         f"**Blocklist:** {len(config.blocklist)} rule(s)",
         "**Defaults:** " + ", ".join(d for d in defaults if d) + f" · **Allowed models:** {allowed}",
     ]
-    return "\n".join(lines)
+    return _short("\n".join(lines), 1800)
+
+
+def _role_limit(role_id: int, value: int, member_limit: int) -> str:
+    text = f"<@&{role_id}>: {'unlimited' if value == 0 else f'{value}/day'}"
+    if value and member_limit and value <= member_limit:
+        text += " (no effect: not above the member limit)"
+    return text
+
+
+def _short(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 class ApiKeyModal(discord.ui.Modal, title="ModelsLab API key"):
@@ -86,7 +110,7 @@ class ApiKeyModal(discord.ui.Modal, title="ModelsLab API key"):
     )
 
     def __init__(self, bot: ImagineBot) -> None:
-        super().__init__()
+        super().__init__(timeout=600)
         self.bot = bot
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
@@ -139,7 +163,8 @@ class ConfigCommands(app_commands.Group, name="config", description="Server sett
     async def _show(self, interaction: discord.Interaction, prefix: str = "") -> None:
         assert interaction.guild_id is not None
         config = await self.admin.config(interaction.guild_id)
-        text = describe(config, operator_key=self.admin.uses_operator_key(config))
+        unreadable = await self.admin.key_is_unreadable(interaction.guild_id)
+        text = describe(config, operator_key=self.admin.uses_operator_key(config), key_unreadable=unreadable)
         await self._reply(interaction, f"{prefix}\n{text}" if prefix else text)
 
     @app_commands.command(name="show", description="Show this server's settings")
@@ -250,8 +275,14 @@ class ConfigCommands(app_commands.Group, name="config", description="Server sett
         assert interaction.guild_id is not None
         if action == "list":
             rules = (await self.admin.config(interaction.guild_id)).blocklist
-            listed = "\n".join(f"• `{r}`" for r in rules) or "The blocklist is empty."
-            await self._reply(interaction, listed[:1900])
+            lines: list[str] = []
+            for index, rule in enumerate(rules):
+                line = f"• `{rule}`"
+                if sum(len(x) + 1 for x in lines) + len(line) > 1800:
+                    lines.append(f"…and {len(rules) - index} more")
+                    break
+                lines.append(line)
+            await self._reply(interaction, "\n".join(lines) or "The blocklist is empty.")
             return
         if not rule:
             raise Refused(f"`rule` is needed for `{action}`.")
@@ -305,7 +336,9 @@ class ConfigCommands(app_commands.Group, name="config", description="Server sett
             changes["default_steps"] = steps
         if allowed_models is not None:
             names = [m.strip() for m in allowed_models.split(",") if m.strip() and m.strip() != "*"]
-            changes["allowed_models_json"] = json.dumps([_model_id("allowed_models", m) for m in names][:25])
+            if len(names) > 25:
+                raise Refused("`allowed_models` takes at most 25 models (Discord shows 25 suggestions).")
+            changes["allowed_models_json"] = json.dumps([_model_id("allowed_models", m) for m in names])
         await self.admin.set_defaults(interaction.guild_id, **changes)
         note = ""
         if (width is not None and width < FLUX_SIDE_MIN) or (height is not None and height < FLUX_SIDE_MIN):
@@ -349,7 +382,11 @@ class ServerSettings(commands.Cog):
         if status.limits.user_concurrent:
             lines.append(f"Jobs at once: {status.usage.user_running} of {status.limits.user_concurrent}.")
         if status.limits.cooldown_seconds:
-            lines.append(f"Cooldown between requests: {status.limits.cooldown_seconds} s.")
+            line = f"Cooldown between requests: {status.limits.cooldown_seconds} s"
+            last = status.usage.user_last_request_at
+            if last is not None and last + status.limits.cooldown_seconds > time.time():
+                line += f"; you can ask again {timestamp(last + status.limits.cooldown_seconds)}"
+            lines.append(line + ".")
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
 

@@ -12,8 +12,8 @@ from discord.ext import commands
 
 from bot.errors import MissingApiKey
 from bot.generation import SCHEDULERS, ServerDefaults, build_generation_request
-from bot.guild_rules import check_blocklist, check_channel, check_model, limits_for
-from bot.guilds import NO_KEY
+from bot.guild_rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
+from bot.guilds import NO_KEY, UNREADABLE_KEY
 from bot.presentation import status_text
 
 if TYPE_CHECKING:
@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 
 # Discord lets a bot use an interaction token for 15 minutes; stop a little before that.
 TOKEN_LIFETIME = datetime.timedelta(minutes=15) - datetime.timedelta(seconds=30)
+
+
+def default_model_for(config: GuildConfig, bot_default: str) -> str:
+    """The server's default model; if the server allows only some models and its default is not one of them,
+    the first allowed model (a member who names no model must not be refused for it)."""
+    default = config.default_model or bot_default
+    if config.allowed_models and default not in config.allowed_models:
+        return config.allowed_models[0]
+    return default
 
 
 class Imagine(commands.Cog):
@@ -86,7 +95,7 @@ class Imagine(commands.Cog):
             # Outside age-restricted channels the safety checker is always on.
             safety_checker=not channel_nsfw,
             defaults=ServerDefaults(
-                model=config.default_model,
+                model=default_model_for(config, settings.modelslab_default_model),
                 negative_prompt=config.default_negative_prompt,
                 width=config.default_width,
                 height=config.default_height,
@@ -97,7 +106,8 @@ class Imagine(commands.Cog):
         check_blocklist(config.blocklist, request.prompt)
         jobs = self.bot.jobs
         if await jobs.api_key_for(interaction.guild_id) is None:
-            raise MissingApiKey(NO_KEY)
+            unreadable = await self.bot.guild_admin.key_is_unreadable(interaction.guild_id)
+            raise MissingApiKey(UNREADABLE_KEY if unreadable else NO_KEY)
         role_ids = [role.id for role in getattr(interaction.user, "roles", [])]
         job = await jobs.create(
             kind="text2img",

@@ -346,3 +346,89 @@ async def test_model_autocomplete_offers_allowed_models_or_the_public_list(runne
     limited = await discord_server.invoke_autocomplete("imagine", {"prompt": "x", "model": ""}, "model")
     await limited.wait_callback()
     assert [choice["value"] for choice in limited.autocomplete_choices] == ["sdxl", "midjourney"]
+
+
+# ---------------------------------------------------------------------------------------------- review findings
+
+
+async def test_a_job_is_fetched_with_the_key_it_was_sent_with_even_after_the_key_changes(
+    runner, discord_server, modelslab
+):
+    modelslab.valid_keys |= {GUILD_KEY, "ml-guild-new-key-9b9b"}
+    modelslab.default_behaviour = Queued(eta=300)
+    await runner.start()
+    await set_key(discord_server, GUILD_KEY)
+    interaction = await imagine(discord_server, "made with the old key")
+    call = await modelslab.wait_for_submission()
+    assert call.json["key"] == GUILD_KEY
+    await set_key(discord_server, "ml-guild-new-key-9b9b")
+    modelslab.complete(call.job_id)
+    runner.jobs.wake(call.json["track_id"])
+    job = await runner.wait_posted(call.json["track_id"])
+    assert job.status is JobStatus.SUCCEEDED and job.charged_images == 1
+    assert {c.json["key"] for c in modelslab.fetches(call.job_id)} == {GUILD_KEY}
+    assert len(attachments_of(interaction.original)) == 1
+    async with runner.app.database.connection.execute("SELECT api_key_ciphertext FROM jobs") as cursor:
+        assert [row[0] for row in await cursor.fetchall()] == [None]  # not kept once shown
+
+
+async def test_the_key_form_is_refused_to_a_member_who_lost_manage_server(runner, discord_server, modelslab):
+    modelslab.valid_keys.add(GUILD_KEY)
+    await runner.start()
+    opener = await config(discord_server, "apikey")
+    [row] = opener.modal["components"]
+    [field] = row["components"]
+    submitted = await discord_server.submit_modal(
+        opener.modal["custom_id"], {field["custom_id"]: GUILD_KEY}, permissions=0
+    )
+    await submitted.wait_callback()
+    assert "Manage Server permission" in await private_text(discord_server, submitted)
+    assert (await runner.guilds.config(discord_server.guild_id)).api_key_last4 is None
+    assert not any(call.path.endswith("request_count") for call in modelslab.requests)
+
+
+async def test_images_from_an_age_restricted_channel_never_reach_the_gallery(runner, discord_server, modelslab):
+    discord_server.channels[discord_server.second_channel_id]["nsfw"] = True
+    await runner.start()
+    gallery = discord_server.channel_id
+    await config(discord_server, "channels", {"action": "gallery", "channel": gallery})
+    await imagine(discord_server, "after dark", channel_id=discord_server.second_channel_id)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED and job.gallery_message_id is None
+    assert not [m for m in discord_server.messages_in(gallery) if m.attachments]
+
+
+async def test_an_unreadable_key_is_said_plainly(runner, discord_server, modelslab, logs):
+    logs.expected_errors.append("cannot be decrypted")  # the operator must hear of it, once
+    modelslab.valid_keys.add(GUILD_KEY)
+    await runner.start(allow_default_key=False)
+    await set_key(discord_server, GUILD_KEY)
+    await runner.restart(allow_default_key=False, secret_key="another-secret-key-entirely-000")
+    refused = await imagine(discord_server)
+    assert "can no longer be read" in refused.original.content and "`/config apikey` again" in refused.original.content
+    shown = await private_text(discord_server, await config(discord_server, "show"))
+    assert "**unreadable**" in shown
+    assert logs.text.count("cannot be decrypted") == 1
+
+
+async def test_a_role_limit_must_lift_the_member_limit(runner, discord_server, modelslab):
+    await runner.start()
+    await config(discord_server, "limits", {"user_daily": 5})
+    lower = await config(discord_server, "role-limit", {"role": discord_server.moderator_role_id, "user_daily": 3})
+    assert "must be higher" in await private_text(discord_server, lower)
+    assert (await runner.guilds.config(discord_server.guild_id)).role_limits == {}
+
+
+async def test_without_a_model_the_first_allowed_one_is_used(runner, discord_server, modelslab):
+    await runner.start()
+    await config(discord_server, "defaults", {"allowed_models": "sdxl,fluxdev"})
+    done = await imagine(discord_server, "no model named")
+    assert not done.original.flags & 64
+    assert (await modelslab.wait_for_submission()).json["model_id"] == "sdxl"
+
+
+async def test_asking_for_more_than_the_whole_daily_limit_says_so(runner, discord_server, modelslab):
+    await runner.start()
+    await config(discord_server, "limits", {"user_daily": 2})
+    refused = await imagine(discord_server, options={"samples": 4})
+    assert "at most 2 images a day (daily limit): ask for 2 or fewer" in refused.original.content

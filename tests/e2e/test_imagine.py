@@ -578,7 +578,8 @@ async def test_a_submit_call_without_an_answer_and_no_webhook_is_tried_again_the
     assert len({first["seed"], second["seed"], third["seed"]}) == 3  # never an identical payload again
 
 
-async def test_images_that_cannot_be_downloaded_are_left_out_and_not_counted(runner, discord_server, modelslab):
+async def test_images_that_cannot_be_downloaded_are_left_out_but_still_counted(runner, discord_server, modelslab):
+    """ModelsLab made (and billed) both images: the quota counts both, the member sees the one that came."""
     hosted = modelslab.host_image(_png(320, 256))
     modelslab.script(Immediate(proxy_links="absent", extra_fields={"output": [hosted, "http://127.0.0.1:9/gone.png"]}))
     await runner.start()
@@ -586,7 +587,7 @@ async def test_images_that_cannot_be_downloaded_are_left_out_and_not_counted(run
     job = await runner.wait_posted()
     assert attachments_of(interaction.original) == [modelslab.image_bytes(hosted)]
     assert "1 of 2 images could not be downloaded" in interaction.original.content
-    assert job.image_count == 1 and job.charged_images == 1
+    assert job.image_count == 1 and job.charged_images == 2
 
 
 async def test_when_no_image_can_be_downloaded_the_member_is_told(runner, discord_server, modelslab):
@@ -594,7 +595,7 @@ async def test_when_no_image_can_be_downloaded_the_member_is_told(runner, discor
     await runner.start()
     interaction = await imagine(discord_server)
     job = await runner.wait_posted()
-    assert job.status is JobStatus.FAILED and job.error_kind == "download_failed" and job.charged_images == 0
+    assert job.status is JobStatus.FAILED and job.error_kind == "download_failed" and job.charged_images == 1
     assert "could not be downloaded" in interaction.original.content
 
 

@@ -24,6 +24,7 @@ async def finish_next(runner: BotRunner, modelslab: FakeModelsLab, since: int) -
     """Wait for the next accepted submission after index `since`, let ModelsLab finish it, and wait until posted."""
     call = await modelslab.wait_for_submission(since=since)
     job_id = call.json["track_id"]
+    assert call.job_id is not None
     modelslab.complete(call.job_id)
     runner.jobs.wake(job_id)
     await runner.wait_posted(job_id)
@@ -144,6 +145,7 @@ async def test_a_waiting_job_can_be_cancelled_by_its_member_or_a_moderator_and_i
 
 
 async def job_id_of(runner: BotRunner, prompt: str) -> str:
+    assert runner.app is not None
     async with runner.app.database.connection.execute(
         "SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,)
     ) as cursor:

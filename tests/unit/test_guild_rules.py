@@ -115,3 +115,28 @@ def test_keys_are_sealed_per_server_and_need_the_same_secret():
     with pytest.raises(KeyUnreadable):
         box.open(42, sealed[:-1] + bytes([sealed[-1] ^ 1]))  # tampered
     assert last4("ml-secret-key-1234") == "1234"
+
+
+@pytest.mark.parametrize("text", ["g\u200bore", "g\u00adore", "ｇｏｒｅ", "gore_splatter", "GORE"])
+def test_the_blocklist_sees_through_invisible_and_lookalike_characters(text):
+    with pytest.raises(Refused, match="rule: `gore`"):
+        check_blocklist(["gore"], text)
+
+
+def test_settings_and_refusals_stay_within_discords_message_limit():
+    from cogs.config import describe
+
+    config = GuildConfig(
+        guild_id=1,
+        role_limits={10**18 + n: n + 10 for n in range(25)},
+        allowed_channels=tuple(10**18 + n for n in range(25)),
+        allowed_models=tuple("m" * 90 + str(n) for n in range(25)),
+        default_negative_prompt="x" * 2000,
+        user_daily=5,
+        api_key_last4="abcd",
+    )
+    assert len(describe(config, operator_key=False)) <= 2000
+    for check in (lambda: check_channel(config, 5), lambda: check_model(config, "other")):
+        with pytest.raises(Refused) as refusal:
+            check()
+        assert len(refusal.value.message) <= 2000 and "and 15 more" in refusal.value.message

@@ -94,7 +94,7 @@ async def test_job_round_trip_and_the_state_rules(tmp_path):
         assert await store.needing_work() == []
 
 
-async def test_failure_returns_the_charge_and_download_failure_can_follow_success(tmp_path):
+async def test_a_failure_after_the_images_were_made_keeps_the_charge(tmp_path):
     async with Database.open(tmp_path / "bot.sqlite3") as database:
         store = JobStore(database)
         await store.insert(new_job())
@@ -111,7 +111,7 @@ async def test_failure_returns_the_charge_and_download_failure_can_follow_succes
         )
         assert await store.finish_failure("a" * 32, kind="download_failed", detail="404", from_succeeded=True)
         job = await store.get("a" * 32)
-        assert job is not None and job.status is JobStatus.FAILED and job.charged_images == 0
+        assert job is not None and job.status is JobStatus.FAILED and job.charged_images == 1
 
 
 async def test_adopting_a_modelslab_id_only_fills_a_missing_one(tmp_path):
