@@ -19,7 +19,7 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.config")
+EXTENSIONS = ("cogs.imagine", "cogs.config", "cogs.history")
 INTERNAL_ERROR = (
     "Something went wrong on the bot's side and nothing was sent to ModelsLab; please try again. "
     "If it keeps happening, tell the bot's admin (reference {ref})."

@@ -161,6 +161,10 @@ class JobService:
     def timeout(self) -> float:
         return self._settings.timeout
 
+    @property
+    def store(self) -> JobStore:
+        return self._store
+
     def attach_presenter(self, presenter: JobPresenter) -> None:
         self._presenter = presenter
 

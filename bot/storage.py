@@ -281,7 +281,9 @@ class JobStore:
             " (:guild_daily = 0 OR (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
             "   WHERE guild_id IS :guild AND created_at >= :today) + :n <= :guild_daily)"
             " AND (:user_daily = 0 OR (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
-            "   WHERE guild_id IS :guild AND user_id = :user AND created_at >= :today) + :n <= :user_daily)"
+            "   WHERE guild_id IS :guild AND user_id = :user AND created_at >= :today)"
+            "   + (SELECT COALESCE(SUM(images), 0) FROM forgotten_usage"
+            "     WHERE guild_id IS :guild AND user_id = :user AND day_start = :today) + :n <= :user_daily)"
             " AND (:concurrent = 0 OR (SELECT COUNT(*) FROM jobs"
             f"   WHERE guild_id IS :guild AND user_id = :user AND status IN ({running})) < :concurrent)"
             " AND (:cooldown = 0 OR NOT EXISTS (SELECT 1 FROM jobs"
@@ -309,10 +311,12 @@ class JobStore:
             "SELECT"
             " (SELECT COALESCE(SUM(charged_images), 0) FROM jobs WHERE guild_id IS ? AND created_at >= ?),"
             " (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
-            "   WHERE guild_id IS ? AND user_id = ? AND created_at >= ?),"
+            "   WHERE guild_id IS ? AND user_id = ? AND created_at >= ?)"
+            " + (SELECT COALESCE(SUM(images), 0) FROM forgotten_usage"
+            "   WHERE guild_id IS ? AND user_id = ? AND day_start = ?),"
             f" (SELECT COUNT(*) FROM jobs WHERE guild_id IS ? AND user_id = ? AND status IN ({running})),"
             " (SELECT MAX(created_at) FROM jobs WHERE guild_id IS ? AND user_id = ?)",
-            (guild_id, today, guild_id, user_id, today, guild_id, user_id, guild_id, user_id),
+            (guild_id, today, guild_id, user_id, today, guild_id, user_id, today, guild_id, user_id, guild_id, user_id),
         ) as cursor:
             row = await cursor.fetchone()
         assert row is not None
@@ -452,6 +456,52 @@ class JobStore:
         if message_id is not None:
             changes["message_id"] = message_id
         await self._update(job_id, changes)
+
+    async def history(self, user_id: int, *, guild_id: int | None, offset: int = 0, limit: int = 1000) -> list[Job]:
+        """A member's jobs, newest first: in one server, or (guild_id None) everywhere."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE user_id = ? AND (? IS NULL OR guild_id = ?)"
+            " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+            (user_id, guild_id, guild_id, limit, offset),
+        ) as cursor:
+            return [Job.from_row(row) for row in await cursor.fetchall()]
+
+    async def history_count(self, user_id: int, *, guild_id: int | None) -> int:
+        async with self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE user_id = ? AND (? IS NULL OR guild_id = ?)", (user_id, guild_id, guild_id)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def forget_user(self, user_id: int, now: float) -> int:
+        """Anonymise a member's finished jobs everywhere: no prompt, no results, no message, user 0. Counts stay.
+
+        Returns how many jobs were forgotten. Jobs still under way keep their member until they are shown.
+        """
+        today = day_start(now)
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._db.execute(
+                "INSERT INTO forgotten_usage (guild_id, user_id, day_start, images)"
+                " SELECT guild_id, user_id, ?, SUM(charged_images) FROM jobs"
+                " WHERE user_id = ? AND created_at >= ? AND posted_at IS NOT NULL AND guild_id IS NOT NULL"
+                " GROUP BY guild_id HAVING SUM(charged_images) > 0"
+                " ON CONFLICT (guild_id, user_id, day_start) DO UPDATE SET images = images + excluded.images",
+                (today, user_id, today),
+            )
+            cursor = await self._db.execute(
+                "UPDATE jobs SET user_id = 0, request_json = json_set(request_json, '$.prompt', '',"
+                " '$.negative_prompt', NULL), output_json = NULL, meta_json = NULL, message_id = NULL,"
+                " gallery_message_id = NULL, interaction_token = NULL, api_key_ciphertext = NULL, error_detail = NULL,"
+                " application_id = NULL WHERE user_id = ? AND posted_at IS NOT NULL",
+                (user_id,),
+            )
+            await self._db.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        return cursor.rowcount
 
     async def sealed_key(self, job_id: str) -> bytes | None:
         async with self._db.execute("SELECT api_key_ciphertext FROM jobs WHERE id = ?", (job_id,)) as cursor:
