@@ -195,3 +195,20 @@ async def test_passing_server_errors_are_tried_again_with_a_fresh_payload(runner
 def embed_seed(interaction) -> str:
     [embed] = interaction.original.embeds
     return {f["name"]: f["value"] for f in embed["fields"]}["Seed"]
+
+
+async def test_a_members_own_seed_is_kept_and_the_retry_waits_out_the_spam_window(
+    runner, discord_server, modelslab, monkeypatch
+):
+    import bot.jobs
+
+    monkeypatch.setattr(bot.jobs, "SPAM_WINDOW", 0.6)  # ModelsLab's is 30 s; the rule is the same
+    modelslab.script(ErrorAnswer(http_status=503, message="Service Unavailable"))
+    await runner.start()
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "same seed", "seed": 42})
+    await interaction.wait_callback()
+    job = await runner.wait_posted(await runner.first_job_id_from_db())
+    first, second = modelslab.submissions()
+    assert first.json["seed"] == second.json["seed"] == 42
+    assert second.at - first.at >= 0.6
+    assert job.status is JobStatus.SUCCEEDED
