@@ -426,11 +426,12 @@ class JobService:
         payload: dict[str, Any] = {**job.request.to_payload(), "track_id": job.id}
         if self._settings.webhook_base:
             payload["webhook"] = self._signer.webhook_url(self._settings.webhook_base, job.id)
-        self._recent_payloads[(_key_ref(api_key), _payload_ref(job.request))] = self._clock()
         log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
 
         async def send() -> tuple[Job, Answer | None]:
             answer = await self._client.submit("text2img" if job.kind == "text2img" else "img2img", api_key, payload)
+            # Stamped once answered: never earlier than ModelsLab saw it, so the 30 s count errs on the safe side.
+            self._recent_payloads[(_key_ref(api_key), _payload_ref(job.request))] = self._clock()
             if isinstance(answer, Failure) and self._send_back(answer):
                 await self._store.requeue(job.id, retry_after=answer.retry_after)
                 return await self._reload(job.id), answer
