@@ -19,7 +19,7 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.config", "cogs.history")
+EXTENSIONS = ("cogs.imagine", "cogs.remix", "cogs.config", "cogs.history")
 INTERNAL_ERROR = (
     "Something went wrong on the bot's side and nothing was sent to ModelsLab; please try again. "
     "If it keeps happening, tell the bot's admin (reference {ref})."
@@ -50,6 +50,10 @@ class ImagineCommandTree(app_commands.CommandTree["ImagineBot"]):
     """Turns known errors into one ephemeral sentence; logs the rest with a reference the member can quote."""
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await self.report_error(interaction, error)
+
+    async def report_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        """For commands, forms and buttons alike: a known refusal as it is, anything else logged with a reference."""
         original = getattr(error, "original", error)
         if isinstance(original, UserFacingError):
             message = original.message
@@ -59,7 +63,7 @@ class ImagineCommandTree(app_commands.CommandTree["ImagineBot"]):
             message = str(error)
         else:
             ref = secrets.token_hex(3)
-            command = interaction.command.qualified_name if interaction.command else "?"
+            command = interaction.command.qualified_name if interaction.command else "a form or button"
             log.error("Command /%s failed (reference %s)", command, ref, exc_info=original)
             message = INTERNAL_ERROR.format(ref=ref)
         try:
@@ -94,6 +98,11 @@ class ImagineBot(commands.Bot):
         self.jobs = jobs
         self.guild_admin = guild_admin
         self.catalog = catalog
+
+    async def report_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        tree = self.tree
+        assert isinstance(tree, ImagineCommandTree)
+        await tree.report_error(interaction, error)
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:

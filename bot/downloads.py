@@ -57,6 +57,15 @@ class ImageDownloader:
                 wait *= 2
         raise DownloadFailed(last_problem)
 
+    async def fetch_bytes(self, url: str, max_bytes: int) -> bytes:
+        """One try at a URL Discord gave the bot (an attachment): its bytes, within `max_bytes`."""
+        saved = self._max_bytes
+        self._max_bytes = max_bytes
+        try:
+            return await self._get(url)
+        finally:
+            self._max_bytes = saved
+
     async def _get(self, url: str) -> bytes:
         try:
             async with self._session.get(url, timeout=self._timeout) as response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from bot.errors import InvalidOption
@@ -47,6 +47,9 @@ DEFAULT_SIDE = 512
 SAMPLES_MAX = 4
 GUIDANCE_MIN, GUIDANCE_MAX, DEFAULT_GUIDANCE = 1.0, 20.0, 7.5
 SEED_MAX = 2**32 - 1
+DEFAULT_STRENGTH = 0.7
+VARY_STRENGTH = 0.5  # "moderate": the Vary button
+IMG2IMG_UNSUPPORTED = ("flux",)  # the FLUX page: flux has no image-to-image
 LORA_STRENGTH_MIN, LORA_STRENGTH_MAX = 0.1, 1.0
 LORA_MAX = 5
 ENTERPRISE_STEPS = (21, 31, 41)
@@ -106,6 +109,20 @@ class GenerationRequest:
     lora_strengths: tuple[float, ...] = field(default_factory=tuple)
     safety_checker: bool = True
     seed_is_random: bool = False  # the bot chose the seed: it may choose another (re-submissions, re-rolls)
+    strength: float | None = None  # img2img: how far from the input image (0-1)
+    source_url: str | None = None  # img2img/upscale: where the input image was read (a Discord attachment)
+    upscale_scale: int | None = None  # upscale: the factor
+
+    def payload_for(self, kind: str) -> dict[str, Any]:
+        """The JSON body of a job of this kind (the input image is added by the job service)."""
+        if kind == "upscale":
+            return {"scale": self.upscale_scale or 2, "face_enhance": False}
+        payload = self.to_payload()
+        if kind == "img2img":
+            # img2img takes its size from the input image; width and height are ignored there.
+            del payload["width"], payload["height"]
+            payload["strength"] = self.strength if self.strength is not None else DEFAULT_STRENGTH
+        return payload
 
     def to_payload(self) -> dict[str, Any]:
         """The JSON body fields as the vendor's examples send them ("yes"/"no" flags, numbers as numbers)."""
@@ -312,3 +329,46 @@ def _parse_strength(text: str) -> float:
             "lora_strength", f"values must be from {LORA_STRENGTH_MIN:g} to {LORA_STRENGTH_MAX:g} (you gave {text})."
         )
     return value
+
+
+def build_remix_request(
+    *,
+    flavour: ApiFlavour,
+    default_model: str,
+    prompt: str,
+    source_url: str,
+    strength: float | None = None,
+    negative_prompt: str | None = None,
+    model: str | None = None,
+    samples: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    safety_checker: bool = True,
+    defaults: ServerDefaults | None = None,
+) -> GenerationRequest:
+    """The options of `/remix` (and of the Remix form), checked like /imagine's plus `strength` and the model."""
+    if strength is None:
+        strength = DEFAULT_STRENGTH
+    if not math.isfinite(strength) or not 0 <= strength <= 1:
+        raise InvalidOption(
+            "strength", f"must be from 0 to 1 (you gave {strength:g}): 0 keeps the image, 1 ignores it."
+        )
+    server = defaults or ServerDefaults()
+    chosen = (model or "").strip() or default_model
+    if chosen.lower() in IMG2IMG_UNSUPPORTED:
+        raise InvalidOption("model", f"`{chosen}` cannot remix images: use fluxdev or fluxschnell.")
+    request = build_generation_request(
+        flavour=flavour,
+        default_model=chosen,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        model=chosen,
+        samples=samples,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        safety_checker=safety_checker,
+        defaults=ServerDefaults(negative_prompt=server.negative_prompt, steps=server.steps),
+    )
+    return replace(request, strength=strength, source_url=source_url)

@@ -105,3 +105,57 @@ def _shrink(image: ImageFile, budget: int) -> ImageFile:
             quality -= 10
         else:
             scale *= 0.75
+
+
+# ---------------------------------------------------------------------------------------------- input images
+
+MAX_INPUT_BYTES = 20 * 1024 * 1024
+MAX_INPUT_PIXELS = 40_000_000  # refused before decoding: a small file can claim a huge canvas (decompression bomb)
+MIN_INPUT_SIDE = 64
+MAX_INPUT_SIDE = 1024
+INPUT_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "MPO"}  # MPO: what some phones call their JPEGs
+
+
+class BadImage(ValueError):
+    """An input image the bot will not send; the message names the problem for the member."""
+
+
+def normalise_input(data: bytes) -> ImageFile:
+    """Check a member's image and make it what ModelsLab expects: upright (EXIF), RGB, longest side at most
+    1024, both sides multiples of 8, as PNG. Raises `BadImage` with a plain reason."""
+    from PIL import ImageOps
+
+    if len(data) > MAX_INPUT_BYTES:
+        raise BadImage(f"the image is larger than {MAX_INPUT_BYTES // (1024 * 1024)} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            if opened.format not in INPUT_FORMATS:
+                raise BadImage(f"{opened.format or 'this'} images are not supported: use PNG, JPEG or WebP")
+            if opened.width * opened.height > MAX_INPUT_PIXELS:
+                raise BadImage(f"the image has too many pixels ({opened.width}×{opened.height})")
+            if getattr(opened, "n_frames", 1) > 1:
+                opened.seek(0)  # GIF and animated WebP: the first frame
+            picture = ImageOps.exif_transpose(opened)
+            if picture.mode in ("RGBA", "LA", "P"):
+                rgba = picture.convert("RGBA")
+                background = Image.new("RGB", rgba.size, (255, 255, 255))
+                background.paste(rgba, mask=rgba.getchannel("A"))
+                picture = background
+            else:
+                picture = picture.convert("RGB")
+    except BadImage:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, ValueError) as exc:
+        raise BadImage("the file is not an image that can be read (it may be damaged or in another format)") from exc
+    if min(picture.size) < MIN_INPUT_SIDE:
+        raise BadImage(
+            f"the image is too small ({picture.width}×{picture.height}; at least {MIN_INPUT_SIDE} px a side)"
+        )
+    scale = min(1.0, MAX_INPUT_SIDE / max(picture.size))
+    width = max(MIN_INPUT_SIDE, int(picture.width * scale) // 8 * 8)
+    height = max(MIN_INPUT_SIDE, int(picture.height * scale) // 8 * 8)
+    if (width, height) != picture.size:
+        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=False)
+    return ImageFile(data=buffer.getvalue(), format="PNG", width=width, height=height)

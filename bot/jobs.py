@@ -14,6 +14,7 @@ a crash between showing and recording it shows the same message again, never a s
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -30,10 +31,19 @@ from typing import Any, Protocol, TypeVar
 from bot.downloads import DownloadFailed, ImageDownloader
 from bot.generation import GenerationRequest
 from bot.guild_rules import GuildConfig, Limits, Refused, explain_refusal
-from bot.imaging import ImageFile, fit_to_limit
+from bot.imaging import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
 from bot.keybox import KeyBox, KeyUnreadable
 from bot.log import register_secret
-from bot.modelslab import Answer, ApiFlavour, ErrorKind, Failure, Finished, ModelsLabClient, Pending
+from bot.modelslab import (
+    Answer,
+    ApiFlavour,
+    ErrorKind,
+    Failure,
+    Finished,
+    GenerationKind,
+    ModelsLabClient,
+    Pending,
+)
 from bot.queueing import Cancelled, FairQueue
 from bot.signing import WebhookSigner
 from bot.storage import Job, JobStatus, JobStore
@@ -50,6 +60,7 @@ QUEUE_MAX_WAIT = 3600.0  # a job not sent within an hour (a long outage, a stuck
 SUBMIT_ATTEMPTS = 3  # tries of a submit call that failed for a passing reason (5xx, no answer)
 RETRY_BASE_DELAY = 2.0  # seconds, doubled each try, with jitter
 SPAM_WINDOW = 30.0  # ModelsLab refuses an identical payload repeated within this many seconds
+INPUT_KINDS = ("img2img", "upscale")  # jobs that work from an image
 PROGRESS_MIN_INTERVAL = 2.0  # seconds between two edits of one status message (Discord rate limits)
 
 
@@ -188,6 +199,8 @@ class JobService:
         attachment_size_limit: int | None,
         channel_nsfw: bool = False,
         limits: Limits | None = None,
+        parent_job_id: str | None = None,
+        input_from_job: str | None = None,
     ) -> Job:
         """Store a new job before anything is sent anywhere, if it fits the server's limits (else `Refused`)."""
         now = self._clock()
@@ -209,6 +222,7 @@ class JobService:
             token_expires_at=token_expires_at,
             attachment_size_limit=attachment_size_limit,
             channel_nsfw=channel_nsfw,
+            parent_job_id=parent_job_id,
         )
         if limits is None:
             await self._store.insert(job)
@@ -216,6 +230,8 @@ class JobService:
             usage = await self._store.usage(guild_id, user_id, now)
             log.info("Request of member %s in server %s refused by the server's limits", user_id, guild_id)
             raise Refused(explain_refusal(limits, usage, request.samples, now))
+        if input_from_job is not None:
+            await self._store.copy_input(input_from_job, job.id)
         log.info("Job %s stored (%s, %d image(s), model %s)", job.id, kind, request.samples, request.model_id)
         return job
 
@@ -375,6 +391,11 @@ class JobService:
                 return await self._reload(job.id)
             await self._store.set_message(job.id, found)
 
+        if job.kind in INPUT_KINDS:
+            problem = await self._prepare_input(job)
+            if problem is not None:
+                return await self._fail(job.id, ErrorKind.BAD_IMAGE, problem)
+
         failed_tries = 0
         first_in_line = False
         while True:
@@ -416,6 +437,40 @@ class JobService:
             log.info("Job %s: submit failed (%s); try %d in %.1f s", job.id, detail, failed_tries + 1, delay)
             await asyncio.sleep(delay)
 
+    async def _prepare_input(self, job: Job) -> str | None:
+        """Read, check and normalise the job's input image (once: it is stored). Returns the problem, if any."""
+        if await self._store.input_image(job.id) is not None:
+            return None
+        if not job.request.source_url:
+            return "there is no image to work from"
+        try:
+            data = await self._downloader.fetch_bytes(job.request.source_url, MAX_INPUT_BYTES + 1)
+        except DownloadFailed as exc:
+            log.info("Job %s: the input image could not be downloaded (%s)", job.id, exc)
+            return "the image could not be downloaded from Discord (it may have been deleted)"
+        try:
+            image = await asyncio.to_thread(normalise_input, data)
+        except BadImage as exc:
+            return str(exc)
+        await self._store.save_input(job.id, image.data, image.width, image.height)
+        log.info("Job %s: input image ready (%dx%d)", job.id, image.width, image.height)
+        return None
+
+    async def _payload(self, job: Job) -> dict[str, Any]:
+        payload: dict[str, Any] = {**job.request.payload_for(job.kind), "track_id": job.id}
+        if job.kind in INPUT_KINDS:
+            if self._settings.webhook_base:
+                reference = self._signer.input_url(self._settings.webhook_base, job.id)
+            else:
+                # Behind NAT ModelsLab cannot fetch from the bot: the image travels in the request.
+                image = await self._store.input_image(job.id) or b""
+                reference = "data:image/png;base64," + base64.b64encode(image).decode()
+            field_name = "url" if job.kind == "upscale" and self._settings.flavour == "enterprise" else "init_image"
+            payload[field_name] = reference
+        if self._settings.webhook_base:
+            payload["webhook"] = self._signer.webhook_url(self._settings.webhook_base, job.id)
+        return payload
+
     async def _send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
         """One submit call, and the record of its answer, shielded: a shutdown must not cut it off between
         ModelsLab taking the job and us writing that down."""
@@ -423,15 +478,13 @@ class JobService:
         deadline = self._clock() + self._settings.timeout
         if not await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed):
             return await self._reload(job.id), None
-        payload: dict[str, Any] = {**job.request.to_payload(), "track_id": job.id}
-        if self._settings.webhook_base:
-            payload["webhook"] = self._signer.webhook_url(self._settings.webhook_base, job.id)
+        payload = await self._payload(job)
         log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
 
         async def send() -> tuple[Job, Answer | None]:
-            answer = await self._client.submit("text2img" if job.kind == "text2img" else "img2img", api_key, payload)
+            answer = await self._client.submit(_kind(job.kind), api_key, payload)
             # Stamped once answered: never earlier than ModelsLab saw it, so the 30 s count errs on the safe side.
-            self._recent_payloads[(_key_ref(api_key), _payload_ref(job.request))] = self._clock()
+            self._recent_payloads[(_key_ref(api_key), _payload_ref(job))] = self._clock()
             if isinstance(answer, Failure) and self._send_back(answer):
                 await self._store.requeue(job.id, retry_after=answer.retry_after)
                 return await self._reload(job.id), answer
@@ -460,7 +513,7 @@ class JobService:
         now = self._clock()
         for stamp in [k for k, at in self._recent_payloads.items() if now - at >= SPAM_WINDOW]:
             del self._recent_payloads[stamp]
-        sent_at = self._recent_payloads.get((key, _payload_ref(job.request)))
+        sent_at = self._recent_payloads.get((key, _payload_ref(job)))
         if sent_at is None:
             return job
         if job.request.seed_is_random:
@@ -591,6 +644,13 @@ class JobService:
 
     async def job_exists(self, job_id: str) -> bool:
         return await self._store.get(job_id) is not None
+
+    async def input_image(self, job_id: str) -> bytes | None:
+        """The input image ModelsLab fetches, only while the job is at ModelsLab."""
+        job = await self._store.get(job_id)
+        if job is None or job.status not in (JobStatus.SUBMITTING, JobStatus.PROCESSING):
+            return None
+        return await self._store.input_image(job_id)
 
     async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None:
         """A callback for this job arrived (already authenticated): learn its id if needed, then look now.
@@ -759,8 +819,15 @@ def _key_ref(api_key: str | None) -> str:
     return hashlib.sha256(b"modelslab-key:" + (api_key or "").encode()).hexdigest()[:16]
 
 
-def _payload_ref(request: GenerationRequest) -> str:
-    return hashlib.sha256(json.dumps(request.to_payload(), sort_keys=True).encode()).hexdigest()
+def _payload_ref(job: Job) -> str:
+    payload = {**job.request.payload_for(job.kind), "source": job.request.source_url}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _kind(kind: str) -> GenerationKind:
+    if kind in ("text2img", "img2img", "upscale"):
+        return kind  # type: ignore[return-value]
+    raise ValueError(f"unknown job kind {kind!r}")
 
 
 def _eta_moved(before: float | None, after: float | None) -> bool:

@@ -22,7 +22,7 @@ import aiohttp
 log = logging.getLogger(__name__)
 
 ApiFlavour = Literal["v6", "enterprise"]
-GenerationKind = Literal["text2img", "img2img"]
+GenerationKind = Literal["text2img", "img2img", "upscale"]
 
 DEFAULT_QUEUE_RETRY_SECONDS = 30
 _DETAIL_MAX = 200
@@ -47,6 +47,7 @@ class ErrorKind(enum.StrEnum):
     DELIVERY_REFUSED = "delivery_refused"
     UNANSWERED = "unanswered"  # the command could not be acknowledged: nothing was sent
     EXPIRED = "expired"  # the job's deadline passed before it could be sent
+    BAD_IMAGE = "bad_image"  # the member's input image cannot be used: nothing was sent
     CANCELLED = "cancelled"  # by the member (or a moderator) before it was sent
     NO_KEY = "no_key"  # the server's key was removed (or cannot be read) while the job waited
 
@@ -310,12 +311,23 @@ class Endpoints:
     text2img: str
     img2img: str
     fetch: str
+    upscale: str
 
     @classmethod
     def for_flavour(cls, flavour: ApiFlavour) -> Endpoints:
         if flavour == "enterprise":
-            return cls("/api/v1/enterprise/text2img", "/api/v1/enterprise/img2img", "/api/v1/enterprise/fetch")
-        return cls("/api/v6/images/text2img", "/api/v6/images/img2img", "/api/v6/images/fetch")
+            return cls(
+                "/api/v1/enterprise/text2img",
+                "/api/v1/enterprise/img2img",
+                "/api/v1/enterprise/fetch",
+                "/api/v1/enterprise/super_resolution",
+            )
+        return cls(
+            "/api/v6/images/text2img",
+            "/api/v6/images/img2img",
+            "/api/v6/images/fetch",
+            "/api/v6/image_editing/super_resolution",
+        )
 
 
 class ModelsLabClient:
@@ -336,7 +348,9 @@ class ModelsLabClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
 
     async def submit(self, kind: GenerationKind, api_key: str, payload: Mapping[str, Any]) -> Answer:
-        path = self._endpoints.text2img if kind == "text2img" else self._endpoints.img2img
+        path = {"text2img": self._endpoints.text2img, "img2img": self._endpoints.img2img}.get(
+            kind, self._endpoints.upscale
+        )
         return await self._post(self._base_url + path, {**payload, "key": api_key}, api_key)
 
     async def fetch(self, api_key: str, request_id: str, fetch_url: str | None = None) -> Answer:

@@ -161,6 +161,9 @@ def failure_sentence(
                 "The images were made (and count against the quota) but could not be downloaded from ModelsLab: "
                 "please try again."
             )
+        case ErrorKind.BAD_IMAGE:
+            why = f": {detail}" if detail else ""
+            return f"This image cannot be used{why}. Nothing was sent to ModelsLab; try another image."
         case ErrorKind.CANCELLED:
             who = f"<@{detail}>" if detail.isdigit() else "a member"
             return f"Cancelled by {who} before it was sent; it does not count against the quota."

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     modelslab_base_url: AnyHttpUrl = Field(AnyHttpUrl("https://modelslab.com"), description="Scheme and host.")
     modelslab_api: Literal["v6", "enterprise"] = Field("v6", description="Community (v6) or enterprise endpoints.")
     modelslab_default_model: str = Field("flux", min_length=1, description="model_id used when none is given.")
+    modelslab_default_remix_model: str = Field(
+        "fluxdev", min_length=1, description="model_id for /remix (it must support img2img) when none is given."
+    )
     modelslab_job_timeout: float = Field(600, gt=0, description="Seconds before an unfinished job is given up.")
     modelslab_max_queued: int = Field(5, ge=1, le=100, description="Jobs of one API key at ModelsLab at once.")
 

@@ -12,6 +12,10 @@ import hashlib
 import hmac
 
 WEBHOOK_PATH_PREFIX = "/webhooks/modelslab"
+INPUT_PATH_PREFIX = "/inputs"
+
+
+INPUT_PURPOSE = b"input-image:"
 
 
 class WebhookSigner:
@@ -20,12 +24,16 @@ class WebhookSigner:
             raise ValueError("SECRET_KEY must be at least 16 characters long")
         self._key = secret_key
 
-    def token_for(self, job_id: str) -> str:
-        digest = hmac.new(self._key, b"modelslab-webhook:" + job_id.encode(), hashlib.sha256).digest()
+    def token_for(self, job_id: str, purpose: bytes = b"modelslab-webhook:") -> str:
+        digest = hmac.new(self._key, purpose + job_id.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def verify(self, job_id: str, token: str) -> bool:
-        return hmac.compare_digest(self.token_for(job_id).encode(), token.encode())
+    def verify(self, job_id: str, token: str, purpose: bytes = b"modelslab-webhook:") -> bool:
+        return hmac.compare_digest(self.token_for(job_id, purpose).encode(), token.encode())
+
+    def input_url(self, public_base: str, job_id: str) -> str:
+        """Where ModelsLab fetches a job's input image: unguessable, and not the webhook's token."""
+        return f"{public_base.rstrip('/')}{INPUT_PATH_PREFIX}/{job_id}/{self.token_for(job_id, INPUT_PURPOSE)}.png"
 
     def webhook_url(self, public_base: str, job_id: str) -> str:
         return f"{public_base.rstrip('/')}{WEBHOOK_PATH_PREFIX}/{job_id}/{self.token_for(job_id)}"

@@ -181,6 +181,7 @@ class Job:
     channel_nsfw: bool = False
     nsfw_detected: bool = False
     gallery_message_id: int | None = None
+    parent_job_id: str | None = None
 
     @property
     def needs_posting(self) -> bool:
@@ -225,6 +226,7 @@ class Job:
             channel_nsfw=bool(row["channel_nsfw"]),
             nsfw_detected=bool(row["nsfw_detected"]),
             gallery_message_id=row["gallery_message_id"],
+            parent_job_id=row["parent_job_id"],
         )
 
 
@@ -236,7 +238,8 @@ class JobStore:
 
     _INSERT_COLUMNS = (
         "id, kind, guild_id, channel_id, user_id, request_json, api_flavour, status, charged_images, application_id,"
-        " interaction_token, token_expires_at, attachment_size_limit, channel_nsfw, created_at, deadline_at, updated_at"
+        " interaction_token, token_expires_at, attachment_size_limit, channel_nsfw, parent_job_id, created_at,"
+        " deadline_at, updated_at"
     )
 
     def _insert_values(self, job: Job) -> tuple[Any, ...]:
@@ -255,6 +258,7 @@ class JobStore:
             job.token_expires_at,
             job.attachment_size_limit,
             int(job.channel_nsfw),
+            job.parent_job_id,
             job.created_at,
             job.deadline_at,
             job.updated_at,
@@ -496,12 +500,32 @@ class JobStore:
                 " application_id = NULL WHERE user_id = ? AND posted_at IS NOT NULL",
                 (user_id,),
             )
+            await self._db.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
             await self._db.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
             await self._db.execute("COMMIT")
         except BaseException:
             await self._db.execute("ROLLBACK")
             raise
         return cursor.rowcount
+
+    async def save_input(self, job_id: str, image: bytes, width: int, height: int) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO job_inputs (job_id, image, width, height, created_at) VALUES (?, ?, ?, ?, ?)",
+            (job_id, image, width, height, time.time()),
+        )
+
+    async def input_image(self, job_id: str) -> bytes | None:
+        async with self._db.execute("SELECT image FROM job_inputs WHERE job_id = ?", (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return bytes(row[0]) if row else None
+
+    async def copy_input(self, from_job_id: str, to_job_id: str) -> bool:
+        cursor = await self._db.execute(
+            "INSERT OR REPLACE INTO job_inputs (job_id, image, width, height, created_at)"
+            " SELECT ?, image, width, height, ? FROM job_inputs WHERE job_id = ?",
+            (to_job_id, time.time(), from_job_id),
+        )
+        return cursor.rowcount == 1
 
     async def sealed_key(self, job_id: str) -> bytes | None:
         async with self._db.execute("SELECT api_key_ciphertext FROM jobs WHERE id = ?", (job_id,)) as cursor:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from bot.signing import WEBHOOK_PATH_PREFIX, WebhookSigner
+from bot.signing import INPUT_PATH_PREFIX, INPUT_PURPOSE, WEBHOOK_PATH_PREFIX, WebhookSigner
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ class WebhookJobs(Protocol):
     """What the receiver needs from the job service."""
 
     async def job_exists(self, job_id: str) -> bool: ...
+
+    async def input_image(self, job_id: str) -> bytes | None: ...
 
     async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None: ...
 
@@ -75,6 +77,24 @@ def _named_track_ids(payload: Mapping[str, Any]) -> list[str]:
     return found
 
 
+class InputImageHandler:
+    """Serves a job's normalised input image to ModelsLab, at the job's own unguessable URL."""
+
+    def __init__(self, jobs: WebhookJobs, signer: WebhookSigner) -> None:
+        self._jobs = jobs
+        self._signer = signer
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job_id"]
+        token = request.match_info["token"]
+        if not _JOB_ID.match(job_id) or not self._signer.verify(job_id, token, INPUT_PURPOSE):
+            return _error(404, "not found")
+        image = await self._jobs.input_image(job_id)
+        if image is None:
+            return _error(404, "not found")
+        return web.Response(body=image, content_type="image/png", headers={"Cache-Control": "no-store"})
+
+
 def create_app(
     jobs: WebhookJobs,
     signer: WebhookSigner,
@@ -84,6 +104,7 @@ def create_app(
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     handler = ModelsLabWebhookHandler(jobs, signer)
     app.router.add_post(WEBHOOK_PATH_PREFIX + "/{job_id}/{token}", handler.receive)
+    app.router.add_get(INPUT_PATH_PREFIX + "/{job_id}/{token}.png", InputImageHandler(jobs, signer).serve)
 
     async def healthz(request: web.Request) -> web.Response:
         ok = await health() if health is not None else True

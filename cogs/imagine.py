@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 from typing import TYPE_CHECKING
 
@@ -10,28 +9,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.errors import MissingApiKey
-from bot.generation import SCHEDULERS, ServerDefaults, build_generation_request
-from bot.guild_rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
-from bot.guilds import NO_KEY, UNREADABLE_KEY
-from bot.presentation import status_text
+from bot.generation import SCHEDULERS, build_generation_request
+from cogs.job_requests import channel_is_nsfw, server_config, server_defaults, submit_job
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
 
 log = logging.getLogger(__name__)
-
-# Discord lets a bot use an interaction token for 15 minutes; stop a little before that.
-TOKEN_LIFETIME = datetime.timedelta(minutes=15) - datetime.timedelta(seconds=30)
-
-
-def default_model_for(config: GuildConfig, bot_default: str) -> str:
-    """The server's default model; if the server allows only some models and its default is not one of them,
-    the first allowed model (a member who names no model must not be refused for it)."""
-    default = config.default_model or bot_default
-    if config.allowed_models and default not in config.allowed_models:
-        return config.allowed_models[0]
-    return default
 
 
 class Imagine(commands.Cog):
@@ -72,11 +56,7 @@ class Imagine(commands.Cog):
         lora_strength: str | None = None,
     ) -> None:
         settings = self.bot.settings
-        assert interaction.guild_id is not None and interaction.channel_id is not None  # guild_only
-        config = await self.bot.guild_admin.config(interaction.guild_id)
-        channel = interaction.channel
-        check_channel(config, interaction.channel_id, getattr(channel, "parent_id", None))
-        channel_nsfw = bool(getattr(channel, "is_nsfw", lambda: False)())
+        config = await server_config(self.bot, interaction)
         request = build_generation_request(
             flavour=settings.modelslab_api,
             default_model=settings.modelslab_default_model,
@@ -93,43 +73,10 @@ class Imagine(commands.Cog):
             lora=lora,
             lora_strength=lora_strength,
             # Outside age-restricted channels the safety checker is always on.
-            safety_checker=not channel_nsfw,
-            defaults=ServerDefaults(
-                model=default_model_for(config, settings.modelslab_default_model),
-                negative_prompt=config.default_negative_prompt,
-                width=config.default_width,
-                height=config.default_height,
-                steps=config.default_steps,
-            ),
+            safety_checker=not channel_is_nsfw(interaction),
+            defaults=server_defaults(config, settings.modelslab_default_model),
         )
-        check_model(config, request.model_id)
-        check_blocklist(config.blocklist, request.prompt)
-        jobs = self.bot.jobs
-        if await jobs.api_key_for(interaction.guild_id) is None:
-            unreadable = await self.bot.guild_admin.key_is_unreadable(interaction.guild_id)
-            raise MissingApiKey(UNREADABLE_KEY if unreadable else NO_KEY)
-        role_ids = [role.id for role in getattr(interaction.user, "roles", [])]
-        job = await jobs.create(
-            kind="text2img",
-            guild_id=interaction.guild_id,
-            channel_id=interaction.channel_id,
-            user_id=interaction.user.id,
-            request=request,
-            application_id=interaction.application_id,
-            interaction_token=interaction.token,
-            token_expires_at=(interaction.created_at + TOKEN_LIFETIME).timestamp(),
-            attachment_size_limit=interaction.filesize_limit,
-            channel_nsfw=channel_nsfw,
-            limits=limits_for(config, role_ids),
-        )
-        try:
-            response = await interaction.response.send_message(
-                status_text(job), allowed_mentions=discord.AllowedMentions.none()
-            )
-        except Exception as exc:  # refused, timed out, connection lost: the member saw no answer
-            await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
-            raise
-        await jobs.status_message_shown(job.id, response.message_id)
+        await submit_job(self.bot, interaction, kind="text2img", request=request, config=config)
 
     @imagine.autocomplete("model")
     async def model_autocomplete(

@@ -1,0 +1,99 @@
+"""What every new job goes through, whichever command or button asked for it: the server's rules, the
+quota reservation, the stored job, then the public status message. Shared by the cogs so the rules
+cannot differ between /imagine, /remix, the Remix form and the result buttons."""
+
+from __future__ import annotations
+
+import datetime
+from typing import TYPE_CHECKING
+
+import discord
+
+from bot.errors import MissingApiKey
+from bot.generation import GenerationRequest, ServerDefaults
+from bot.guild_rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
+from bot.guilds import NO_KEY, UNREADABLE_KEY
+from bot.presentation import status_text
+
+if TYPE_CHECKING:
+    from bot.discord_bot import ImagineBot
+
+# Discord lets a bot use an interaction token for 15 minutes; stop a little before that.
+TOKEN_LIFETIME = datetime.timedelta(minutes=15) - datetime.timedelta(seconds=30)
+
+
+def channel_is_nsfw(interaction: discord.Interaction) -> bool:
+    return bool(getattr(interaction.channel, "is_nsfw", lambda: False)())
+
+
+def default_model_for(config: GuildConfig, bot_default: str) -> str:
+    """The server's default model; if the server allows only some models and its default is not one of them,
+    the first allowed model (a member who names no model must not be refused for it)."""
+    default = config.default_model or bot_default
+    if config.allowed_models and default not in config.allowed_models:
+        return config.allowed_models[0]
+    return default
+
+
+def server_defaults(config: GuildConfig, bot_default: str) -> ServerDefaults:
+    return ServerDefaults(
+        model=default_model_for(config, bot_default),
+        negative_prompt=config.default_negative_prompt,
+        width=config.default_width,
+        height=config.default_height,
+        steps=config.default_steps,
+    )
+
+
+async def server_config(bot: ImagineBot, interaction: discord.Interaction) -> GuildConfig:
+    """The server's settings, after checking that images may be made in this channel."""
+    assert interaction.guild_id is not None and interaction.channel_id is not None  # guild_only
+    config = await bot.guild_admin.config(interaction.guild_id)
+    check_channel(config, interaction.channel_id, getattr(interaction.channel, "parent_id", None))
+    return config
+
+
+async def submit_job(
+    bot: ImagineBot,
+    interaction: discord.Interaction,
+    *,
+    kind: str,
+    request: GenerationRequest,
+    config: GuildConfig,
+    parent_job_id: str | None = None,
+    input_from_job: str | None = None,
+) -> None:
+    """Check, reserve, store, acknowledge, start. Raises a `UserFacingError` (shown privately) before anything
+    is stored when a rule says no."""
+    assert interaction.guild_id is not None and interaction.channel_id is not None
+    if kind != "upscale":
+        check_model(config, request.model_id)
+        check_blocklist(config.blocklist, request.prompt)
+    jobs = bot.jobs
+    if await jobs.api_key_for(interaction.guild_id) is None:
+        unreadable = await bot.guild_admin.key_is_unreadable(interaction.guild_id)
+        raise MissingApiKey(UNREADABLE_KEY if unreadable else NO_KEY)
+    role_ids = [role.id for role in getattr(interaction.user, "roles", [])]
+    job = await jobs.create(
+        kind=kind,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        user_id=interaction.user.id,
+        request=request,
+        application_id=interaction.application_id,
+        interaction_token=interaction.token,
+        token_expires_at=(interaction.created_at + TOKEN_LIFETIME).timestamp(),
+        attachment_size_limit=interaction.filesize_limit,
+        channel_nsfw=channel_is_nsfw(interaction),
+        limits=limits_for(config, role_ids),
+        parent_job_id=parent_job_id,
+        input_from_job=input_from_job,
+    )
+    try:
+        response = await interaction.response.send_message(
+            status_text(job), allowed_mentions=discord.AllowedMentions.none()
+        )
+    except Exception as exc:  # refused, timed out, connection lost: the member saw no answer
+        await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
+        raise
+    await jobs.status_message_shown(job.id, response.message_id)
