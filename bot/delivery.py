@@ -44,9 +44,17 @@ def _files(job: Job, images: Sequence[ImageFile], *, spoiler: bool) -> list[disc
 class DiscordPresenter:
     """Edits (or, when it is gone, replaces) each job's status message."""
 
-    def __init__(self, client: discord.Client, *, job_timeout: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: discord.Client,
+        *,
+        job_timeout: float,
+        result_view: Callable[[Job, int], discord.ui.View] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._client = client
         self._job_timeout = job_timeout
+        self._result_view = result_view
         self._clock = clock
 
     async def show_progress(self, job: Job, progress: Progress) -> None:
@@ -67,7 +75,7 @@ class DiscordPresenter:
                 "content": summary.content,
                 "embed": embed,
                 "attachments": _files(job, images, spoiler=spoiler),
-                "view": None,
+                "view": self._result_view(job, len(images)) if self._result_view else None,
             },
         )
 
@@ -161,6 +169,7 @@ class DiscordPresenter:
             content=message.get("content"),
             embeds=[embed] if embed is not None else [],
             files=message.get("attachments") or [],
+            view=message.get("view") or discord.utils.MISSING,
             allowed_mentions=NO_MENTIONS,
             nonce=job.id[:25],  # Discord drops a repeated nonce: a retried post cannot appear twice
         )

@@ -19,7 +19,7 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.remix", "cogs.config", "cogs.history")
+EXTENSIONS = ("cogs.imagine", "cogs.remix", "cogs.actions", "cogs.config", "cogs.history")
 INTERNAL_ERROR = (
     "Something went wrong on the bot's side and nothing was sent to ModelsLab; please try again. "
     "If it keeps happening, tell the bot's admin (reference {ref})."
@@ -108,7 +108,9 @@ class ImagineBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(CancelJobButton)
-        self.jobs.attach_presenter(DiscordPresenter(self, job_timeout=self.jobs.timeout))
+        from cogs.actions import result_view  # the result buttons are the actions cog's
+
+        self.jobs.attach_presenter(DiscordPresenter(self, job_timeout=self.jobs.timeout, result_view=result_view))
         await self.sync_commands()
         await self.jobs.resume()
 

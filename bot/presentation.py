@@ -195,3 +195,38 @@ def failure_text(job: Job, *, timeout: float) -> str:
         job.error_kind, job.error_detail, model_id=job.request.model_id, retry_after=job.retry_after, timeout=timeout
     )
     return f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>\n❌ {sentence}"
+
+
+def job_info(job: Job) -> str:
+    """Every parameter of a job, the real seed included (the Info button)."""
+    request = job.request
+    kind = {"text2img": "imagine", "img2img": "remix", "upscale": "upscale"}.get(job.kind, job.kind)
+    seed = job.seed if job.seed is not None else request.seed
+    lines = [
+        f"**Prompt:** {prompt_preview(request.prompt, 900) or '(forgotten)'}",
+        f"**Negative prompt:** {prompt_preview(request.negative_prompt, 300)}" if request.negative_prompt else None,
+        f"**Kind:** {kind} · **Model:** `{request.model_id}` · **Status:** {job.status.value}",
+    ]
+    if job.kind == "upscale":
+        lines.append(f"**Scale:** ×{request.upscale_scale or 2}")
+    else:
+        size = "the input image's" if job.kind == "img2img" else f"{request.width}×{request.height}"
+        lines.append(
+            f"**Size:** {size} · **Images:** {request.samples} · **Steps:** {request.steps} · "
+            f"**Guidance:** {request.guidance:g} · **Seed:** {seed if seed is not None else 'unknown'}"
+        )
+    if request.scheduler:
+        lines.append(f"**Scheduler:** {request.scheduler}")
+    if request.lora_models:
+        strengths = ", ".join(f"{s:g}" for s in request.lora_strengths) or "default"
+        lines.append(f"**LoRA:** {', '.join(request.lora_models)} (strength {strengths})")
+    if request.strength is not None:
+        lines.append(f"**Strength:** {request.strength:g}")
+    lines.append(
+        f"**Safety checker:** {'on' if request.safety_checker else 'off (age-restricted channel)'} · "
+        f"**Cost:** {job.charged_images} image(s) · **Time:** {_duration(job)}"
+    )
+    lines.append(f"**Asked by:** <@{job.user_id}> {relative_time(job.created_at)} · **Job:** `{job.id}`")
+    if job.parent_job_id:
+        lines.append(f"**Made from job:** `{job.parent_job_id}`")
+    return "\n".join(line for line in lines if line)

@@ -1,0 +1,234 @@
+"""The buttons on every result: Re-roll, Vary, Upscale, Edit, Info, Delete.
+
+Persistent: each custom id carries the job id (and the image number); everything else is read from the
+database, so the buttons keep working after a restart. Anyone may press Re-roll, Vary, Upscale and
+Edit: the new job belongs to, and is charged to, the member who pressed, and records its parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord.ext import commands
+
+from bot.errors import UserFacingError
+from bot.generation import SEED_MAX, VARY_STRENGTH, GenerationRequest, build_generation_request, build_remix_request
+from bot.presentation import job_info
+from bot.storage import Job
+from cogs.job_requests import channel_is_nsfw, server_config, submit_job
+
+if TYPE_CHECKING:
+    from bot.discord_bot import ImagineBot
+
+log = logging.getLogger(__name__)
+
+GONE = "This result's job no longer exists (its history may have been deleted), so this button cannot use it."
+NOT_YOURS = "Only the member who asked for it, or a member with Manage Messages, can delete it."
+ACTION = re.compile(r"job:(?P<action>reroll|vary|upscale|edit|info|delete):(?P<job_id>[0-9a-f]{32})(?::(?P<n>[1-4]))?")
+
+
+def result_view(job: Job, shown_images: int) -> discord.ui.View:
+    """The buttons under a result (for a withheld or upscaled result, the ones that make sense there)."""
+    view = discord.ui.View(timeout=None)
+    if job.kind != "upscale":
+        view.add_item(JobAction(job.id, "reroll", row=0))
+        view.add_item(JobAction(job.id, "edit", row=0))
+    view.add_item(JobAction(job.id, "info", row=0))
+    view.add_item(JobAction(job.id, "delete", row=0))
+    if job.kind != "upscale":
+        for n in range(1, shown_images + 1):
+            view.add_item(JobAction(job.id, "vary", n, row=1))
+        for n in range(1, shown_images + 1):
+            view.add_item(JobAction(job.id, "upscale", n, row=2))
+    return view
+
+
+LABELS = {"reroll": "🔄 Re-roll", "edit": "✏️ Edit", "info": "ℹ️ Info", "delete": "🗑️"}
+
+
+class JobAction(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=ACTION.pattern):
+    def __init__(self, job_id: str, action: str, n: int | None = None, *, row: int | None = None) -> None:
+        label = LABELS.get(action) or f"{'V' if action == 'vary' else 'U'}{n}"
+        custom_id = f"job:{action}:{job_id}" + (f":{n}" if n else "")
+        style = discord.ButtonStyle.danger if action == "delete" else discord.ButtonStyle.secondary
+        super().__init__(discord.ui.Button(label=label, style=style, custom_id=custom_id, row=row))
+        self.job_id, self.action, self.n = job_id, action, n
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> JobAction:
+        n = match["n"]
+        return cls(match["job_id"], match["action"], int(n) if n else None)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: ImagineBot = interaction.client  # type: ignore[assignment]
+        try:
+            await self._act(bot, interaction)
+        except Exception as exc:
+            await bot.report_error(interaction, exc)
+
+    async def _act(self, bot: ImagineBot, interaction: discord.Interaction) -> None:
+        job = await bot.jobs.store.get(self.job_id)
+        if job is None or not job.request.prompt:
+            raise UserFacingError(GONE)
+        if self.action == "info":
+            await interaction.response.send_message(
+                job_info(job), ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
+            )
+        elif self.action == "delete":
+            await delete_result(interaction, job)
+        elif self.action == "edit":
+            await interaction.response.send_modal(EditModal(bot, job))
+        elif self.action == "reroll":
+            await reroll(bot, interaction, job)
+        elif self.action == "vary":
+            await vary(bot, interaction, job, self._image_url(interaction))
+        else:
+            await upscale(bot, interaction, job, self._image_url(interaction))
+
+    def _image_url(self, interaction: discord.Interaction) -> str:
+        """The picked image, as Discord hands it over with the pressed message."""
+        attachments = interaction.message.attachments if interaction.message else []
+        if self.n is None or self.n > len(attachments):
+            raise UserFacingError("That image is no longer in this message.")
+        return attachments[self.n - 1].url
+
+
+async def delete_result(interaction: discord.Interaction, job: Job) -> None:
+    if interaction.user.id != job.user_id and not interaction.permissions.manage_messages:
+        raise UserFacingError(NOT_YOURS)
+    assert interaction.message is not None
+    await interaction.response.send_message("Deleted.", ephemeral=True)
+    await interaction.message.delete()
+    log.info("Job %s result deleted by member %s", job.id, interaction.user.id)
+
+
+async def reroll(bot: ImagineBot, interaction: discord.Interaction, job: Job) -> None:
+    """The same request with a new seed."""
+    config = await server_config(bot, interaction)
+    request = dataclasses.replace(
+        job.request,
+        seed=secrets.randbelow(SEED_MAX + 1),
+        seed_is_random=True,
+        safety_checker=not channel_is_nsfw(interaction),
+    )
+    await submit_job(
+        bot,
+        interaction,
+        kind=job.kind,
+        request=request,
+        config=config,
+        parent_job_id=job.id,
+        input_from_job=job.id if job.kind == "img2img" else None,
+    )
+
+
+def remix_model(bot: ImagineBot, job: Job) -> str:
+    """Vary keeps the model, unless it cannot do image to image (flux): then the server's remix model."""
+    model = job.request.model_id
+    return bot.settings.modelslab_default_remix_model if model.lower() == "flux" else model
+
+
+async def vary(bot: ImagineBot, interaction: discord.Interaction, job: Job, image_url: str) -> None:
+    """Image to image of the picked image, with the same prompt, at a moderate strength."""
+    config = await server_config(bot, interaction)
+    request = build_remix_request(
+        flavour=bot.settings.modelslab_api,
+        default_model=remix_model(bot, job),
+        prompt=job.request.prompt,
+        negative_prompt=job.request.negative_prompt,
+        model=remix_model(bot, job),
+        source_url=image_url,
+        strength=VARY_STRENGTH,
+        samples=1,
+        safety_checker=not channel_is_nsfw(interaction),
+    )
+    await submit_job(bot, interaction, kind="img2img", request=request, config=config, parent_job_id=job.id)
+
+
+async def upscale(bot: ImagineBot, interaction: discord.Interaction, job: Job, image_url: str) -> None:
+    """ModelsLab's super resolution of the picked image; the result is its own message."""
+    config = await server_config(bot, interaction)
+    request = GenerationRequest(
+        prompt=job.request.prompt, model_id=job.request.model_id, samples=1, source_url=image_url, upscale_scale=2
+    )
+    await submit_job(bot, interaction, kind="upscale", request=request, config=config, parent_job_id=job.id)
+
+
+class EditModal(discord.ui.Modal, title="Edit and generate again"):
+    """Midjourney's "remix mode": the prompt and negative prompt, prefilled, then a new job."""
+
+    def __init__(self, bot: ImagineBot, job: Job) -> None:
+        super().__init__(timeout=900)
+        self.bot = bot
+        self.job = job
+        self.prompt: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
+            label="Prompt", style=discord.TextStyle.paragraph, max_length=2000, default=job.request.prompt[:2000]
+        )
+        self.negative: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
+            label="Negative prompt", required=False, max_length=2000, default=job.request.negative_prompt or ""
+        )
+        self.add_item(self.prompt)
+        self.add_item(self.negative)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        bot, job, old = self.bot, self.job, self.job.request
+        config = await server_config(bot, interaction)
+        settings = bot.settings
+        common: dict[str, Any] = {
+            "flavour": settings.modelslab_api,
+            "prompt": self.prompt.value,
+            "negative_prompt": self.negative.value or None,
+            "model": old.model_id,
+            "samples": old.samples,
+            "steps": old.steps,
+            "guidance": old.guidance,
+            "safety_checker": not channel_is_nsfw(interaction),
+        }
+        if job.kind == "img2img":
+            request = build_remix_request(
+                default_model=old.model_id, source_url=old.source_url or "", strength=old.strength, **common
+            )
+        else:
+            request = build_generation_request(
+                default_model=old.model_id,
+                width=old.width,
+                height=old.height,
+                scheduler=old.scheduler,
+                lora=",".join(old.lora_models) or None,
+                lora_strength=",".join(f"{s:g}" for s in old.lora_strengths) or None,
+                **common,
+            )
+        await submit_job(
+            bot,
+            interaction,
+            kind=job.kind,
+            request=request,
+            config=config,
+            parent_job_id=job.id,
+            input_from_job=job.id if job.kind == "img2img" else None,
+        )
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
+        await self.bot.report_error(interaction, error)
+
+
+class Actions(commands.Cog):
+    def __init__(self, bot: ImagineBot) -> None:
+        self.bot = bot
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(JobAction)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(JobAction)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(Actions(bot))
