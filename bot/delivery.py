@@ -10,6 +10,7 @@ enforces, so a retried post cannot appear twice either.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -21,7 +22,8 @@ import discord
 
 from bot.imaging import ImageFile
 from bot.jobs import PresentationRefused, Progress
-from bot.presentation import failure_text, gallery_text, result_summary, status_text
+from bot.modelslab import ErrorKind
+from bot.presentation import failure_sentence, failure_text, gallery_text, result_summary, status_text
 from bot.storage import Job
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,28 @@ class DiscordPresenter:
         return message.id
 
     async def show_failure(self, job: Job) -> int | None:
+        if job.error_kind == ErrorKind.BAD_IMAGE and await self._refuse_privately(job):
+            return None
         text = failure_text(job, timeout=self._job_timeout)
         return await self._show(job, lambda: {"content": text, "embed": None, "attachments": [], "view": None})
+
+    async def _refuse_privately(self, job: Job) -> bool:
+        """A member's picture turned out unusable after the public acknowledgement: tell them alone (an ephemeral
+        follow-up) and take the public status message away. Needs the interaction token (minutes, here)."""
+        webhook = self._interaction_webhook(job)
+        if webhook is None:
+            return False
+        sentence = failure_sentence(
+            job.error_kind, job.error_detail, model_id=job.request.model_id, retry_after=None, timeout=0
+        )
+        try:
+            await webhook.send(sentence, ephemeral=True, allowed_mentions=NO_MENTIONS, wait=True)
+        except (discord.HTTPException, ValueError) as exc:
+            log.info("Job %s: could not answer privately (%s); editing the status message instead", job.id, exc)
+            return False
+        with contextlib.suppress(discord.NotFound):
+            await webhook.delete_message("@original")  # type: ignore[arg-type]
+        return True
 
     async def find_status_message(self, job: Job) -> int | None:
         webhook = self._interaction_webhook(job)
@@ -119,7 +141,10 @@ class DiscordPresenter:
             return None
         if job.token_expires_at is not None and self._clock() >= job.token_expires_at:
             return None
-        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self._client)
+        webhook = discord.Webhook.partial(job.application_id, job.interaction_token, client=self._client)
+        # An interaction's webhook is the application's own (what lets it send ephemeral follow-ups).
+        webhook.type = discord.WebhookType.application
+        return webhook
 
     async def _show(
         self, job: Job, message: Callable[[], dict[str, Any]], *, replace_if_gone: bool = True

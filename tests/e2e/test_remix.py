@@ -108,10 +108,16 @@ async def test_a_damaged_or_tiny_image_is_reported_and_nothing_is_sent(runner, d
     broken = await remix(discord_server, b"\x89PNG\r\n\x1a\n not really", filename="x.png", content_type="image/png")
     job = await runner.wait_posted()
     assert job.status is JobStatus.FAILED and job.error_kind == "bad_image" and job.charged_images == 0
-    assert "This image cannot be used: the file is not an image that can be read" in broken.original.content
+    # Found only once the picture was read (after the acknowledgement): said to the member alone, and the
+    # public status message taken away.
+    [private] = broken.followups
+    assert private.flags & 64
+    assert "This image cannot be used: the file is not an image that can be read" in private.content
+    assert broken.original is None or broken.original.deleted
 
     tiny = await remix(discord_server, photo(40, 40, fmt="PNG"), filename="t.png", content_type="image/png")
-    await discord_server.wait_for_message(lambda m: m.id == tiny.original.id and "too small (40×40" in m.content)
+    notice = await discord_server.wait_for_message(lambda m: "too small (40×40" in m.content)
+    assert notice.flags & 64 and notice.interaction_id == tiny.id
     assert modelslab.submissions() == []
 
 
