@@ -1,4 +1,4 @@
-"""Command line: `python -m bot [run]`, `python -m bot db upgrade`, `python -m bot db current`.
+"""Command line: `python -m bot [run]`, `db upgrade`, `db current`, `check`, `invite-url`.
 
 `run_bot` owns every resource (HTTP session, database, webhook server, Discord client) and hands
 them to the parts that use them.
@@ -16,6 +16,7 @@ import sys
 
 import discord
 
+from bot import operations
 from bot.app import running_app
 from bot.log import setup_logging
 from bot.settings import Settings, SettingsError, load_settings
@@ -29,7 +30,7 @@ async def run_bot(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signum, lambda: asyncio.ensure_future(app.bot.close()))
+                loop.add_signal_handler(signum, lambda: asyncio.ensure_future(app.shutdown()))
         async with app.bot:
             await app.bot.start(settings.discord_token.get_secret_value())
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the bot (the default)")
     database = commands.add_parser("db", help="database maintenance")
     database.add_argument("action", choices=["upgrade", "current"], help="apply migrations / show the schema version")
+    commands.add_parser("check", help="check the settings, the database, Discord and ModelsLab, in plain words")
+    commands.add_parser("invite-url", help="print the link that adds the bot to a server")
     args = parser.parse_args(argv)
 
     try:
@@ -61,12 +64,24 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_database_command(settings, args.action))
             return 0
         settings = load_settings()
+        if args.command == "check":
+            findings = asyncio.run(operations.check(settings))
+            for finding in findings:
+                print(finding.line())
+            return 0 if all(f.ok for f in findings) else 1
+        if args.command == "invite-url":
+            try:
+                print(asyncio.run(operations.find_invite_url(settings)))
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            return 0
         secrets = [settings.discord_token.get_secret_value()]
         if settings.modelslab_api_key:
             secrets.append(settings.modelslab_api_key.get_secret_value())
         if settings.secret_key:
             secrets.append(settings.secret_key.get_secret_value())
-        setup_logging(os.environ.get("LOG_LEVEL", "INFO"), secrets=secrets)
+        setup_logging(settings.log_level, secrets=secrets, log_format=settings.log_format)
         asyncio.run(run_bot(settings))
         return 0
     except (SettingsError, StorageError) as exc:

@@ -51,6 +51,14 @@ class App:
     signer: WebhookSigner
     webhook_runner: web.AppRunner
 
+    async def shutdown(self) -> None:
+        """SIGTERM: stop taking commands, finish posting what is ready, keep the rest for the next start."""
+        log.info("Shutting down: no new jobs; finishing the results being posted")
+        await self.jobs.drain()
+        await self.jobs.close()
+        await self.bot.close()
+        log.info("Stopped; waiting jobs stay queued for the next start")
+
 
 @asynccontextmanager
 async def running_app(
@@ -111,7 +119,7 @@ async def running_app(
             return bot.is_ready() and not bot.is_closed()
 
         # access_log=None: the access log would print webhook URLs, and their tokens, in full.
-        runner = web.AppRunner(create_app(jobs, signer, health=healthy), access_log=None)
+        runner = web.AppRunner(create_app(jobs, signer, health=healthy, metrics=jobs.metrics.render), access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)

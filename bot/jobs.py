@@ -34,6 +34,7 @@ from bot.guild_rules import GuildConfig, Limits, Refused, explain_refusal
 from bot.imaging import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
 from bot.keybox import KeyBox, KeyUnreadable
 from bot.log import register_secret
+from bot.metrics import Metrics
 from bot.modelslab import (
     Answer,
     ApiFlavour,
@@ -142,6 +143,7 @@ class JobService:
         settings: JobSettings,
         guilds: GuildDirectory,
         keybox: KeyBox,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS,
         submit_retry_delay: float = RETRY_BASE_DELAY,
@@ -153,6 +155,7 @@ class JobService:
         self._settings = settings
         self._guilds = guilds
         self._keybox = keybox
+        self.metrics = metrics or Metrics()
         self._clock = clock
         self._discord_retry_delays = discord_retry_delays
         self._submit_retry_delay = submit_retry_delay
@@ -163,10 +166,14 @@ class JobService:
         self._posted: dict[str, asyncio.Event] = {}
         self._closing = False
         self._queue = FairQueue(settings.max_queued, on_change=self._queue_changed)
+        self.metrics.queue_depths = self._queue.depths
         self._recent_payloads: dict[tuple[str, str], float] = {}
         self._progress_timers: dict[str, asyncio.TimerHandle] = {}
         self._progress_last: dict[str, float] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._posting: set[str] = set()
+        self._posting_done = asyncio.Event()
+        self.draining = False
 
     @property
     def timeout(self) -> float:
@@ -271,7 +278,7 @@ class JobService:
 
     def start(self, job_id: str) -> None:
         """Drive the job, if no driver is at it yet. The first fetch waits for ModelsLab's ETA."""
-        if self._closing or job_id in self._tasks:
+        if self._closing or self.draining or job_id in self._tasks:
             return
         task = asyncio.create_task(self._drive(job_id), name=f"job-{job_id}")
         self._tasks[job_id] = task
@@ -332,6 +339,19 @@ class JobService:
         event = self._posted.get(job_id)
         if event is not None:
             event.set()
+
+    async def drain(self, *, grace: float = SHUTDOWN_GRACE) -> None:
+        """Before a shutdown: start nothing new, and let the results being posted finish (within `grace`)."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self._posting:
+                    self._posting_done.clear()
+                    await self._posting_done.wait()
+        if self._posting:
+            log.warning(
+                "Stopping with %d result(s) still being posted: they are posted at the next start", len(self._posting)
+            )
 
     async def close(self, *, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop every driver. A submit call under way is let finish (within `grace`) and its answer recorded:
@@ -483,6 +503,8 @@ class JobService:
 
         async def send() -> tuple[Job, Answer | None]:
             answer = await self._client.submit(_kind(job.kind), api_key, payload)
+            if isinstance(answer, Failure):
+                self.metrics.modelslab_errors.inc(answer.kind.value)
             # Stamped once answered: never earlier than ModelsLab saw it, so the 30 s count errs on the safe side.
             self._recent_payloads[(_key_ref(api_key), _payload_ref(job))] = self._clock()
             if isinstance(answer, Failure) and self._send_back(answer):
@@ -580,6 +602,7 @@ class JobService:
             return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
         answer = await self._client.fetch(api_key, job.modelslab_id, job.fetch_url)
         if isinstance(answer, Failure) and answer.transient:
+            self.metrics.modelslab_errors.inc(answer.kind.value)
             log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
             return job
         return await self._apply(job.id, answer, submitting=False)
@@ -630,6 +653,8 @@ class JobService:
             if changed and (submitting or _eta_moved(before.eta_at, eta_at)):
                 await self._show_progress(job)
             return job
+        if not submitting:
+            self.metrics.modelslab_errors.inc(answer.kind.value)
         if submitting and answer.http_status is None and self._settings.webhook_base:
             # No answer at all (timeout, reset): ModelsLab may have queued it. Its webhook will say.
             log.warning("Job %s: the submit call got no answer (%s); waiting for a webhook", job_id, answer.detail)
@@ -672,6 +697,14 @@ class JobService:
     # ------------------------------------------------------------------------------------------ posting
 
     async def _post(self, job: Job) -> None:
+        self._posting.add(job.id)
+        try:
+            await self._post_outcome(job)
+        finally:
+            self._posting.discard(job.id)
+            self._posting_done.set()
+
+    async def _post_outcome(self, job: Job) -> None:
         presenter = self._presenter_or_fail()
         if job.status is JobStatus.SUCCEEDED:
             images = await self._download_images(job)
@@ -689,6 +722,7 @@ class JobService:
             message_id = None
         await self._store.mark_posted(job.id, message_id=message_id)
         self._announce_posted(job.id)
+        self.metrics.jobs.inc(job.kind, job.error_kind or "failed")
         log.info("Job %s failure shown (%s)", job.id, job.error_kind)
 
     async def _show_result(self, job: Job, images: list[ImageFile]) -> None:
@@ -707,7 +741,7 @@ class JobService:
         except PresentationRefused as exc:
             log.warning("Job %s: Discord refused the result (%s)", job.id, exc)
             job = await self._fail(job.id, ErrorKind.DELIVERY_REFUSED, str(exc), from_succeeded=True)
-            await self._post(job)
+            await self._post_outcome(job)
             return
         gallery = config.gallery_channel_id if config is not None else None
         # Images made with the safety checker off (age-restricted channels) or flagged never go to the gallery.
@@ -717,6 +751,9 @@ class JobService:
         # Images that could not be downloaded were still made and billed: the charge stays as recorded.
         await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
         self._announce_posted(job.id)
+        self.metrics.jobs.inc(job.kind, "succeeded")
+        if job.finished_at is not None:
+            self.metrics.ready_to_posted.observe(max(self._clock() - job.finished_at, 0.0))
         log.info("Job %s posted with %d image(s)%s", job.id, len(images), " (withheld)" if withheld else "")
 
     async def _post_to_gallery(self, job: Job, images: list[ImageFile], channel_id: int) -> None:

@@ -175,6 +175,10 @@ class FairQueue:
                 return index + 1, len(order)
         return None
 
+    def depths(self) -> dict[str, int]:
+        """Jobs waiting, by key (for /metrics)."""
+        return {key: len(queue.order()) for key, queue in self._keys.items()}
+
     def active_count(self, key: str) -> int:
         return len(self._queue(key).active)
 

@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     webhook_port: int = Field(8080, ge=0, le=65535, description="Port the webhook receiver listens on (0: any).")
     public_url: AnyHttpUrl | None = Field(None, description="Public base URL of the receiver; unset: polling only.")
     secret_key: SecretStr | None = Field(None, description="Signs webhook URLs; generated into the data directory.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="How much the bot logs.")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json (one object a line).")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            return value.upper() if value.lower() in ("debug", "info", "warning", "error") else value.lower()
+        return value
 
     @field_validator("discord_token")
     @classmethod

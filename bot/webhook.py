@@ -100,6 +100,7 @@ def create_app(
     signer: WebhookSigner,
     *,
     health: Callable[[], Awaitable[bool]] | None = None,
+    metrics: Callable[[], str] | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     handler = ModelsLabWebhookHandler(jobs, signer)
@@ -111,4 +112,12 @@ def create_app(
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
     app.router.add_get("/healthz", healthz)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        text = metrics() if metrics is not None else ""
+        return web.Response(
+            text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
+        )
+
+    app.router.add_get("/metrics", metrics_page)
     return app

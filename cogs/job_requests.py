@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.errors import MissingApiKey
+from bot.errors import MissingApiKey, UserFacingError
 from bot.generation import GenerationRequest, ServerDefaults
 from bot.guild_rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
 from bot.guilds import NO_KEY, UNREADABLE_KEY
@@ -66,6 +66,8 @@ async def submit_job(
     """Check, reserve, store, acknowledge, start. Raises a `UserFacingError` (shown privately) before anything
     is stored when a rule says no."""
     assert interaction.guild_id is not None and interaction.channel_id is not None
+    if bot.jobs.draining:
+        raise UserFacingError("The bot is restarting for a moment, so nothing was sent: please try again in a minute.")
     if kind != "upscale":
         check_model(config, request.model_id)
         check_blocklist(config.blocklist, request.prompt)
@@ -96,4 +98,5 @@ async def submit_job(
     except Exception as exc:  # refused, timed out, connection lost: the member saw no answer
         await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
         raise
+    jobs.metrics.ack_latency.observe(max((discord.utils.utcnow() - interaction.created_at).total_seconds(), 0.0))
     await jobs.status_message_shown(job.id, response.message_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -63,6 +64,7 @@ async def test_the_bot_runs_as_a_process_from_environment_variables_only(discord
         tmp_path / "data",
         WEBHOOK_PORT=str(port),
         PUBLIC_URL=f"http://127.0.0.1:{port}",
+        LOG_FORMAT="json",
     )
     modelslab.script(Queued(eta=30, ready_after_seconds=0.5))  # finished by ModelsLab's webhook, not by polling
     process = await asyncio.create_subprocess_exec(
@@ -93,12 +95,16 @@ async def test_the_bot_runs_as_a_process_from_environment_variables_only(discord
         output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     log_text = output.decode()
     assert process.returncode == 0, log_text
-    assert "Webhook receiver listening" in log_text and "DEBUG" in log_text
+    entries = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+    assert entries and len(entries) == len([line for line in log_text.splitlines() if line.strip()])  # all JSON
+    assert any("Webhook receiver listening" in e["message"] for e in entries)
+    assert any(e["level"] == "DEBUG" for e in entries)
 
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as database:
         rows = database.execute("SELECT id, status, image_count, posted_at IS NOT NULL FROM jobs").fetchall()
     [(job_id, status, image_count, posted)] = rows
     assert (status, image_count, posted) == ("succeeded", 1, 1)
+    assert any(e.get("job_id") == job_id and "posted" in e["message"] for e in entries)  # one line per event
     secret_key = (tmp_path / "data" / "secret.key").read_bytes().strip()
     webhook_token = WebhookSigner(secret_key).token_for(job_id)
     # Even at LOG_LEVEL=DEBUG: no bot token, API key, interaction token or webhook token in the output.

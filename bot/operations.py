@@ -1,0 +1,146 @@
+"""What an admin runs from a shell: `python -m bot check` and `python -m bot invite-url`.
+
+`check` validates the settings, opens the database, reaches ModelsLab and Discord, and says what is
+wrong in plain words, one line per part. Nothing here prints a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+import aiohttp
+
+from bot.modelslab import ErrorKind, ModelsLabClient
+from bot.presentation import failure_sentence
+from bot.settings import Settings
+from bot.storage import Database, StorageError, available_migrations
+
+# What the bot needs in a channel, no more: see the README's "Creating the Discord application".
+PERMISSIONS = {
+    "View Channels": 1 << 10,
+    "Send Messages": 1 << 11,
+    "Embed Links": 1 << 14,
+    "Attach Files": 1 << 15,
+    "Read Message History": 1 << 16,
+    "Send Messages in Threads": 1 << 38,
+}
+PERMISSIONS_VALUE = sum(PERMISSIONS.values())
+SCOPES = ("bot", "applications.commands")
+
+
+def invite_url(application_id: int) -> str:
+    return (
+        f"https://discord.com/oauth2/authorize?client_id={application_id}"
+        f"&scope={'+'.join(SCOPES)}&permissions={PERMISSIONS_VALUE}"
+    )
+
+
+def application_id_from_token(token: str) -> int | None:
+    """A bot token starts with the bot's user id in base64, which is also the application's id."""
+    head = token.split(".", 1)[0]
+    try:
+        value = base64.b64decode(head + "=" * (-len(head) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return int(value) if value.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Finding:
+    part: str
+    ok: bool
+    text: str
+
+    def line(self) -> str:
+        return f"{'✓' if self.ok else '✗'} {self.part}: {self.text}"
+
+
+async def discord_application(settings: Settings, session: aiohttp.ClientSession) -> tuple[Finding, int | None]:
+    base = settings.discord_api_base.rstrip("/")
+    headers = {"Authorization": f"Bot {settings.discord_token.get_secret_value()}"}
+    try:
+        async with session.get(f"{base}/users/@me", headers=headers) as response:
+            if response.status == 401:
+                return Finding("Discord", False, "the bot token was refused: copy it again (Bot → Reset Token)."), None
+            if response.status != 200:
+                return Finding("Discord", False, f"answered HTTP {response.status} to the login check."), None
+            user = await response.json(content_type=None)
+        async with session.get(f"{base}/oauth2/applications/@me", headers=headers) as response:
+            application = await response.json(content_type=None) if response.status == 200 else {}
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Finding("Discord", False, f"cannot be reached at {base} ({type(exc).__name__})."), None
+    app_id = int(application["id"]) if application.get("id") else None
+    name = user.get("username", "?")
+    return Finding("Discord", True, f"logged in as {name} (application {app_id})."), app_id
+
+
+async def modelslab_status(settings: Settings, session: aiohttp.ClientSession) -> Finding:
+    client = ModelsLabClient(session, base_url=settings.modelslab_base, flavour=settings.modelslab_api)
+    if settings.modelslab_api_key is None:
+        try:
+            async with session.get(settings.modelslab_base) as response:
+                reached = response.status < 500
+        except (aiohttp.ClientError, TimeoutError):
+            reached = False
+        if not reached:
+            return Finding("ModelsLab", False, f"cannot be reached at {settings.modelslab_base}.")
+        return Finding(
+            "ModelsLab", True, "reachable; no MODELSLAB_API_KEY, so every server must set its own (/config apikey)."
+        )
+    problem = await client.check_key(settings.modelslab_api_key.get_secret_value())
+    if problem is None:
+        return Finding("ModelsLab", True, f"the operator's key works ({settings.modelslab_api} API).")
+    if problem.kind is ErrorKind.SERVICE_DOWN and problem.http_status is None:
+        return Finding("ModelsLab", False, f"cannot be reached at {settings.modelslab_base} ({problem.detail}).")
+    sentence = failure_sentence(problem.kind, problem.detail, model_id="", retry_after=problem.retry_after, timeout=0)
+    return Finding("ModelsLab", False, f"MODELSLAB_API_KEY: {sentence}")
+
+
+async def database_status(settings: Settings) -> Finding:
+    try:
+        async with Database.open(settings.database_path, upgrade=False) as database:
+            current = await database.current_version()
+    except StorageError as exc:
+        return Finding("database", False, str(exc))
+    latest = max((m.version for m in available_migrations()), default=0)
+    pending = f"; {latest - current} migration(s) will be applied at start" if current < latest else ""
+    return Finding("database", True, f"{database.path}, schema version {current} of {latest}{pending}.")
+
+
+def webhook_status(settings: Settings) -> Finding:
+    if settings.public_base is None:
+        return Finding("webhooks", True, "PUBLIC_URL is not set: results are fetched by polling (works behind NAT).")
+    note = "" if settings.public_base.startswith("https://") else " (not https: prefer a TLS proxy in front)"
+    return Finding(
+        "webhooks",
+        True,
+        f"ModelsLab will call {settings.public_base}/webhooks/modelslab/…{note}; "
+        f"the receiver listens on {settings.webhook_host}:{settings.webhook_port}.",
+    )
+
+
+async def check(settings: Settings) -> list[Finding]:
+    findings = [
+        Finding(
+            "settings", True, f"read ({settings.modelslab_api} API, default model {settings.modelslab_default_model})."
+        )
+    ]
+    findings.append(await database_status(settings))
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        findings.append((await discord_application(settings, session))[0])
+        findings.append(await modelslab_status(settings, session))
+    findings.append(webhook_status(settings))
+    return findings
+
+
+async def find_invite_url(settings: Settings) -> str:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        _, app_id = await discord_application(settings, session)
+    if app_id is None:
+        app_id = application_id_from_token(settings.discord_token.get_secret_value())
+    if app_id is None:
+        raise ValueError("the application id could not be found: check DISCORD_TOKEN")
+    return invite_url(app_id)

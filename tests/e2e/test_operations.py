@@ -1,0 +1,157 @@
+"""Running it for real: check, invite-url, /healthz, /metrics, JSON logs, graceful shutdown, the container files."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from asyncio.subprocess import PIPE, STDOUT
+from pathlib import Path
+
+import aiohttp
+
+from bot.app import running_app
+from bot.operations import PERMISSIONS_VALUE
+from bot.storage import JobStatus
+from tests.e2e.conftest import BOT_TOKEN, BotRunner, attachments_of, free_port
+from tests.e2e.test_process import bot_environment
+from tests.fakes.discord_server import FakeDiscord
+from tests.fakes.modelslab_server import ErrorAnswer, FakeModelsLab, Queued
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def run_cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", *args, env=env, cwd=cwd, stdout=PIPE, stderr=STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_check_says_what_works_and_what_does_not(discord_server: FakeDiscord, modelslab: FakeModelsLab, tmp_path):
+    env = bot_environment(discord_server, modelslab, tmp_path / "data")
+    code, output = await run_cli("check", env=env, cwd=tmp_path)
+    assert code == 0, output
+    for part in ("settings", "database", "Discord", "ModelsLab", "webhooks"):
+        assert re.search(rf"^✓ {part}: ", output, re.M), output
+    assert "logged in as" in output and f"application {discord_server.application_id}" in output
+
+    bad = {**env, "MODELSLAB_API_KEY": "ml-wrong-key-000000", "DISCORD_TOKEN": "not.a.token"}
+    code, output = await run_cli("check", env=bad, cwd=tmp_path)
+    assert code == 1
+    assert "✗ Discord: the bot token was refused" in output
+    assert "✗ ModelsLab: MODELSLAB_API_KEY: ModelsLab refused this server's API key (invalid key)" in output
+    assert "ml-wrong-key-000000" not in output and "not.a.token" not in output
+
+
+async def test_invite_url_has_exactly_the_scopes_and_permissions(discord_server, modelslab, tmp_path):
+    env = bot_environment(discord_server, modelslab, tmp_path / "data")
+    code, output = await run_cli("invite-url", env=env, cwd=tmp_path)
+    assert code == 0, output
+    assert output.strip() == (
+        f"https://discord.com/oauth2/authorize?client_id={discord_server.application_id}"
+        f"&scope=bot+applications.commands&permissions={PERMISSIONS_VALUE}"
+    )
+    readme = (ROOT / "README.md").read_text()
+    assert f"permissions={PERMISSIONS_VALUE}" in readme  # the README's link is the same
+
+
+async def test_healthz_is_503_until_connected_then_200(runner: BotRunner, discord_server, modelslab):
+    port = free_port()
+    settings = runner.settings(webhook_port=port)
+    async with running_app(settings, guild_ready_timeout=0.05) as app, aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 503  # database open, Discord not yet
+        identified = discord_server.identify_count
+        task = asyncio.create_task(app.bot.start(BOT_TOKEN))
+        await discord_server.wait_until_ready(after=identified)
+        await app.bot.wait_until_ready()
+        async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 200
+        await app.bot.close()
+        await task
+
+
+async def test_metrics_count_jobs_errors_queue_and_latencies(runner, discord_server, modelslab):
+    port = free_port()
+    modelslab.script(ErrorAnswer(message="Model not found"))
+    await runner.start(webhook_port=port)
+    for prompt in ("first", "second"):
+        interaction = await discord_server.invoke_slash("imagine", {"prompt": prompt})
+        await interaction.wait_callback()
+    await runner.jobs.wait_idle()
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        assert response.status == 200 and response.content_type == "text/plain"
+        text = await response.text()
+    assert 'imagine_jobs_total{kind="text2img",status="succeeded"} 1' in text
+    assert 'imagine_jobs_total{kind="text2img",status="model_not_found"} 1' in text
+    assert 'imagine_modelslab_errors_total{kind="model_not_found"} 1' in text
+    assert "imagine_ack_latency_seconds_count 2" in text
+    assert "imagine_ready_to_posted_seconds_count 1" in text
+    assert "# TYPE imagine_queue_depth gauge" in text
+    assert "ml-test-key" not in text
+
+
+async def test_shutdown_finishes_posting_and_keeps_the_rest_queued(runner, discord_server, modelslab):
+    modelslab.default_behaviour = Queued(eta=300)
+    await runner.start(modelslab_max_queued=1)
+    first = await discord_server.invoke_slash("imagine", {"prompt": "being posted"})
+    await first.wait_callback()
+    second = await discord_server.invoke_slash("imagine", {"prompt": "still waiting"})
+    await second.wait_callback()
+    call = await modelslab.wait_for_submission()
+    await runner_generating(runner, discord_server, first)
+    # Discord answers the result's upload with a 500 once: discord.py waits a second and tries again.
+    its_message = rf"/webhooks/\d+/{re.escape(first.token)}/messages/@original$"
+    discord_server.fail_next("PATCH", its_message, 500)
+    assert call.job_id is not None
+    modelslab.complete(call.job_id)
+    runner.jobs.wake(call.json["track_id"])
+    await discord_server.wait_for_request("PATCH", its_message, lambda r: r.injected and bool(r.files))
+    assert runner.app is not None
+    await runner.app.shutdown()
+
+    assert len(attachments_of(first.original)) == 1  # finished posting before stopping
+    await runner.start(modelslab_max_queued=1)
+    waiting = await runner.store.get(await _job_of(runner, "still waiting"))
+    assert waiting is not None and waiting.status in (JobStatus.QUEUED, JobStatus.SUBMITTING, JobStatus.PROCESSING)
+    assert len(modelslab.submissions()) in (1, 2)  # kept, then taken up again after the start
+
+
+async def runner_generating(runner: BotRunner, discord_server: FakeDiscord, interaction) -> None:
+    await discord_server.wait_for_message(
+        lambda m: m.id == (interaction.original.id if interaction.original else -1) and "Generating" in m.content
+    )
+
+
+async def _job_of(runner: BotRunner, prompt: str) -> str:
+    assert runner.app is not None
+    async with runner.app.database.connection.execute(
+        "SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def test_new_commands_are_refused_while_shutting_down(runner, discord_server, modelslab):
+    await runner.start()
+    runner.jobs.draining = True
+    refused = await discord_server.invoke_slash("imagine", {"prompt": "too late"})
+    await refused.wait_callback()
+    assert refused.original.flags & 64 and "restarting" in refused.original.content
+    assert await runner.job_count() == 0
+
+
+def test_the_container_files_follow_the_rules():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", dockerfile, re.M)) >= 2  # multi-stage
+    assert dockerfile.index("pip install") < dockerfile.index("COPY bot ")  # dependencies before the source
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.M) and 'VOLUME ["/data"]' in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert "env_file: .env" in compose and "/data" in compose
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".env" in ignored and "data/" in ignored and "*.sqlite3" in ignored
