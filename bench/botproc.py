@@ -51,10 +51,14 @@ class _BenchPolicy(asyncio.DefaultEventLoopPolicy):
         if self._stall_file is not None:
             out = open(self._stall_file, "a", buffering=1, encoding="ascii")  # noqa: SIM115 - lives as long as the loop
 
+            def done(task: asyncio.Task[None]) -> None:
+                self._monitors.discard(task)
+                out.close()
+
             def start() -> None:
                 task = loop.create_task(_monitor(out, self._interval), name="bench-stall-monitor")
                 self._monitors.add(task)
-                task.add_done_callback(lambda t: (self._monitors.discard(t), out.close()))
+                task.add_done_callback(done)
 
             loop.call_soon(start)
         return loop

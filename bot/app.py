@@ -16,6 +16,13 @@ import aiohttp
 from aiohttp import web
 
 from bot.discord_bot import ImagineBot, point_discord_at
+from bot.download_policy import (
+    DownloadPolicy,
+    GuardedResolver,
+    discord_media_policy,
+    origin_of,
+    parse_allowed_hosts,
+)
 from bot.downloads import ImageDownloader
 from bot.guilds import GuildAdmin
 from bot.jobs import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobService, JobSettings
@@ -71,7 +78,15 @@ async def running_app(
     api_key = settings.modelslab_api_key.get_secret_value() if settings.modelslab_api_key else None
 
     timeout = aiohttp.ClientTimeout(total=120, connect=15)
-    async with aiohttp.ClientSession(timeout=timeout) as session, Database.open(settings.database_path) as database:
+    policy = DownloadPolicy((origin_of(settings.modelslab_base), *parse_allowed_hosts(settings.download_allowed_hosts)))
+    input_policy = discord_media_policy(settings.discord_api_base)
+    # One resolver for both: the configured hosts of either policy may resolve to private addresses.
+    guarded = aiohttp.TCPConnector(resolver=GuardedResolver(DownloadPolicy((*policy.trusted, *input_policy.trusted))))
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        aiohttp.ClientSession(timeout=timeout, connector=guarded) as download_session,
+        Database.open(settings.database_path) as database,
+    ):
         log.info("Database ready at %s (schema version %d)", database.path, await database.current_version())
         client = ModelsLabClient(
             session,
@@ -100,7 +115,13 @@ async def running_app(
             client=client,
             guilds=guilds,
             keybox=keybox,
-            downloader=ImageDownloader(session, rounds=timings.download_rounds, first_wait=timings.download_first_wait),
+            downloader=ImageDownloader(
+                download_session,
+                policy=policy,
+                input_policy=input_policy,
+                rounds=timings.download_rounds,
+                first_wait=timings.download_first_wait,
+            ),
             signer=signer,
             settings=JobSettings(
                 flavour=settings.modelslab_api,

@@ -7,12 +7,24 @@ import logging
 from collections.abc import Sequence
 
 import aiohttp
+from yarl import URL
 
+from bot.download_policy import DownloadPolicy, DownloadRefused
 from bot.imaging import ImageFile, NotAnImage, read_image
 
 log = logging.getLogger(__name__)
 
 MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
+MAX_REDIRECTS = 3
+
+
+def _origin(url: str) -> str:
+    """Scheme and host only, for logs (paths can carry tokens)."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "an invalid URL"
+    return f"{parsed.scheme}://{parsed.host}"
 
 
 class DownloadFailed(Exception):
@@ -31,12 +43,18 @@ class ImageDownloader:
         self,
         session: aiohttp.ClientSession,
         *,
+        policy: DownloadPolicy | None = None,
+        input_policy: DownloadPolicy | None = None,
         max_bytes: int = MAX_DOWNLOAD_BYTES,
         request_timeout: float = 30.0,
         rounds: int = 7,
         first_wait: float = 0.5,
     ) -> None:
+        """`session` fetches (give it a `GuardedResolver`); `policy` says where result images may come from,
+        `input_policy` where pictures to remix may come from (Discord's own hosts)."""
         self._session = session
+        self._policy = policy
+        self._input_policy = input_policy
         self._max_bytes = max_bytes
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._rounds = rounds
@@ -58,30 +76,48 @@ class ImageDownloader:
         raise DownloadFailed(last_problem)
 
     async def fetch_bytes(self, url: str, max_bytes: int) -> bytes:
-        """One try at a URL Discord gave the bot (an attachment): its bytes, within `max_bytes`."""
-        saved = self._max_bytes
-        self._max_bytes = max_bytes
-        try:
-            return await self._get(url)
-        finally:
-            self._max_bytes = saved
+        """One try at a picture to remix (Discord's hosts only): its bytes, within `max_bytes`."""
+        return await self._get(url, self._input_policy, max_bytes)
 
-    async def _get(self, url: str) -> bytes:
+    async def _get(self, url: str, policy: DownloadPolicy | None = ..., max_bytes: int | None = None) -> bytes:  # type: ignore[assignment]
+        """Follow the URL by hand, checking the policy for it and for every redirect."""
+        if policy is ...:
+            policy = self._policy
+        for _ in range(MAX_REDIRECTS + 1):
+            if policy is not None:
+                try:
+                    policy.check(url)
+                except DownloadRefused as exc:
+                    log.warning("Not downloading from %s: %s", _origin(url), exc)
+                    raise DownloadFailed(f"refused: {exc}") from None
+            location = await self._read_or_redirect(url, max_bytes or self._max_bytes)
+            if isinstance(location, bytes):
+                return location
+            url = location
+        raise DownloadFailed("too many redirects")
+
+    async def _read_or_redirect(self, url: str, max_bytes: int) -> bytes | str:
         try:
-            async with self._session.get(url, timeout=self._timeout) as response:
-                if response.status != 200:
-                    raise DownloadFailed(f"HTTP {response.status}")
-                if response.content_length is not None and response.content_length > self._max_bytes:
-                    raise DownloadFailed("image larger than the download cap")
-                chunks = []
-                size = 0
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > self._max_bytes:
-                        raise DownloadFailed("image larger than the download cap")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+            async with self._session.get(url, timeout=self._timeout, allow_redirects=False) as response:
+                if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
+                    return str(response.url.join(URL(response.headers["Location"])))
+                return await self._body(response, max_bytes)
         except TimeoutError:
             raise DownloadFailed("download timed out") from None
         except aiohttp.ClientError as exc:
-            raise DownloadFailed(type(exc).__name__) from None
+            raise DownloadFailed(f"{type(exc).__name__}: {exc}"[:200]) from None
+
+    @staticmethod
+    async def _body(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+        if response.status != 200:
+            raise DownloadFailed(f"HTTP {response.status}")
+        if response.content_length is not None and response.content_length > max_bytes:
+            raise DownloadFailed("image larger than the download cap")
+        chunks = []
+        size = 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > max_bytes:
+                raise DownloadFailed("image larger than the download cap")
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -425,12 +425,21 @@ class JobService:
             if api_key is None:
                 return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
             key = _key_ref(api_key)
+            job = await self._reload(job.id)
+            if job.status is not JobStatus.QUEUED:
+                return job  # cancelled (between two tries, say)
             self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
             self._schedule_progress(job.id)
             try:
-                await self._queue.wait_turn(job.id)
+                await asyncio.wait_for(
+                    self._queue.wait_turn(job.id), timeout=max(job.created_at + QUEUE_MAX_WAIT - self._clock(), 0.01)
+                )
             except Cancelled:
                 return await self._reload(job.id)
+            except TimeoutError:
+                self._queue.cancel(job.id)
+                log.warning("Job %s: not sent within %.0f s of waiting; given up", job.id, QUEUE_MAX_WAIT)
+                return await self._fail(job.id, ErrorKind.EXPIRED, "not sent within the queue's time limit")
             job = await self._reload(job.id)
             if job.status is not JobStatus.QUEUED:
                 return job  # cancelled while it waited
@@ -499,6 +508,8 @@ class JobService:
         if not await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed):
             return await self._reload(job.id), None
         payload = await self._payload(job)
+        # Stamped before the call (a twin sent meanwhile waits) and again once answered (see below).
+        self._recent_payloads[(_key_ref(api_key), _payload_ref(job))] = self._clock()
         log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
 
         async def send() -> tuple[Job, Answer | None]:
@@ -520,14 +531,13 @@ class JobService:
     def _send_back(self, failure: Failure) -> bool:
         """Answers after which the job goes back in line rather than failing: a full queue, a passing fault.
 
-        A call that got no answer at all may have reached ModelsLab: with webhooks, its callback will say
-        (see `_recover_lost_submission`), so it is not sent again.
+        A call that got no answer but may have reached ModelsLab (a timeout, a connection cut after sending) is
+        never sent again: it could make, and bill, a second job and pass the key's limit. With webhooks its
+        callback will say (see `_recover_lost_submission`); without, the member is told it was lost.
         """
         if failure.kind is ErrorKind.QUEUE_FULL:
             return True
-        if failure.kind is ErrorKind.SERVICE_DOWN:
-            return failure.http_status is not None or not self._settings.webhook_base
-        return False
+        return failure.kind is ErrorKind.SERVICE_DOWN and not failure.maybe_received
 
     async def _distinct_from_recent(self, job: Job, key: str) -> Job:
         """Never send a payload identical to one sent for this key in the last 30 s (ModelsLab's spam filter):
@@ -655,10 +665,14 @@ class JobService:
             return job
         if not submitting:
             self.metrics.modelslab_errors.inc(answer.kind.value)
-        if submitting and answer.http_status is None and self._settings.webhook_base:
-            # No answer at all (timeout, reset): ModelsLab may have queued it. Its webhook will say.
-            log.warning("Job %s: the submit call got no answer (%s); waiting for a webhook", job_id, answer.detail)
-            return before
+        if submitting and answer.maybe_received:
+            if self._settings.webhook_base:
+                # ModelsLab may have queued it: its webhook will say (the job keeps its slot meanwhile).
+                log.warning("Job %s: the submit call got no answer (%s); waiting for a webhook", job_id, answer.detail)
+                return before
+            log.warning("Job %s: the submit call got no answer (%s); not sent again", job_id, answer.detail)
+            await self._store.finish_failure(job_id, kind=ErrorKind.LOST, detail=f"no answer ({answer.detail})")
+            return await self._reload(job_id)
         if await self._store.finish_failure(
             job_id, kind=answer.kind, detail=answer.detail, retry_after=answer.retry_after
         ):

@@ -60,6 +60,9 @@ class Failure:
     detail: str = ""
     retry_after: float | None = None
     http_status: int | None = None
+    # No answer, but the request may have reached ModelsLab (a timeout, a connection cut after sending):
+    # sending it again could make, and bill, a second job.
+    maybe_received: bool = False
 
     @property
     def transient(self) -> bool:
@@ -425,6 +428,8 @@ class ModelsLabClient:
                 raw = await response.read()
                 return read_answer(response.status, raw, api_key=api_key)
         except TimeoutError:
-            return Failure(ErrorKind.SERVICE_DOWN, "timed out")
-        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            return Failure(ErrorKind.SERVICE_DOWN, "timed out", maybe_received=True)
+        except aiohttp.ClientConnectorError as exc:  # no connection was made: nothing was sent
             return Failure(ErrorKind.SERVICE_DOWN, type(exc).__name__)
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            return Failure(ErrorKind.SERVICE_DOWN, type(exc).__name__, maybe_received=True)

@@ -157,10 +157,15 @@ class FairQueue:
         """ModelsLab said the key's queue is full: grant nothing for this key until it says to try again."""
         queue = self._queue(key)
         queue.paused_until = max(queue.paused_until, self._clock() + seconds)
+        self._arm_resume(key)
+
+    def _arm_resume(self, key: str) -> None:
+        """Grant again when the pause ends (the latest pause wins: a shorter one does not cut it short)."""
+        queue = self._queue(key)
         if queue.resume_timer is not None:
             queue.resume_timer.cancel()
-        loop = asyncio.get_running_loop()
-        queue.resume_timer = loop.call_later(max(seconds, 0), self._grant, key)
+        delay = max(queue.paused_until - self._clock(), 0.0)
+        queue.resume_timer = asyncio.get_running_loop().call_later(delay + 0.001, self._grant, key)
 
     # ------------------------------------------------------------------------------------------ reading
 
@@ -208,6 +213,8 @@ class FairQueue:
     def _grant(self, key: str) -> None:
         queue = self._queue(key)
         if self._clock() < queue.paused_until:
+            if queue.waiting:
+                self._arm_resume(key)
             return
         changed = False
         while len(queue.active) < self.limit and queue.waiting:

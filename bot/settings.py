@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     webhook_host: str = Field("0.0.0.0", description="Interface the webhook receiver listens on.")
     webhook_port: int = Field(8080, ge=0, le=65535, description="Port the webhook receiver listens on (0: any).")
     public_url: AnyHttpUrl | None = Field(None, description="Public base URL of the receiver; unset: polling only.")
+    download_allowed_hosts: str = Field(
+        "", description="Comma list of extra hosts result images may come from, with their scheme."
+    )
     secret_key: SecretStr | None = Field(None, description="Signs webhook URLs; generated into the data directory.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="How much the bot logs.")
     log_format: Literal["text", "json"] = Field("text", description="text, or json (one object a line).")

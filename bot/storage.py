@@ -235,6 +235,7 @@ class JobStore:
 
     def __init__(self, database: Database) -> None:
         self._db = database.connection
+        self._database = database
 
     _INSERT_COLUMNS = (
         "id, kind, guild_id, channel_id, user_id, request_json, api_flavour, status, charged_images, application_id,"
@@ -290,8 +291,10 @@ class JobStore:
             "     WHERE guild_id IS :guild AND user_id = :user AND day_start = :today) + :n <= :user_daily)"
             " AND (:concurrent = 0 OR (SELECT COUNT(*) FROM jobs"
             f"   WHERE guild_id IS :guild AND user_id = :user AND status IN ({running})) < :concurrent)"
-            " AND (:cooldown = 0 OR NOT EXISTS (SELECT 1 FROM jobs"
-            "   WHERE guild_id IS :guild AND user_id = :user AND created_at > :now - :cooldown))",
+            " AND (:cooldown = 0 OR (NOT EXISTS (SELECT 1 FROM jobs"
+            "   WHERE guild_id IS :guild AND user_id = :user AND created_at > :now - :cooldown)"
+            "   AND NOT EXISTS (SELECT 1 FROM forgotten_usage"
+            "   WHERE guild_id IS :guild AND user_id = :user AND last_request_at > :now - :cooldown)))",
             # sqlite3 takes either positional or named parameters: the values come first, numbered, then named.
             _named(
                 values,
@@ -319,8 +322,12 @@ class JobStore:
             " + (SELECT COALESCE(SUM(images), 0) FROM forgotten_usage"
             "   WHERE guild_id IS ? AND user_id = ? AND day_start = ?),"
             f" (SELECT COUNT(*) FROM jobs WHERE guild_id IS ? AND user_id = ? AND status IN ({running})),"
-            " (SELECT MAX(created_at) FROM jobs WHERE guild_id IS ? AND user_id = ?)",
-            (guild_id, today, guild_id, user_id, today, guild_id, user_id, today, guild_id, user_id, guild_id, user_id),
+            " (SELECT MAX(t) FROM (SELECT MAX(created_at) AS t FROM jobs WHERE guild_id IS ? AND user_id = ?"
+            "   UNION ALL SELECT MAX(last_request_at) FROM forgotten_usage WHERE guild_id IS ? AND user_id = ?))",
+            (
+                *(guild_id, today, guild_id, user_id, today, guild_id, user_id, today),
+                *(guild_id, user_id, guild_id, user_id, guild_id, user_id),
+            ),
         ) as cursor:
             row = await cursor.fetchone()
         assert row is not None
@@ -483,30 +490,37 @@ class JobStore:
         Returns how many jobs were forgotten. Jobs still under way keep their member until they are shown.
         """
         today = day_start(now)
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            await self._db.execute(
-                "INSERT INTO forgotten_usage (guild_id, user_id, day_start, images)"
-                " SELECT guild_id, user_id, ?, SUM(charged_images) FROM jobs"
-                " WHERE user_id = ? AND created_at >= ? AND posted_at IS NOT NULL AND guild_id IS NOT NULL"
-                " GROUP BY guild_id HAVING SUM(charged_images) > 0"
-                " ON CONFLICT (guild_id, user_id, day_start) DO UPDATE SET images = images + excluded.images",
-                (today, user_id, today),
-            )
-            cursor = await self._db.execute(
-                "UPDATE jobs SET user_id = 0, request_json = json_set(request_json, '$.prompt', '',"
-                " '$.negative_prompt', NULL), output_json = NULL, meta_json = NULL, message_id = NULL,"
-                " gallery_message_id = NULL, interaction_token = NULL, api_key_ciphertext = NULL, error_detail = NULL,"
-                " application_id = NULL WHERE user_id = ? AND posted_at IS NOT NULL",
-                (user_id,),
-            )
-            await self._db.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
-            await self._db.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-        return cursor.rowcount
+        # Its own connection: a transaction on the shared one would take in (and, on a rollback, undo) whatever
+        # other coroutines write meanwhile. WAL and busy_timeout let the two connections take turns.
+        async with aiosqlite.connect(self._database.path, isolation_level=None) as own:
+            await own.execute("PRAGMA busy_timeout = 5000")
+            await own.execute("BEGIN IMMEDIATE")
+            try:
+                await own.execute(
+                    "INSERT INTO forgotten_usage (guild_id, user_id, day_start, images, last_request_at)"
+                    " SELECT guild_id, user_id, ?, SUM(CASE WHEN created_at >= ? THEN charged_images ELSE 0 END),"
+                    " MAX(created_at) FROM jobs"
+                    " WHERE user_id = ? AND posted_at IS NOT NULL AND guild_id IS NOT NULL GROUP BY guild_id"
+                    " ON CONFLICT (guild_id, user_id, day_start) DO UPDATE SET images = images + excluded.images,"
+                    " last_request_at = MAX(COALESCE(last_request_at, 0), excluded.last_request_at)",
+                    (today, today, user_id),
+                )
+                cursor = await own.execute(
+                    "UPDATE jobs SET user_id = 0, request_json = json_set(request_json, '$.prompt', '',"
+                    " '$.negative_prompt', NULL, '$.source_url', NULL), output_json = NULL, meta_json = NULL,"
+                    " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
+                    " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
+                    " WHERE user_id = ? AND posted_at IS NOT NULL",
+                    (user_id,),
+                )
+                forgotten = cursor.rowcount
+                await own.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
+                await own.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
+                await own.execute("COMMIT")
+            except BaseException:
+                await own.execute("ROLLBACK")
+                raise
+        return forgotten
 
     async def save_input(self, job_id: str, image: bytes, width: int, height: int) -> None:
         await self._db.execute(

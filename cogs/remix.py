@@ -9,6 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.download_policy import DownloadRefused, discord_media_policy
 from bot.errors import InvalidOption, UserFacingError
 from bot.generation import DEFAULT_STRENGTH, build_remix_request
 from bot.imaging import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
@@ -21,7 +22,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-NO_IMAGE = "This message has no image to remix: use it on a message with a picture (an attachment or an embed image)."
+NO_IMAGE = (
+    "This message has no picture that Discord hosts to remix: use it on a message with an image attachment "
+    "or an embed image."
+)
 
 
 def check_attachment(attachment: discord.Attachment) -> None:
@@ -35,16 +39,26 @@ def check_attachment(attachment: discord.Attachment) -> None:
         raise InvalidOption("image", f"has too many pixels ({attachment.width}×{attachment.height}).")
 
 
-def image_in(message: discord.Message) -> str | None:
-    """The first image of a message: an attachment, else an embed's image or thumbnail."""
+def image_in(message: discord.Message, api_base: str) -> str | None:
+    """The first picture of a message that Discord hosts: an attachment (checked like /remix's), else an
+    embed's image or thumbnail through Discord's media proxy. Anything else is never fetched (it could point
+    anywhere, an internal address included)."""
     for attachment in message.attachments:
         declared = (attachment.content_type or "").split(";")[0].strip().lower()
         if declared in IMAGE_TYPES or attachment.filename.lower().endswith(IMAGE_ENDINGS):
+            check_attachment(attachment)
             return attachment.url
+    policy = discord_media_policy(api_base)
     for embed in message.embeds:
         for picture in (embed.image, embed.thumbnail):
-            if picture and picture.url:
-                return picture.url
+            for url in (picture.proxy_url, picture.url) if picture else ():
+                if not url:
+                    continue
+                try:
+                    policy.check(url)
+                except DownloadRefused:
+                    continue
+                return url
     return None
 
 
@@ -165,7 +179,7 @@ class Remix(commands.Cog):
         return [app_commands.Choice(name=model, value=model) for model in models]
 
     async def remix_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        source = image_in(message)
+        source = image_in(message, self.bot.settings.discord_api_base)
         if source is None:
             raise UserFacingError(NO_IMAGE)
         await server_config(self.bot, interaction)  # refuse here, before the form, in a channel not allowed

@@ -561,21 +561,30 @@ async def test_a_submit_call_without_an_answer_is_resolved_by_the_webhook(runner
     assert len(attachments_of(interaction.original)) == 1
 
 
-async def test_a_submit_call_without_an_answer_and_no_webhook_is_tried_again_then_reported(
-    runner, discord_server, modelslab
-):
+async def test_a_submit_call_without_an_answer_and_no_webhook_is_not_sent_again(runner, discord_server, modelslab):
+    """ModelsLab may have taken it (the fake does): sending it again could make, and bill, a second job."""
     from bot.app import Timings
 
-    # Without a webhook to tell, a call with no answer is tried again (three times in all), then reported.
-    modelslab.script(*[Hang(1.0, then=Queued(eta=5))] * 3)
+    modelslab.script(Hang(1.0, then=Queued(eta=5)))
     timings = Timings(modelslab_request_timeout=0.3, discord_retry_delays=(0.05,), submit_retry_delay=0.05)
     await runner.start(timings=timings)
     interaction = await imagine(discord_server)
     job = await runner.wait_posted(await runner.first_job_id_from_db())
+    assert job.status is JobStatus.FAILED and job.error_kind == "lost" and job.charged_images == 0
+    assert "cannot tell whether ModelsLab got it" in interaction.original.content
+    assert len(modelslab.submissions()) == 1
+
+
+async def test_a_connection_that_could_not_be_made_is_tried_again_then_reported(runner, discord_server, logs):
+    """Nothing reached ModelsLab (connection refused): safe to try again, three times in all."""
+    from tests.e2e.conftest import free_port
+
+    await runner.start(modelslab_base_url=f"http://127.0.0.1:{free_port()}")
+    interaction = await imagine(discord_server)
+    job = await runner.wait_posted()
     assert job.status is JobStatus.FAILED and job.error_kind == "service_down"
     assert "service down" in interaction.original.content
-    first, second, third = (call.json for call in modelslab.submissions())
-    assert len({first["seed"], second["seed"], third["seed"]}) == 3  # never an identical payload again
+    assert logs.text.count("submit failed (ClientConnectorError") == 2  # then the third try fails for good
 
 
 async def test_images_that_cannot_be_downloaded_are_left_out_but_still_counted(runner, discord_server, modelslab):

@@ -153,4 +153,15 @@ async def test_the_remix_menu_on_a_message_without_a_picture_says_so(runner, dis
     opened = await discord_server.invoke_message_command("Remix", posted)
     await opened.wait_callback()
     assert opened.modal is None and opened.original.flags & 64
-    assert "This message has no image to remix" in opened.original.content
+    assert "This message has no picture that Discord hosts to remix" in opened.original.content
+
+
+async def test_the_remix_menu_never_fetches_an_embed_image_from_elsewhere(runner, discord_server, modelslab):
+    """An embed's image can point anywhere (an internal address included): only Discord's own hosts are read."""
+    await runner.start()
+    posted = discord_server.post_user_message(
+        discord_server.channel_id, "look", embeds=[{"image": {"url": "http://169.254.169.254/latest/meta-data"}}]
+    )
+    opened = await discord_server.invoke_message_command("Remix", posted)
+    await opened.wait_callback()
+    assert opened.modal is None and "no picture that Discord hosts" in opened.original.content
