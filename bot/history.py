@@ -100,6 +100,15 @@ def _record(job: Job) -> dict[str, Any]:
     }
 
 
+def _cell(value: object) -> object:
+    """A spreadsheet runs a cell starting with = + - @ as a formula: such text is quoted."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def export_json(jobs: list[Job]) -> bytes:
     return json.dumps([_record(job) for job in jobs], indent=2, ensure_ascii=False).encode()
 
@@ -109,5 +118,5 @@ def export_csv(jobs: list[Job]) -> bytes:
     writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS)
     writer.writeheader()
     for job in jobs:
-        writer.writerow({k: ("" if v is None else v) for k, v in _record(job).items()})
+        writer.writerow({k: _cell(v) for k, v in _record(job).items()})
     return buffer.getvalue().encode("utf-8-sig")  # the BOM makes spreadsheet programs read UTF-8

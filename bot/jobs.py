@@ -62,6 +62,7 @@ SUBMIT_ATTEMPTS = 3  # tries of a submit call that failed for a passing reason (
 RETRY_BASE_DELAY = 2.0  # seconds, doubled each try, with jitter
 SPAM_WINDOW = 30.0  # ModelsLab refuses an identical payload repeated within this many seconds
 INPUT_KINDS = ("img2img", "upscale")  # jobs that work from an image
+INPUT_RETENTION = 86400.0  # members' pictures are kept a day (Re-roll, Edit), then deleted
 PROGRESS_MIN_INTERVAL = 2.0  # seconds between two edits of one status message (Discord rate limits)
 
 
@@ -170,6 +171,7 @@ class JobService:
         self._recent_payloads: dict[tuple[str, str], float] = {}
         self._progress_timers: dict[str, asyncio.TimerHandle] = {}
         self._progress_last: dict[str, float] = {}
+        self._progress_shown: dict[str, tuple[int | None, bool]] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._posting: set[str] = set()
         self._posting_done = asyncio.Event()
@@ -301,6 +303,7 @@ class JobService:
         The queue is rebuilt before any driver runs: jobs already at ModelsLab hold their key's slots,
         then the waiting ones line up in the order they were made.
         """
+        await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
         jobs = await self._store.needing_work()
         for job in jobs:
             if job.status in (JobStatus.SUBMITTING, JobStatus.PROCESSING):
@@ -765,6 +768,7 @@ class JobService:
         # Images that could not be downloaded were still made and billed: the charge stays as recorded.
         await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
         self._announce_posted(job.id)
+        await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
         self.metrics.jobs.inc(job.kind, "succeeded")
         if job.finished_at is not None:
             self.metrics.ready_to_posted.observe(max(self._clock() - job.finished_at, 0.0))
@@ -841,11 +845,17 @@ class JobService:
         self._progress_timers[job_id] = asyncio.get_running_loop().call_later(delay, fire)
 
     async def _show_queue_position(self, job_id: str) -> None:
-        self._progress_last[job_id] = time.monotonic()
         job = await self._store.get(job_id)
         if job is None or job.status is not JobStatus.QUEUED:
+            self._progress_shown.pop(job_id, None)
+            self._progress_last.pop(job_id, None)
             return
         place = self._queue.position(job_id)
+        shown = (place[0] if place else None, self._queue.paused_for(job_id) > 0)
+        if self._progress_shown.get(job_id) == shown:
+            return  # the member already sees this: no edit
+        self._progress_shown[job_id] = shown
+        self._progress_last[job_id] = time.monotonic()
         progress = Progress(
             position=place[0] if place else None,
             waiting=place[1] if place else None,

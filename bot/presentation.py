@@ -43,8 +43,9 @@ def status_text(job: Job, *, position: int | None = None, waiting: int | None = 
             return f"{head}\n⏳ Queued: ModelsLab is busy, trying again {relative_time(time.time() + retry_in)}."
         if position == 1:
             return f"{head}\n⏳ Queued: next in line."
-        if position is not None and waiting is not None:
-            return f"{head}\n⏳ Queued: position {position} of {waiting} in line."
+        if position is not None:
+            # Not "of N": every new arrival would change every waiting member's message.
+            return f"{head}\n⏳ Queued: position {position} in line."
         return f"{head}\n⏳ Queued: sending to ModelsLab…"
     if job.status is JobStatus.SUBMITTING:
         return f"{head}\n⏳ Sending to ModelsLab…"
@@ -229,4 +230,5 @@ def job_info(job: Job) -> str:
     lines.append(f"**Asked by:** <@{job.user_id}> {relative_time(job.created_at)} · **Job:** `{job.id}`")
     if job.parent_job_id:
         lines.append(f"**Made from job:** `{job.parent_job_id}`")
-    return "\n".join(line for line in lines if line)
+    text = "\n".join(line for line in lines if line)
+    return text if len(text) <= 1990 else text[:1989] + "…"  # Discord's limit is 2000

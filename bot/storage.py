@@ -528,6 +528,14 @@ class JobStore:
             (job_id, image, width, height, time.time()),
         )
 
+    async def drop_old_inputs(self, before: float) -> None:
+        """Members' pictures are not kept forever: those of finished jobs made before `before` go."""
+        await self._db.execute(
+            "DELETE FROM job_inputs WHERE created_at < ?"
+            " AND job_id IN (SELECT id FROM jobs WHERE posted_at IS NOT NULL)",
+            (before,),
+        )
+
     async def input_image(self, job_id: str) -> bytes | None:
         async with self._db.execute("SELECT image FROM job_inputs WHERE job_id = ?", (job_id,)) as cursor:
             row = await cursor.fetchone()

@@ -75,8 +75,8 @@ class JobAction(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], temp
 
     async def _act(self, bot: ImagineBot, interaction: discord.Interaction) -> None:
         job = await bot.jobs.store.get(self.job_id)
-        if job is None or not job.request.prompt:
-            raise UserFacingError(GONE)
+        if job is None or (not job.request.prompt and self.action != "delete"):
+            raise UserFacingError(GONE)  # gone, or forgotten (a moderator can still delete what it left)
         if self.action == "info":
             await interaction.response.send_message(
                 job_info(job), ephemeral=True, allowed_mentions=discord.AllowedMentions.none()

@@ -113,7 +113,7 @@ async def test_export_sends_the_members_own_history_as_csv_or_json(runner, disco
     discord_server.add_member(ALICE, "alice")
     discord_server.add_member(BOB, "bob")
     await runner.start()
-    await make_jobs(runner, discord_server, ['a, "quoted" prompt'], ALICE)
+    await make_jobs(runner, discord_server, ['a, "quoted" prompt', '=HYPERLINK("http://evil")'], ALICE)
     await make_jobs(runner, discord_server, ["bob's"], BOB)
 
     as_csv = await history(discord_server, "export", user_id=ALICE)
@@ -122,13 +122,14 @@ async def test_export_sends_the_members_own_history_as_csv_or_json(runner, disco
     [file] = message.attachments
     assert file.filename == "imagine-history.csv"
     rows = list(csv.DictReader(io.StringIO(file.data.decode("utf-8-sig"))))
-    assert [r["prompt"] for r in rows] == ['a, "quoted" prompt']
-    assert rows[0]["status"] == "done" and rows[0]["cost_images"] == "1" and rows[0]["model"] == "flux"
+    assert [r["prompt"] for r in rows] == ['\'=HYPERLINK("http://evil")', 'a, "quoted" prompt']  # never a formula
+    assert rows[1]["status"] == "done" and rows[1]["cost_images"] == "1" and rows[1]["model"] == "flux"
     assert "ml-test-key" not in file.data.decode("utf-8-sig")
 
     as_json = await history(discord_server, "export", {"format": "json"}, user_id=ALICE)
     [file] = as_json.original.attachments
-    [record] = json.loads(file.data)
+    [formula, record] = json.loads(file.data)
+    assert formula["prompt"].startswith("=")  # JSON is data, kept as typed
     assert record["prompt"] == 'a, "quoted" prompt' and record["result"].startswith("https://discord.com/channels/")
     job = await runner.store.get(record["job"])
     assert job is not None and job.status is JobStatus.SUCCEEDED and record["seed"] == job.seed
