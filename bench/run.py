@@ -301,6 +301,14 @@ class Fakes:
                 return
             await asyncio.sleep(0.05)
 
+    def edits_between(self, start: float, end: float) -> int:
+        """Edits of status messages without images (progress: "position 3 of 12", "Generating...") in the window."""
+        return sum(
+            1
+            for rec in self.discord.requests
+            if rec.method == "PATCH" and not rec.files and start <= rec.at <= end and "/messages/" in rec.path
+        )
+
     def delays(self, prompts: Iterable[str]) -> list[float]:
         """For each prompt: from "finished at ModelsLab" to "the images reached Discord"."""
         result = []
@@ -759,6 +767,7 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
             end = time.monotonic()
             memory = bot.memory_mb()
             statuses = _job_statuses(bot.directory / "data" / "bot.sqlite3")
+            edits = fakes.edits_between(start, end)
     interactions = [fakes.interactions[p] for p in prompts]
     latencies = [i.callback_latency for i in interactions if i.callback_latency is not None]
     refused = sum(1 for i in interactions if not i.acknowledged)
@@ -777,8 +786,8 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
     )
     report.add("    ...refused by Discord (later than 3 s)", str(refused), "0", refused == 0)
     report.add(
-        "    ...bot CPU while they came in and settled",
-        f"{cpu:.1f} s in {end - start:.1f} s; fakes' loop stall at worst {stall_text(MONITOR.max_stall(start, end))}",
+        "    ...bot CPU while they came in and settled; status edits",
+        f"{cpu:.1f} s in {end - start:.1f} s; {edits} edits",
     )
     report.data["memory"] = {
         "pending": count,
@@ -791,6 +800,8 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
         "refused": refused,
         "bot_cpu_s": cpu,
         "elapsed_s": end - start,
+        "status_edits": edits,
+        "fakes_max_stall_s": MONITOR.max_stall(start, end),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 
 import discord
 import yarl
@@ -20,6 +21,11 @@ from bot.settings import Settings
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("cogs.imagine", "cogs.remix", "cogs.actions", "cogs.config", "cogs.history")
+STORAGE_FULL = (
+    "The bot's disk is full, so nothing was stored or sent to ModelsLab: please tell the bot's admin "
+    "(and try again once they have made room)."
+)
+STORAGE_BUSY = "The bot's database is busy for a moment, so nothing was stored or sent: please try again."
 INTERNAL_ERROR = (
     "Something went wrong on the bot's side and nothing was sent to ModelsLab; please try again. "
     "If it keeps happening, tell the bot's admin (reference {ref})."
@@ -57,6 +63,12 @@ class ImagineCommandTree(app_commands.CommandTree["ImagineBot"]):
         original = getattr(error, "original", error)
         if isinstance(original, UserFacingError):
             message = original.message
+        elif isinstance(original, sqlite3.OperationalError) and "full" in str(original):
+            log.error("The database cannot be written: the disk is full (%s)", original)
+            message = STORAGE_FULL
+        elif isinstance(original, sqlite3.OperationalError) and "locked" in str(original):
+            log.warning("The database stayed locked too long: %s", original)
+            message = STORAGE_BUSY
         elif isinstance(error, app_commands.NoPrivateMessage):
             message = "This command works only in a server, not in direct messages."
         elif isinstance(error, app_commands.CheckFailure) and str(error):
