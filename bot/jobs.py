@@ -309,11 +309,17 @@ class JobService:
             if job.status in (JobStatus.SUBMITTING, JobStatus.PROCESSING):
                 key = await self.api_key_for(job.guild_id)
                 self._queue.hold(_key_ref(key), job.id, job.user_id)
+        waiting: list[tuple[str, Job]] = []
         for job in jobs:
             if job.status is JobStatus.QUEUED and job.message_id is not None:
                 key = await self.api_key_for(job.guild_id)
                 if key is not None:
-                    self._queue.enqueue(_key_ref(key), job.id, job.user_id)
+                    waiting.append((_key_ref(key), job))
+        for key in {key for key, _ in waiting}:
+            members = sorted({job.user_id for k, job in waiting if k == key})
+            self._queue.remember_served(key, await self._store.last_served(members))
+        for key, job in waiting:
+            self._queue.enqueue(key, job.id, job.user_id)
         for job in jobs:
             self.start(job.id)
         if jobs:

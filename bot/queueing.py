@@ -94,6 +94,12 @@ class FairQueue:
         turn = self._turns[job_id] = asyncio.get_running_loop().create_future()
         turn.set_result(None)
 
+    def remember_served(self, key: str, last_served: dict[int, float]) -> None:
+        """At start-up: who was served when (from the database), so the round goes on where it was."""
+        queue = self._queue(key)
+        for user_id, _ in sorted(last_served.items(), key=lambda item: item[1]):
+            queue.serve(user_id)
+
     def enqueue(self, key: str, job_id: str, user_id: int, *, first: bool = False) -> None:
         """Add a waiting job; `first` puts it at the head (a job ModelsLab sent back with a 429)."""
         if job_id in self._waiting or job_id in self._queue(key).active:

@@ -345,6 +345,18 @@ class JobStore:
             rows = await cursor.fetchall()
         return [Job.from_row(row) for row in rows]
 
+    async def last_served(self, user_ids: list[int]) -> dict[int, float]:
+        """When each member's latest job was sent to ModelsLab (the fair queue's memory)."""
+        if not user_ids:
+            return {}
+        marks = ", ".join("?" for _ in user_ids)
+        async with self._db.execute(
+            f"SELECT user_id, MAX(submitted_at) FROM jobs WHERE user_id IN ({marks}) AND submitted_at IS NOT NULL"
+            " GROUP BY user_id",
+            user_ids,
+        ) as cursor:
+            return {int(row[0]): float(row[1]) for row in await cursor.fetchall()}
+
     async def set_message(self, job_id: str, message_id: int) -> None:
         await self._update(job_id, {"message_id": message_id})
 

@@ -214,3 +214,28 @@ async def test_a_members_own_seed_is_kept_and_the_retry_waits_out_the_spam_windo
     assert first.json["seed"] == second.json["seed"] == 42
     assert second.at - first.at >= 0.6
     assert job.status is JobStatus.SUCCEEDED
+
+
+async def test_the_fair_order_is_the_same_after_a_restart(runner, discord_server, modelslab):
+    """Alice was served twice, Bob once, Carol never: whatever the restart, Carol is next, then Bob."""
+    carol = 1_500_000_000_000_000_003
+    modelslab.default_behaviour = Queued(eta=300)
+    add_members(discord_server)
+    discord_server.add_member(carol, "carol")
+    await runner.start(modelslab_max_queued=1)
+    await imagine(discord_server, "alice 0", ALICE)
+    await imagine(discord_server, "bob 0", BOB)
+    await imagine(discord_server, "alice 1", ALICE)
+    since = 0
+    for _ in range(2):  # alice 0, then bob 0
+        _, since = await finish_next(runner, modelslab, since)
+    await modelslab.wait_for_submission(since=since)  # alice 1 runs now
+    await imagine(discord_server, "alice 2", ALICE)
+    await imagine(discord_server, "bob 1", BOB)
+    await imagine(discord_server, "carol 0", carol)
+    await runner.restart(modelslab_max_queued=1)
+    order = []
+    for _ in range(4):
+        prompt, since = await finish_next(runner, modelslab, since)
+        order.append(prompt)
+    assert order == ["alice 1", "carol 0", "bob 1", "alice 2"]
