@@ -146,3 +146,35 @@ async def test_buttons_work_after_a_restart_and_say_so_when_the_job_is_gone(runn
     await runner.app.database.connection.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
     gone = await press(discord_server, message, f"job:reroll:{job.id}")
     assert "no longer exists" in gone.original.content and gone.original.flags & 64
+
+
+async def test_rerolling_a_remix_reuses_its_picture_and_the_menu_remixes_the_bots_own_result(
+    runner, discord_server, modelslab
+):
+    await runner.start()
+    _, message = await first_result(runner, discord_server)
+    opened = await discord_server.invoke_message_command("Remix", message)  # the bot's own result
+    await opened.wait_callback()
+    fields = {c["components"][0]["label"]: c["components"][0]["custom_id"] for c in opened.modal["components"]}
+    submitted = await discord_server.submit_modal(opened.modal["custom_id"], {fields["Prompt"]: "in winter"})
+    await submitted.wait_callback()
+    remix = await runner.wait_posted(await _job_with_prompt(runner, "in winter"))
+    assert remix.kind == "img2img" and remix.status is JobStatus.SUCCEEDED
+    first_input = next(c for c in modelslab.submissions() if c.path.endswith("img2img")).json["init_image"]
+
+    rerolled = await press(discord_server, submitted.original, f"job:reroll:{remix.id}")
+    child = await runner.wait_posted(await child_of(runner, remix.id))
+    assert child.kind == "img2img" and child.status is JobStatus.SUCCEEDED
+    second_input = [c for c in modelslab.submissions() if c.path.endswith("img2img")][-1].json["init_image"]
+    assert second_input == first_input  # the same picture, from the stored copy
+    assert len(attachments_of(rerolled.original)) == 1
+
+
+async def _job_with_prompt(runner: BotRunner, prompt: str) -> str:
+    assert runner.app is not None
+    async with runner.app.database.connection.execute(
+        "SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return str(row[0])
