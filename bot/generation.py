@@ -109,6 +109,7 @@ class GenerationRequest:
     lora_strengths: tuple[float, ...] = field(default_factory=tuple)
     safety_checker: bool = True
     seed_is_random: bool = False  # the bot chose the seed: it may choose another (re-submissions, re-rolls)
+    enhance_style: str | None = None  # one of ModelsLab's documented styles (not for flux)
     strength: float | None = None  # img2img: how far from the input image (0-1)
     source_url: str | None = None  # img2img/upscale: where the input image was read (a Discord attachment)
     upscale_scale: int | None = None  # upscale: the factor
@@ -141,6 +142,8 @@ class GenerationRequest:
             payload["negative_prompt"] = self.negative_prompt
         if self.scheduler:
             payload["scheduler"] = self.scheduler
+        if self.enhance_style:
+            payload["enhance_style"] = self.enhance_style
         if self.lora_models:
             payload["lora_model"] = ",".join(self.lora_models)
             if self.lora_strengths:
@@ -183,6 +186,7 @@ def build_generation_request(
     lora_strength: str | None = None,
     safety_checker: bool = True,
     defaults: ServerDefaults | None = None,
+    style: str | None = None,
 ) -> GenerationRequest:
     """Check every option of `/imagine` and build the request, or raise `InvalidOption` for the first bad one.
 
@@ -250,6 +254,16 @@ def build_generation_request(
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise InvalidOption("scheduler", "must be one of the listed schedulers: " + ", ".join(SCHEDULERS) + ".")
 
+    if style is not None:
+        from bot.styles import ENHANCE_STYLES
+
+        if flux:
+            raise InvalidOption(
+                "--style", "is ignored by the flux model: leave it out, or pick another model such as fluxdev."
+            )
+        if style not in ENHANCE_STYLES:
+            raise InvalidOption("--style", "must be one of ModelsLab's styles, such as watercolor, anime or cinematic.")
+
     lora_models = _split_list(lora)
     lora_strengths_text = _split_list(lora_strength)
     if lora_models and flux:
@@ -283,6 +297,7 @@ def build_generation_request(
         lora_strengths=lora_strengths,
         safety_checker=safety_checker,
         seed_is_random=seed_is_random,
+        enhance_style=style,
     )
 
 

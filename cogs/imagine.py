@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.generation import SCHEDULERS, build_generation_request
+from bot.flags import parse_flags
+from bot.generation import FLUX_SIDE_MIN, SCHEDULERS, SIDE_MIN, build_generation_request, is_flux
 from cogs.job_requests import channel_is_nsfw, server_config, server_defaults, submit_job
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
 
 log = logging.getLogger(__name__)
+
+
+def flags_model(prompt: str) -> str | None:
+    """The model a `--model` flag names, before the flags are checked (the size limits depend on it)."""
+    found = re.search(r"(?<!\S)--model\s+(\S+)", prompt)
+    return found.group(1) if found else None
 
 
 class Imagine(commands.Cog):
@@ -57,18 +65,22 @@ class Imagine(commands.Cog):
     ) -> None:
         settings = self.bot.settings
         config = await server_config(self.bot, interaction)
+        # Flags typed in the prompt (--ar 16:9 --seed 7 --no text ...): an explicit option wins over a flag.
+        flags = parse_flags(prompt, side_min=FLUX_SIDE_MIN if is_flux(model or flags_model(prompt) or "") else SIDE_MIN)
+        negatives = [text for text in (negative_prompt, flags.negative) if text]
         request = build_generation_request(
             flavour=settings.modelslab_api,
             default_model=settings.modelslab_default_model,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            model=model,
-            width=width,
-            height=height,
+            prompt=flags.prompt,
+            negative_prompt=", ".join(negatives) or None,
+            model=model or flags.model,
+            width=width if width is not None else flags.width,
+            height=height if height is not None else flags.height,
             samples=samples,
-            steps=steps,
+            steps=steps if steps is not None else flags.steps,
             guidance=guidance,
-            seed=seed,
+            seed=seed if seed is not None else flags.seed,
+            style=flags.style,
             scheduler=scheduler.value if scheduler is not None else None,
             lora=lora,
             lora_strength=lora_strength,

@@ -664,3 +664,30 @@ def _png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (10, 200, 90)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- inline flags
+
+
+async def test_inline_flags_set_the_options_and_leave_the_prompt_clean(runner, discord_server, modelslab):
+    await runner.start()
+    await imagine(
+        discord_server,
+        prompt="a cat on a roof --ar 16:9 --seed 7 --no text --steps 15 --style watercolor --model sdxl",
+        negative_prompt="blurry",
+    )
+    body = (await modelslab.wait_for_submission()).json
+    assert body["prompt"] == "a cat on a roof"
+    assert (body["width"], body["height"], body["seed"], body["num_inference_steps"]) == (1024, 576, 7, 15)
+    assert (body["model_id"], body["enhance_style"], body["negative_prompt"]) == ("sdxl", "watercolor", "blurry, text")
+
+
+async def test_an_explicit_option_wins_over_a_flag_and_unknown_flags_are_refused(runner, discord_server, modelslab):
+    await runner.start()
+    await imagine(discord_server, prompt="a cat --seed 7 --ar 1:1", seed=9, width=512)
+    body = (await modelslab.wait_for_submission()).json
+    assert (body["seed"], body["width"], body["height"]) == (9, 512, 1024)
+    refused = await imagine(discord_server, prompt="a cat --chaos 80")
+    assert refused.original.flags & 64 and "`--chaos` is not a flag this bot knows" in refused.original.content
+    flux_style = await imagine(discord_server, prompt="a cat --style anime")
+    assert "`--style` is ignored by the flux model" in flux_style.original.content

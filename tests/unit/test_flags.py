@@ -1,0 +1,85 @@
+"""Inline flags in the prompt: examples, and properties checked by hypothesis."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bot.errors import InvalidOption
+from bot.flags import parse_flags, size_for_ratio
+from bot.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN
+
+
+def test_every_flag_is_read_and_removed_from_the_prompt():
+    parsed = parse_flags(
+        "a cat on a roof --ar 16:9 --seed 7 --no text, watermark --steps 15 --style watercolor --model sdxl",
+        side_min=SIDE_MIN,
+    )
+    assert parsed.prompt == "a cat on a roof"
+    assert (parsed.width, parsed.height, parsed.aspect) == (1024, 576, "16:9")
+    assert (parsed.seed, parsed.negative, parsed.steps) == (7, "text, watermark", 15)
+    assert (parsed.style, parsed.model) == ("watercolor", "sdxl")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("a cat --chaos 50", "`--chaos` is not a flag this bot knows"),
+        ("a cat --ar wide", "`--ar` must be a ratio like 16:9"),
+        ("a cat --ar 10:1", "at most 4:1"),
+        ("a cat --seed x", "`--seed` must be a whole number"),
+        ("a cat --seed 99999999999", "from 0 to 4294967295"),
+        ("a cat --steps", "`--steps` needs a value, e.g. --steps 30"),
+        ("a cat --seed 1 --seed 2", "is given twice"),
+    ],
+)
+def test_bad_flags_are_named(text, words):
+    with pytest.raises(InvalidOption) as refusal:
+        parse_flags(text, side_min=SIDE_MIN)
+    assert words in refusal.value.message
+
+
+def test_dashes_inside_words_are_not_flags():
+    assert parse_flags("a state-of-the-art robot--friendly", side_min=SIDE_MIN).prompt == (
+        "a state-of-the-art robot--friendly"
+    )
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="-"), max_size=200))
+def test_a_prompt_without_flags_is_only_tidied(text):
+    assert parse_flags(text, side_min=SIDE_MIN).prompt == " ".join(text.split())
+
+
+@given(st.text(max_size=200))
+def test_parsing_anything_either_works_or_names_the_problem(text):
+    try:
+        parsed = parse_flags(text, side_min=SIDE_MIN)
+    except InvalidOption as refusal:
+        assert refusal.message.startswith("`")
+    else:
+        assert "--ar" not in parsed.prompt.split()
+
+
+@given(st.integers(1, 64), st.integers(1, 64), st.sampled_from([SIDE_MIN, FLUX_SIDE_MIN]))
+def test_any_ratio_maps_to_a_valid_size_close_to_it(a, b, side_min):
+    if max(a, b) / min(a, b) > 4:
+        return
+    width, height = size_for_ratio(a, b, side_min=side_min)
+    assert width % 8 == 0 and height % 8 == 0
+    assert side_min <= width <= SIDE_MAX and side_min <= height <= SIDE_MAX
+    assert max(width, height) == SIDE_MAX
+    if min(width, height) > side_min:
+        assert abs(width / height - a / b) / (a / b) < 0.02
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 50),
+    st.sampled_from(["16:9", "1:1", "2:3", "21:9"]),
+    st.text(alphabet="abcdefgh ,", min_size=1, max_size=30).filter(lambda t: t.strip(" ,")),
+)
+def test_flags_round_trip(seed, steps, ratio, negative):
+    parsed = parse_flags(f"a fox --seed {seed} --ar {ratio} --steps {steps} --no {negative}", side_min=SIDE_MIN)
+    assert (parsed.prompt, parsed.seed, parsed.steps) == ("a fox", seed, steps)
+    assert parsed.negative == " ".join(negative.split())
