@@ -68,16 +68,30 @@ class GuildAdmin:
         self._allow_default_key = allow_default_key
         self._clock = clock
         self._unreadable_reported: set[int] = set()
+        # Read before every acknowledgement, changed only through this class: kept in memory.
+        self._configs: dict[int, GuildConfig] = {}
+        self._keys: dict[int, str | None] = {}
 
     async def config(self, guild_id: int) -> GuildConfig:
-        return await self._guilds.config(guild_id)
+        config = self._configs.get(guild_id)
+        if config is None:
+            config = self._configs[guild_id] = await self._guilds.config(guild_id)
+        return config
+
+    def _forget_cached(self, guild_id: int) -> None:
+        self._configs.pop(guild_id, None)
+        self._keys.pop(guild_id, None)
 
     # ------------------------------------------------------------------------------------------ keys
 
     async def api_key_for(self, guild_id: int | None) -> str | None:
         """The server's own key; else the operator's, if the operator allows that; else none."""
+        if guild_id is not None and guild_id in self._keys:
+            return self._keys[guild_id] or (self._default_api_key if self._allow_default_key else None)
         if guild_id is not None:
             sealed = await self._guilds.sealed_key(guild_id)
+            if sealed is None:
+                self._keys[guild_id] = None
             if sealed is not None:
                 try:
                     api_key = self._keybox.open(guild_id, sealed)
@@ -89,6 +103,7 @@ class GuildAdmin:
                         )
                     return None
                 register_secret(api_key)
+                self._keys[guild_id] = api_key
                 return api_key
         return self._default_api_key if self._allow_default_key else None
 
@@ -109,12 +124,14 @@ class GuildAdmin:
         await self._guilds.update(
             guild_id, api_key_ciphertext=self._keybox.seal(guild_id, api_key), api_key_last4=last4(api_key)
         )
+        self._forget_cached(guild_id)
         self._unreadable_reported.discard(guild_id)
         log.info("Server %s set its ModelsLab API key", guild_id)
         return last4(api_key)
 
     async def clear_api_key(self, guild_id: int) -> None:
         await self._guilds.update(guild_id, api_key_ciphertext=None, api_key_last4=None)
+        self._forget_cached(guild_id)
         log.info("Server %s removed its ModelsLab API key", guild_id)
 
     def uses_operator_key(self, config: GuildConfig) -> bool:
@@ -146,6 +163,7 @@ class GuildAdmin:
                 raise Refused(f"`{name}` must be from 0 (no limit) to {MAX_LIMIT}.")
             changes[columns[name]] = value
         await self._guilds.update(guild_id, **changes)
+        self._forget_cached(guild_id)
         return await self.config(guild_id)
 
     async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
@@ -160,6 +178,7 @@ class GuildAdmin:
         if user_daily is not None and role_id not in config.role_limits and len(config.role_limits) >= MAX_ROLE_LIMITS:
             raise Refused(f"A server can have at most {MAX_ROLE_LIMITS} role limits: remove one first.")
         await self._guilds.set_role_limit(guild_id, role_id, user_daily)
+        self._forget_cached(guild_id)
 
     async def quota_status(self, guild_id: int, user_id: int, role_ids: Iterable[int]) -> QuotaStatus:
         now = self._clock()
@@ -177,29 +196,36 @@ class GuildAdmin:
                 raise Refused(f"At most {MAX_ALLOWED_CHANNELS} channels can be listed: remove one first.")
             channels.append(channel_id)
         await self._guilds.update(guild_id, allowed_channels_json=json.dumps(channels))
+        self._forget_cached(guild_id)
         return await self.config(guild_id)
 
     async def allow_everywhere(self, guild_id: int) -> None:
         await self._guilds.update(guild_id, allowed_channels_json="[]")
+        self._forget_cached(guild_id)
 
     async def set_gallery(self, guild_id: int, channel_id: int | None) -> None:
         await self._guilds.update(guild_id, gallery_channel_id=channel_id)
+        self._forget_cached(guild_id)
 
     async def set_nsfw_policy(self, guild_id: int, policy: NsfwPolicy) -> None:
         await self._guilds.update(guild_id, nsfw_policy=policy)
+        self._forget_cached(guild_id)
 
     async def add_blocklist_rule(self, guild_id: int, rule: str, added_by: int) -> str:
         pattern = normalise_rule(rule)
         if not await self._guilds.add_blocklist_rule(guild_id, pattern, added_by):
             raise Refused(f"`{pattern}` is already on the blocklist.")
+        self._forget_cached(guild_id)
         return pattern
 
     async def remove_blocklist_rule(self, guild_id: int, rule: str) -> str:
         pattern = normalise_rule(rule)
         if not await self._guilds.remove_blocklist_rule(guild_id, pattern):
             raise Refused(f"`{pattern}` is not on the blocklist.")
+        self._forget_cached(guild_id)
         return pattern
 
     async def set_defaults(self, guild_id: int, **changes: object) -> GuildConfig:
         await self._guilds.update(guild_id, **changes)
+        self._forget_cached(guild_id)
         return await self.config(guild_id)

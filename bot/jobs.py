@@ -294,6 +294,8 @@ class JobService:
     def _driver_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
         self._wake.pop(job_id, None)
+        self._progress_shown.pop(job_id, None)
+        self._progress_last.pop(job_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("Job %s driver stopped on an unexpected error", job_id, exc_info=task.exception())
 
@@ -833,7 +835,7 @@ class JobService:
         return self._presenter
 
     def _queue_changed(self, key: str) -> None:
-        for job_id in self._queue.waiting_jobs(key):
+        for job_id in self._queue.waiting_ids(key):
             self._schedule_progress(job_id)
 
     def _schedule_progress(self, job_id: str) -> None:
@@ -851,15 +853,15 @@ class JobService:
         self._progress_timers[job_id] = asyncio.get_running_loop().call_later(delay, fire)
 
     async def _show_queue_position(self, job_id: str) -> None:
+        place = self._queue.position(job_id)
+        shown = (place[0] if place else None, self._queue.paused_for(job_id) > 0)
+        if self._progress_shown.get(job_id) == shown:
+            return  # the member already sees this: no edit, and no database read
         job = await self._store.get(job_id)
         if job is None or job.status is not JobStatus.QUEUED:
             self._progress_shown.pop(job_id, None)
             self._progress_last.pop(job_id, None)
             return
-        place = self._queue.position(job_id)
-        shown = (place[0] if place else None, self._queue.paused_for(job_id) > 0)
-        if self._progress_shown.get(job_id) == shown:
-            return  # the member already sees this: no edit
         self._progress_shown[job_id] = shown
         self._progress_last[job_id] = time.monotonic()
         progress = Progress(
