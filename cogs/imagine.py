@@ -12,7 +12,7 @@ from discord.ext import commands
 
 from bot.flags import parse_flags
 from bot.generation import FLUX_SIDE_MIN, SCHEDULERS, SIDE_MIN, build_generation_request, is_flux
-from cogs.job_requests import channel_is_nsfw, server_config, server_defaults, submit_job
+from cogs.job_requests import channel_is_nsfw, model_choices, server_config, server_defaults, submit_job
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
@@ -94,14 +94,7 @@ class Imagine(commands.Cog):
     async def model_autocomplete(
         self, interaction: discord.Interaction[ImagineBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        """The server's allowed models, else ModelsLab's public list (cached; never a slow answer)."""
-        allowed: tuple[str, ...] = ()
-        api_key = None
-        if interaction.guild_id is not None:
-            allowed = (await self.bot.guild_admin.config(interaction.guild_id)).allowed_models
-            api_key = await self.bot.jobs.api_key_for(interaction.guild_id)
-        models = await self.bot.catalog.suggestions(current, api_key, allowed)
-        return [app_commands.Choice(name=model, value=model) for model in models]
+        return await model_choices(self.bot, interaction, current)
 
 
 async def setup(bot: ImagineBot) -> None:

@@ -100,3 +100,17 @@ async def submit_job(
         raise
     jobs.metrics.ack_latency.observe(max((discord.utils.utcnow() - interaction.created_at).total_seconds(), 0.0))
     await jobs.status_message_shown(job.id, response.message_id)
+
+
+async def model_choices(
+    bot: ImagineBot, interaction: discord.Interaction, current: str
+) -> list[discord.app_commands.Choice[str]]:
+    """The `model` autocomplete of /imagine and /remix: the server's allowed models, else ModelsLab's public
+    list (cached; never a slow answer)."""
+    allowed: tuple[str, ...] = ()
+    api_key = None
+    if interaction.guild_id is not None:
+        allowed = (await bot.guild_admin.config(interaction.guild_id)).allowed_models
+        api_key = await bot.jobs.api_key_for(interaction.guild_id)
+    models = await bot.catalog.suggestions(current, api_key, allowed)
+    return [discord.app_commands.Choice(name=model, value=model) for model in models]

@@ -13,7 +13,7 @@ from bot.download_policy import DownloadRefused, discord_media_policy
 from bot.errors import InvalidOption, UserFacingError
 from bot.generation import DEFAULT_STRENGTH, build_remix_request
 from bot.imaging import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
-from cogs.job_requests import channel_is_nsfw, server_config, server_defaults, submit_job
+from cogs.job_requests import channel_is_nsfw, model_choices, server_config, server_defaults, submit_job
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
@@ -170,13 +170,7 @@ class Remix(commands.Cog):
     async def model_autocomplete(
         self, interaction: discord.Interaction[ImagineBot], current: str
     ) -> list[app_commands.Choice[str]]:
-        allowed: tuple[str, ...] = ()
-        api_key = None
-        if interaction.guild_id is not None:
-            allowed = (await self.bot.guild_admin.config(interaction.guild_id)).allowed_models
-            api_key = await self.bot.jobs.api_key_for(interaction.guild_id)
-        models = await self.bot.catalog.suggestions(current, api_key, allowed)
-        return [app_commands.Choice(name=model, value=model) for model in models]
+        return await model_choices(self.bot, interaction, current)
 
     async def remix_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         source = image_in(message, self.bot.settings.discord_api_base)
