@@ -573,6 +573,10 @@ async def scenario_ack(options: argparse.Namespace, workdir: Path, report: Repor
             fakes.behave(Queued(eta=NEVER), options.api_latency)
             async with running_bot(fakes, workdir, f"ack{run}", options) as bot:
                 prompts = [f"ack burst {n}" for n in range(count)]
+                if not options.ack_cold:
+                    # A bot that has served a command before: what it keeps in memory is loaded.
+                    await fakes.imagine("ack warm-up", fakes.member(0))
+                    await fakes.wait_acknowledged(["ack warm-up"])
                 await fakes.wait_quiet(0.3)
                 cpu = bot.cpu_seconds()
                 start = time.monotonic()
@@ -595,7 +599,8 @@ async def scenario_ack(options: argparse.Namespace, workdir: Path, report: Repor
         return
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     runs = options.ack_runs
-    report.add(f"1. Acknowledgement, {count} x /imagine at once ({runs} runs): p50", ms(p50))
+    warm = "cold bot, " if options.ack_cold else ""
+    report.add(f"1. Acknowledgement, {count} x /imagine at once ({warm}{runs} runs): p50", ms(p50))
     report.add(f"   Acknowledgement p99 (max {ms(max(latencies))})", ms(p99), f"< {ms(ACK_P99_TARGET)}", p99 < 0.25)
     report.add("   ...refused by Discord (later than 3 s)", str(refused), "0", refused == 0)
     report.add(
@@ -607,6 +612,7 @@ async def scenario_ack(options: argparse.Namespace, workdir: Path, report: Repor
     report.data["ack"] = {
         "commands": count,
         "runs": runs,
+        "cold": options.ack_cold,
         "min_s": min(latencies),
         "p50_s": p50,
         "p99_s": p99,
@@ -903,6 +909,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated scenarios: {', '.join(MODES)}")
     parser.add_argument("--commands", type=int, default=200, help="ack: /imagine commands sent at once")
     parser.add_argument("--ack-runs", type=int, default=3, help="ack: bursts, each to a freshly started bot")
+    parser.add_argument(
+        "--ack-cold", action="store_true", help="ack: no warm-up command before the burst (the first after start)"
+    )
     parser.add_argument("--jobs", type=int, default=100, help="webhook, polling: jobs, sent at --rate")
     parser.add_argument("--rate", type=float, default=20.0, help="webhook, polling: commands per second")
     parser.add_argument("--burst", type=int, default=100, help="webhook: jobs finishing at once (throughput)")

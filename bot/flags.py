@@ -105,3 +105,22 @@ _EXAMPLES = {
     "style": "--style watercolor",
     "model": "--model fluxdev",
 }
+
+
+def with_preset(inline: PromptFlags, preset: PromptFlags | None) -> PromptFlags:
+    """A flag typed in the prompt wins over the preset's; negative words add up."""
+    if preset is None:
+        return inline
+    negatives = [text for text in (preset.negative, inline.negative) if text]
+    sized = inline.width is not None
+    return PromptFlags(
+        prompt=inline.prompt,
+        width=inline.width if sized else preset.width,
+        height=inline.height if sized else preset.height,
+        aspect=inline.aspect if sized else preset.aspect,
+        seed=inline.seed if inline.seed is not None else preset.seed,
+        negative=", ".join(negatives) or None,
+        steps=inline.steps if inline.steps is not None else preset.steps,
+        style=inline.style or preset.style,
+        model=inline.model or preset.model,
+    )

@@ -110,6 +110,7 @@ class GenerationRequest:
     safety_checker: bool = True
     seed_is_random: bool = False  # the bot chose the seed: it may choose another (re-submissions, re-rolls)
     enhance_style: str | None = None  # one of ModelsLab's documented styles (not for flux)
+    preset: str | None = None  # the server preset the member chose (shown by Info)
     strength: float | None = None  # img2img: how far from the input image (0-1)
     source_url: str | None = None  # img2img/upscale: where the input image was read (a Discord attachment)
     upscale_scale: int | None = None  # upscale: the factor

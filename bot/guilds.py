@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from bot.errors import UserFacingError
+from bot.flags import parse_flags
+from bot.generation import SIDE_MIN
 from bot.guild_rules import GuildConfig, Limits, NsfwPolicy, Refused, Usage, limits_for, next_reset, normalise_rule
 from bot.keybox import KeyBox, KeyUnreadable, last4
 from bot.log import register_secret
@@ -28,6 +31,8 @@ UNREADABLE_KEY = (
 )
 MAX_LIMIT = 100_000
 MAX_ROLE_LIMITS = 25
+MAX_PRESETS = 25  # Discord shows 25 autocomplete suggestions
+PRESET_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
 MAX_ALLOWED_CHANNELS = 25
 
 
@@ -224,6 +229,32 @@ class GuildAdmin:
             raise Refused(f"`{pattern}` is not on the blocklist.")
         self._forget_cached(guild_id)
         return pattern
+
+    async def presets(self, guild_id: int) -> dict[str, str]:
+        return await self._guilds.presets(guild_id)
+
+    async def save_preset(self, guild_id: int, name: str, flags_text: str, created_by: int) -> str:
+        """A named set of flags; checked now (only flags, each valid), so using it later cannot surprise."""
+        name = " ".join(name.split()).lower()
+        if not PRESET_NAME.match(name):
+            raise Refused("A preset name is 1 to 32 letters, digits, dashes or underscores.")
+        parsed = parse_flags(flags_text, side_min=SIDE_MIN)
+        if parsed.prompt:
+            raise Refused(
+                f"A preset holds only flags (like `--ar 16:9 --steps 30`), not prompt words: “{parsed.prompt[:40]}”."
+            )
+        if not flags_text.strip():
+            raise Refused("A preset needs at least one flag, like `--ar 16:9`.")
+        presets = await self._guilds.presets(guild_id)
+        if name not in presets and len(presets) >= MAX_PRESETS:
+            raise Refused(f"A server can have at most {MAX_PRESETS} presets: remove one first.")
+        normalised = " ".join(flags_text.split())
+        await self._guilds.save_preset(guild_id, name, normalised, created_by)
+        return name
+
+    async def remove_preset(self, guild_id: int, name: str) -> None:
+        if not await self._guilds.remove_preset(guild_id, " ".join(name.split()).lower()):
+            raise Refused(f"There is no preset called `{name[:32]}`.")
 
     async def set_defaults(self, guild_id: int, **changes: object) -> GuildConfig:
         await self._guilds.update(guild_id, **changes)

@@ -218,6 +218,10 @@ def job_info(job: Job) -> str:
         )
     if request.scheduler:
         lines.append(f"**Scheduler:** {request.scheduler}")
+    if request.enhance_style:
+        lines.append(f"**Style:** {request.enhance_style}")
+    if request.preset:
+        lines.append(f"**Preset:** {request.preset} (your options and prompt flags win over it)")
     if request.lora_models:
         strengths = ", ".join(f"{s:g}" for s in request.lora_strengths) or "default"
         lines.append(f"**LoRA:** {', '.join(request.lora_models)} (strength {strengths})")

@@ -685,6 +685,23 @@ class GuildStore:
         )
         return cursor.rowcount == 1
 
+    async def presets(self, guild_id: int) -> dict[str, str]:
+        async with self._db.execute(
+            "SELECT name, flags FROM presets WHERE guild_id = ? ORDER BY name", (guild_id,)
+        ) as cursor:
+            return {row[0]: row[1] for row in await cursor.fetchall()}
+
+    async def save_preset(self, guild_id: int, name: str, flags: str, created_by: int) -> None:
+        await self._db.execute(
+            "INSERT INTO presets (guild_id, name, flags, created_by, created_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (guild_id, name) DO UPDATE SET flags = excluded.flags, created_by = excluded.created_by",
+            (guild_id, name, flags, created_by, time.time()),
+        )
+
+    async def remove_preset(self, guild_id: int, name: str) -> bool:
+        cursor = await self._db.execute("DELETE FROM presets WHERE guild_id = ? AND name = ?", (guild_id, name))
+        return cursor.rowcount == 1
+
     async def remove_blocklist_rule(self, guild_id: int, pattern: str) -> bool:
         cursor = await self._db.execute("DELETE FROM blocklist WHERE guild_id = ? AND pattern = ?", (guild_id, pattern))
         return cursor.rowcount == 1

@@ -293,6 +293,36 @@ class ConfigCommands(app_commands.Group, name="config", description="Server sett
             pattern = await self.admin.remove_blocklist_rule(interaction.guild_id, rule)
             await self._reply(interaction, f"`{pattern}` removed from the blocklist.")
 
+    @app_commands.command(name="preset", description="Named sets of flags members can pick in /imagine")
+    @app_commands.describe(
+        action="save, remove or list",
+        name="The preset's name (letters, digits, - and _)",
+        flags="For save: flags like --ar 16:9 --steps 30 --style anime --no text",
+    )
+    async def preset(
+        self,
+        interaction: discord.Interaction,
+        action: Literal["save", "remove", "list"],
+        name: str | None = None,
+        flags: str | None = None,
+    ) -> None:
+        assert interaction.guild_id is not None
+        if action == "list":
+            presets = await self.admin.presets(interaction.guild_id)
+            lines = [f"• `{n}`: `{f}`" for n, f in presets.items()]
+            await self._reply(interaction, _short("\n".join(lines), 1900) or "No presets yet.")
+            return
+        if not name:
+            raise Refused(f"`name` is needed for `{action}`.")
+        if action == "save":
+            saved = await self.admin.save_preset(interaction.guild_id, name, flags or "", interaction.user.id)
+            await self._reply(
+                interaction, f"Preset `{saved}` saved: members can pick it with `/imagine preset:{saved}`."
+            )
+        else:
+            await self.admin.remove_preset(interaction.guild_id, name)
+            await self._reply(interaction, f"Preset `{name}` removed.")
+
     @app_commands.command(name="defaults", description="Server defaults for /imagine, and the allowed models")
     @app_commands.describe(
         model="Default model_id",

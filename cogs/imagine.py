@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -10,7 +11,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.flags import parse_flags
+from bot.errors import InvalidOption
+from bot.flags import parse_flags, with_preset
 from bot.generation import FLUX_SIDE_MIN, SCHEDULERS, SIDE_MIN, build_generation_request, is_flux
 from cogs.job_requests import channel_is_nsfw, model_choices, server_config, server_defaults, submit_job
 
@@ -45,6 +47,7 @@ class Imagine(commands.Cog):
         scheduler="Sampling scheduler",
         lora="LoRA model ids, separated by commas",
         lora_strength="One strength per LoRA, 0.1 to 1, separated by commas",
+        preset="One of this server's presets (/config preset)",
     )
     @app_commands.choices(scheduler=[app_commands.Choice(name=name, value=name) for name in SCHEDULERS])
     async def imagine(
@@ -62,11 +65,19 @@ class Imagine(commands.Cog):
         scheduler: app_commands.Choice[str] | None = None,
         lora: str | None = None,
         lora_strength: str | None = None,
+        preset: str | None = None,
     ) -> None:
         settings = self.bot.settings
         config = await server_config(self.bot, interaction)
-        # Flags typed in the prompt (--ar 16:9 --seed 7 --no text ...): an explicit option wins over a flag.
-        flags = parse_flags(prompt, side_min=FLUX_SIDE_MIN if is_flux(model or flags_model(prompt) or "") else SIDE_MIN)
+        # Precedence: an explicit option, then a flag typed in the prompt (--ar 16:9 --seed 7 ...), then the
+        # preset's flags, then the server's defaults, then the built-in ones.
+        preset_text = await self.preset_flags(interaction.guild_id, preset)
+        model_hint = model or flags_model(prompt) or flags_model(preset_text or "") or ""
+        side_min = FLUX_SIDE_MIN if is_flux(model_hint) else SIDE_MIN
+        flags = with_preset(
+            parse_flags(prompt, side_min=side_min),
+            parse_flags(preset_text, side_min=side_min) if preset_text else None,
+        )
         negatives = [text for text in (negative_prompt, flags.negative) if text]
         request = build_generation_request(
             flavour=settings.modelslab_api,
@@ -88,7 +99,33 @@ class Imagine(commands.Cog):
             safety_checker=not channel_is_nsfw(interaction),
             defaults=server_defaults(config, settings.modelslab_default_model),
         )
+        if preset_text:
+            request = dataclasses.replace(request, preset=preset)
         await submit_job(self.bot, interaction, kind="text2img", request=request, config=config)
+
+    async def preset_flags(self, guild_id: int | None, name: str | None) -> str | None:
+        if not name or guild_id is None:
+            return None
+        presets = await self.bot.guild_admin.presets(guild_id)
+        key = " ".join(name.split()).lower()
+        if key not in presets:
+            names = ", ".join(f"`{n}`" for n in presets) or "none yet (an admin adds them with `/config preset`)"
+            raise InvalidOption("preset", f"must be one of this server's presets: {names}."[:1900])
+        return presets[key]
+
+    @imagine.autocomplete("preset")
+    async def preset_autocomplete(
+        self, interaction: discord.Interaction[ImagineBot], current: str
+    ) -> list[app_commands.Choice[str]]:
+        if interaction.guild_id is None:
+            return []
+        presets = await self.bot.guild_admin.presets(interaction.guild_id)
+        typed = current.strip().lower()
+        return [
+            app_commands.Choice(name=f"{name}: {flags}"[:100], value=name)
+            for name, flags in presets.items()
+            if typed in name
+        ][:25]
 
     @imagine.autocomplete("model")
     async def model_autocomplete(

@@ -88,7 +88,8 @@ async def test_config_is_synced_with_manage_server_as_its_default_permission(run
     assert int(command["default_member_permissions"]) == 1 << 5  # MANAGE_GUILD
     names = {option["name"] for option in command["options"]}
     assert names == {
-        "show", "apikey", "apikey-clear", "limits", "role-limit", "channels", "nsfw", "blocklist", "defaults"
+        "show", "apikey", "apikey-clear", "limits", "role-limit", "channels", "nsfw", "blocklist", "defaults",
+        "preset",
     }  # fmt: skip
 
 
@@ -432,3 +433,41 @@ async def test_asking_for_more_than_the_whole_daily_limit_says_so(runner, discor
     await config(discord_server, "limits", {"user_daily": 2})
     refused = await imagine(discord_server, options={"samples": 4})
     assert "at most 2 images a day (daily limit): ask for 2 or fewer" in refused.original.content
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+async def test_presets_are_saved_offered_and_applied_below_options_and_flags(runner, discord_server, modelslab):
+    await runner.start()
+    saved = await config(
+        discord_server,
+        "preset",
+        {"action": "save", "name": "Wide", "flags": "--ar 16:9 --steps 15 --model sdxl --no text"},
+    )
+    assert "Preset `wide` saved" in await private_text(discord_server, saved)
+
+    offered = await discord_server.invoke_autocomplete("imagine", {"prompt": "x", "preset": "wi"}, "preset")
+    await offered.wait_callback()
+    assert [c["value"] for c in offered.autocomplete_choices] == ["wide"]
+
+    interaction = await imagine(discord_server, "a valley --steps 12", options={"preset": "wide", "seed": 5})
+    body = (await modelslab.wait_for_submission()).json
+    assert (body["width"], body["height"], body["model_id"]) == (1024, 576, "sdxl")  # from the preset
+    assert body["num_inference_steps"] == 12 and body["seed"] == 5  # a flag, then an option, win over it
+    assert body["negative_prompt"] == "text" and body["prompt"] == "a valley"
+    job = await runner.wait_posted()
+    info = await discord_server.invoke_component(interaction.original.id, f"job:info:{job.id}")
+    await info.wait_callback()
+    assert "**Preset:** wide" in info.original.content
+
+
+async def test_bad_presets_are_refused(runner, discord_server, modelslab):
+    await runner.start()
+    words = await config(discord_server, "preset", {"action": "save", "name": "x", "flags": "a cat --ar 1:1"})
+    assert "only flags" in await private_text(discord_server, words)
+    unknown = await config(discord_server, "preset", {"action": "save", "name": "x", "flags": "--chaos 5"})
+    assert "`--chaos` is not a flag this bot knows" in await private_text(discord_server, unknown)
+    missing = await imagine(discord_server, options={"preset": "nope"})
+    assert "`preset` must be one of this server's presets" in missing.original.content
+    assert modelslab.submissions() == []
