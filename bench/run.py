@@ -50,6 +50,8 @@ MEMBER_BASE_ID = 1_600_000_000_000_000_000
 MODES = ("ack", "webhook", "polling", "stall", "memory")
 WEBHOOK_ETA = 60.0  # webhook scenarios: ModelsLab's ETA, far beyond the job, so every result comes by webhook
 NEVER = 300.0  # an ETA for jobs that the benchmark never lets finish
+DEFAULT_SIZE = (512, 512)  # the bot's default width and height
+STALL_SIZE = (1024, 1024)
 RESULT_PATH = re.compile(r"^/webhooks/\d+/(?P<token>[^/]+)/messages/")
 STALL_FLOOR_MS = 1.0  # the monitor writes down overshoots from 1 ms
 
@@ -73,6 +75,7 @@ class Row:
     result: str
     target: str = ""
     passed: bool | None = None  # None: information, no target
+    section: str = ""  # rows are printed by section: 1, 2a, 2b, 3, 4, 5
 
     @property
     def verdict(self) -> str:
@@ -84,9 +87,10 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    section: str = ""  # the section of the rows added next
 
     def add(self, measure: str, result: str, target: str = "", passed: bool | None = None) -> None:
-        self.rows.append(Row(measure, result, target, passed))
+        self.rows.append(Row(measure, result, target, passed, self.section))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -122,20 +126,24 @@ class Images:
 
     "photo": smooth gradients with fine grain, which PNG compresses about as badly as a real generated picture
     (about 2 MB at 1024x1024); "noise": incompressible (3 MB at 1024x1024); "solid": the fake's own.
+    They are rendered before a scenario starts (`prepare`, in a thread): rendering one takes a few hundred
+    milliseconds, which would stall the fakes' loop in the middle of a measurement.
     """
 
     def __init__(self, style: str) -> None:
         self.style = style
         self._cache: dict[tuple[str, int, int], bytes] = {}
 
+    async def prepare(self, *variants: tuple[str | None, tuple[int, int]]) -> Images:
+        for style, size in variants:
+            style = style or self.style
+            if style != "solid" and (style, *size) not in self._cache:
+                self._cache[(style, *size)] = await asyncio.to_thread(self._render, size, style)
+        return self
+
     def get(self, size: tuple[int, int], style: str | None = None) -> bytes | None:
-        style = style or self.style
-        if style == "solid":
-            return None
-        key = (style, *size)
-        if key not in self._cache:
-            self._cache[key] = self._render(size, style)
-        return self._cache[key]
+        """The prepared image of this size and style; None (the fake's own) if there is none."""
+        return self._cache.get((style or self.style, *size))
 
     @staticmethod
     def _render(size: tuple[int, int], style: str) -> bytes:
@@ -566,8 +574,9 @@ async def scenario_ack(options: argparse.Namespace, workdir: Path, report: Repor
     refused = edits = 0
     worst_stall = worst_fakes = 0.0
     cpu_total = 0.0
+    images = await Images(options.images).prepare((None, DEFAULT_SIZE))
     for run in range(options.ack_runs):
-        async with Fakes(options.members, Images(options.images)) as fakes:
+        async with Fakes(options.members, images) as fakes:
             # ModelsLab keeps every job (it never finishes during the scenario): the bot's queue and its
             # position edits run as they would, without results to post.
             fakes.behave(Queued(eta=NEVER), options.api_latency)
@@ -599,10 +608,12 @@ async def scenario_ack(options: argparse.Namespace, workdir: Path, report: Repor
         return
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     runs = options.ack_runs
+    report.section = "1"
     warm = "cold bot, " if options.ack_cold else ""
-    report.add(f"1. Acknowledgement, {count} x /imagine at once ({warm}{runs} runs): p50", ms(p50))
-    report.add(f"   Acknowledgement p99 (max {ms(max(latencies))})", ms(p99), f"< {ms(ACK_P99_TARGET)}", p99 < 0.25)
-    report.add("   ...refused by Discord (later than 3 s)", str(refused), "0", refused == 0)
+    plural = "run" if runs == 1 else "runs"
+    report.add(f"1. Acknowledgement, {count} x /imagine at once ({warm}{runs} {plural}): p50", ms(p50))
+    report.add(f"    Acknowledgement p99 (max {ms(max(latencies))})", ms(p99), f"< {ms(ACK_P99_TARGET)}", p99 < 0.25)
+    report.add("    ...refused by Discord (later than 3 s)", str(refused), "0", refused == 0)
     report.add(
         "    ...largest event-loop stall meanwhile",
         f"bot {stall_text(worst_stall)} / fakes {stall_text(worst_fakes)}; bot CPU {cpu_total / runs:.2f} s a burst",
@@ -629,8 +640,9 @@ async def scenario_ack(options: argparse.Namespace, workdir: Path, report: Repor
 async def scenario_webhook_and_stall(
     options: argparse.Namespace, workdir: Path, report: Report, modes: set[str]
 ) -> None:
+    images = await Images(options.images).prepare((None, DEFAULT_SIZE), ("photo", STALL_SIZE), ("noise", STALL_SIZE))
     async with (
-        Fakes(options.members, Images(options.images)) as fakes,
+        Fakes(options.members, images) as fakes,
         running_bot(fakes, workdir, "webhook", options, MODELSLAB_MAX_QUEUED="100", **webhook_env()) as bot,
     ):
         if "stall" in modes:
@@ -643,6 +655,7 @@ async def scenario_webhook_and_stall(
 async def stall_runs(options: argparse.Namespace, fakes: Fakes, bot: BotProcess, report: Report) -> None:
     """One /imagine of four 1024x1024 images at a time; the largest stall of the bot's loop while it posts them."""
     fakes.behave(Queued(eta=NEVER), options.api_latency)
+    report.section = "3"
     variants = [("photo", options.stall_runs), ("noise", options.reencode_runs)]
     for style, runs in variants:
         per_run: list[float] = []
@@ -651,7 +664,7 @@ async def stall_runs(options: argparse.Namespace, fakes: Fakes, bot: BotProcess,
         for run in range(runs):
             fakes.use_images(style)
             prompt = f"stall {style} {run}"
-            await fakes.imagine(prompt, fakes.member(run), samples=4, width=1024, height=1024)
+            await fakes.imagine(prompt, fakes.member(run), samples=4, width=STALL_SIZE[0], height=STALL_SIZE[1])
             await fakes.wait_acknowledged([prompt])
             await fakes.wait_submitted([prompt])
             await fakes.wait_quiet(0.5)
@@ -674,7 +687,7 @@ async def stall_runs(options: argparse.Namespace, fakes: Fakes, bot: BotProcess,
         if style == "photo":
             label = f"3. Largest loop stall posting 4 x 1024x1024 ({total:.1f} MB), worst of {runs}"
         else:
-            label = f"   ...incompressible, over 10 MiB, re-encoded (posted {total:.1f} MB), worst of {runs}"
+            label = f"    ...incompressible, over 10 MiB, re-encoded (posted {total:.1f} MB), worst of {runs}"
         report.add(label, stall_text(worst), f"< {ms(STALL_TARGET)}", worst < STALL_TARGET)
         report.note(
             f"stall ({style}): per run " + ", ".join(stall_text(s) for s in per_run) + f"; fakes' loop at worst "
@@ -698,6 +711,7 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
     cpu = bot.cpu_seconds() - cpu
     delays = fakes.delays(prompts)
     p50 = percentile(delays, 0.5)
+    report.section = "2a"
     report.add(
         f"2a. Ready -> posted, webhook ({options.jobs} jobs at {options.rate:g}/s): p50",
         ms(p50),
@@ -734,6 +748,7 @@ async def webhook_burst(options: argparse.Namespace, fakes: Fakes, bot: BotProce
     elapsed = last_posted - first_ready
     delays = fakes.delays(prompts)
     throughput = len(prompts) / elapsed if elapsed > 0 else math.inf
+    report.section = "5"
     size = sum(len(a.data) for a in (fakes.interactions[prompts[0]].original or fakes.discord.messages[0]).attachments)
     report.add(
         f"5. Throughput, webhook: {len(prompts)} jobs ready at once (1 image, {size / 1e6:.1f} MB each)",
@@ -757,8 +772,9 @@ async def scenario_polling(options: argparse.Namespace, workdir: Path, report: R
     "processing", so the result waits for the next poll: the worst case of the first back-off interval."""
     eta = options.eta
     first_poll, interval = list(itertools.islice(poll_delays(eta), 2))
+    images = await Images(options.images).prepare((None, DEFAULT_SIZE))
     async with (
-        Fakes(options.members, Images(options.images)) as fakes,
+        Fakes(options.members, images) as fakes,
         running_bot(fakes, workdir, "polling", options, MODELSLAB_MAX_QUEUED="100") as bot,
     ):
         fakes.behave(Queued(eta=eta, ready_after_fetches=1), options.api_latency)
@@ -773,6 +789,7 @@ async def scenario_polling(options: argparse.Namespace, workdir: Path, report: R
         fetches = [len(fakes.modelslab.fetches(fakes.jobs[p].id)) for p in prompts if p in fakes.jobs]
         p50 = percentile(delays, 0.5)
         target = interval + POLLING_MARGIN
+        report.section = "2b"
         report.add(
             f"2b. Ready -> posted, polling ({options.jobs} jobs at {options.rate:g}/s): p50",
             ms(p50),
@@ -823,6 +840,7 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
     refused = sum(1 for i in interactions if not i.acknowledged)
     waiting, sent = statuses.get("queued", 0), statuses.get("processing", 0) + statuses.get("submitting", 0)
     peak = memory["VmHWM"]
+    report.section = "4"
     report.add(
         f"4. Peak memory (VmHWM) of `python -m bot`, {waiting + sent} jobs pending ({waiting} in its queue)",
         f"{peak:.0f} MB",
@@ -886,7 +904,9 @@ def comparison(report: Report) -> str:
 
 def print_table(report: Report) -> None:
     headers = ("Measure", "Result", "Target", "")
-    rows = [(r.measure, r.result, r.target, r.verdict) for r in report.rows]
+    order = {name: n for n, name in enumerate(("1", "2a", "2b", "3", "4", "5"))}
+    ordered = sorted(report.rows, key=lambda r: order.get(r.section, len(order)))
+    rows = [(r.measure, r.result, r.target, r.verdict) for r in ordered]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
     print()
@@ -961,6 +981,7 @@ async def run(options: argparse.Namespace, workdir: Path) -> Report:
         steps.append(("memory", lambda: scenario_memory(options, workdir, report)))
     for name, step in steps:
         began = time.monotonic()
+        report.section = ""
         overflows = listen_overflows()
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
