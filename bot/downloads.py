@@ -66,7 +66,7 @@ class ImageDownloader:
         for attempt in range(self._rounds):
             for url in candidates:
                 try:
-                    data = await self._get(url)
+                    data = await self._get(url, self._policy, self._max_bytes)
                     return await asyncio.to_thread(read_image, data)
                 except (DownloadFailed, NotAnImage) as exc:
                     last_problem = str(exc)
@@ -79,10 +79,8 @@ class ImageDownloader:
         """One try at a picture to remix (Discord's hosts only): its bytes, within `max_bytes`."""
         return await self._get(url, self._input_policy, max_bytes)
 
-    async def _get(self, url: str, policy: DownloadPolicy | None = ..., max_bytes: int | None = None) -> bytes:  # type: ignore[assignment]
+    async def _get(self, url: str, policy: DownloadPolicy | None, max_bytes: int) -> bytes:
         """Follow the URL by hand, checking the policy for it and for every redirect."""
-        if policy is ...:
-            policy = self._policy
         for _ in range(MAX_REDIRECTS + 1):
             if policy is not None:
                 try:
@@ -90,7 +88,7 @@ class ImageDownloader:
                 except DownloadRefused as exc:
                     log.warning("Not downloading from %s: %s", _origin(url), exc)
                     raise DownloadFailed(f"refused: {exc}") from None
-            location = await self._read_or_redirect(url, max_bytes or self._max_bytes)
+            location = await self._read_or_redirect(url, max_bytes)
             if isinstance(location, bytes):
                 return location
             url = location

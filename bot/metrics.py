@@ -33,9 +33,6 @@ class LabelledCounter:
     def inc(self, *values: str, amount: float = 1.0) -> None:
         self._values[values] = self._values.get(values, 0.0) + amount
 
-    def value(self, *values: str) -> float:
-        return self._values.get(values, 0.0)
-
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} counter"]
         for values, amount in sorted(self._values.items()):

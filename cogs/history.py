@@ -5,6 +5,7 @@ Discord does not let a command with subcommands be run on its own, so the listin
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
@@ -163,7 +164,8 @@ class History(commands.Cog):
     @app_commands.describe(format="csv (spreadsheets) or json")
     async def export(self, interaction: discord.Interaction, format: Literal["csv", "json"] = "csv") -> None:
         jobs = await self.bot.jobs.store.history(interaction.user.id, guild_id=None, limit=100_000)
-        data = export_csv(jobs) if format == "csv" else export_json(jobs)
+        # Up to every job a member ever made: written in a thread, not on the event loop.
+        data = await asyncio.to_thread(export_csv if format == "csv" else export_json, jobs)
         file = discord.File(io.BytesIO(data), filename=f"imagine-history.{format}")
         await interaction.response.send_message(
             f"Your history: {len(jobs)} job(s), in every server where this bot runs.", file=file, ephemeral=True

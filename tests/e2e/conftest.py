@@ -216,12 +216,6 @@ class BotRunner:
         await self.modelslab.wait_for_request(r"/text2img$", timeout=timeout)
         return (await self.only_job()).id
 
-    async def first_job_id(self, timeout: float = 5) -> str:
-        """The id of the job the first submission carried (its track_id)."""
-        call = await self.modelslab.wait_for_submission(timeout=timeout)
-        assert call.json is not None
-        return str(call.json["track_id"])
-
 
 @pytest.fixture
 async def runner(discord_server, modelslab, tmp_path, logs, monkeypatch) -> AsyncIterator[BotRunner]:

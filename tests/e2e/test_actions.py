@@ -178,3 +178,18 @@ async def _job_with_prompt(runner: BotRunner, prompt: str) -> str:
         row = await cursor.fetchone()
     assert row is not None
     return str(row[0])
+
+
+async def test_a_moderator_can_still_delete_a_result_whose_history_was_forgotten(runner, discord_server, modelslab):
+    await runner.start()
+    job, message = await first_result(runner, discord_server)
+    asked = await discord_server.invoke_slash("history", {}, subcommand="forget")
+    await asked.wait_callback()
+    sure = await discord_server.invoke_component(asked.original.id, f"history-forget:{job.user_id}:yes")
+    await sure.wait_callback()
+    info = await press(discord_server, message, f"job:info:{job.id}")
+    assert "no longer exists" in info.original.content  # the prompt is gone
+    done = await press(discord_server, message, f"job:delete:{job.id}", user_id=discord_server.moderator_id)
+    assert done.original.content == "Deleted."
+    await discord_server.wait_for_request("DELETE", rf"/messages/{message.id}$")
+    assert discord_server.messages[message.id].deleted

@@ -140,3 +140,16 @@ async def test_only_a_job_not_yet_sent_can_be_cancelled(tmp_path):
         assert not await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
         assert await store.requeue("a" * 32)  # sent back by ModelsLab: waiting again, cancellable again
         assert await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
+
+
+async def test_input_pictures_of_shown_jobs_are_dropped_after_their_time(tmp_path):
+    async with Database.open(tmp_path / "bot.sqlite3") as database:
+        store = JobStore(database)
+        await store.insert(new_job("a" * 32))
+        await store.insert(new_job("b" * 32))
+        await store.save_input("a" * 32, b"png-a", 64, 64)
+        await store.save_input("b" * 32, b"png-b", 64, 64)
+        await store.mark_posted("a" * 32)
+        await store.drop_old_inputs(time.time() + 1)  # everything older than "now + 1 s"
+        assert await store.input_image("a" * 32) is None  # shown: dropped
+        assert await store.input_image("b" * 32) == b"png-b"  # not shown yet: kept for its job
