@@ -27,11 +27,12 @@ from bot.downloads import ImageDownloader
 from bot.guilds import GuildAdmin
 from bot.jobs import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobService, JobSettings
 from bot.keybox import KeyBox
+from bot.member_settings import MemberSettingsService
 from bot.model_catalog import ModelCatalog
 from bot.modelslab import ModelsLabClient
 from bot.settings import Settings, ensure_secret_key
 from bot.signing import WebhookSigner
-from bot.storage import Database, GuildStore, JobStore
+from bot.storage import Database, GuildStore, JobStore, MemberSettingsStore
 from bot.webhook import create_app
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,12 @@ async def running_app(
             submit_retry_delay=timings.submit_retry_delay,
         )
         bot = ImagineBot(
-            settings=settings, jobs=jobs, guild_admin=guilds, catalog=catalog, guild_ready_timeout=guild_ready_timeout
+            settings=settings,
+            jobs=jobs,
+            guild_admin=guilds,
+            catalog=catalog,
+            member_settings=MemberSettingsService(MemberSettingsStore(database)),
+            guild_ready_timeout=guild_ready_timeout,
         )
 
         async def healthy() -> bool:

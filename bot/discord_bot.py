@@ -15,12 +15,13 @@ from bot.delivery import CancelJobButton, DiscordPresenter
 from bot.errors import UserFacingError
 from bot.guilds import GuildAdmin
 from bot.jobs import JobService
+from bot.member_settings import MemberSettingsService
 from bot.model_catalog import ModelCatalog
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.imagine", "cogs.remix", "cogs.actions", "cogs.config", "cogs.history")
+EXTENSIONS = ("cogs.imagine", "cogs.remix", "cogs.actions", "cogs.config", "cogs.history", "cogs.settings")
 STORAGE_FULL = (
     "The bot's disk is full, so nothing was stored or sent to ModelsLab: please tell the bot's admin "
     "(and try again once they have made room)."
@@ -94,6 +95,7 @@ class ImagineBot(commands.Bot):
         jobs: JobService,
         guild_admin: GuildAdmin,
         catalog: ModelCatalog,
+        member_settings: MemberSettingsService,
         guild_ready_timeout: float = 2.0,
     ) -> None:
         intents = discord.Intents.none()
@@ -110,6 +112,7 @@ class ImagineBot(commands.Bot):
         self.jobs = jobs
         self.guild_admin = guild_admin
         self.catalog = catalog
+        self.member_settings = member_settings
 
     async def report_error(self, interaction: discord.Interaction, error: Exception) -> None:
         tree = self.tree

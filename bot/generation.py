@@ -4,6 +4,12 @@ The rules come from `shared/docs/modelslab-api.md` §4 and the vendor pages: the
 flavour (v6 community or enterprise) and on the model (FLUX has its own limits and ignores some
 options). A request that passes here is sent as is; one that does not gets an `InvalidOption`
 naming the option and what it accepts.
+
+What a member asks for arrives in layers, highest first: the command's own options, flags typed in the
+prompt, the chosen server preset, the member's `/settings`, the server's `/config defaults`; anything none
+of them sets takes the built-in default. The first three are the member's request for this one job and are
+refused when invalid; settings and server defaults are standing choices, skipped where they do not fit the
+model (a member is never refused for them). Which layer gave each value is kept for the Info button.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from bot import parameters
 from bot.errors import InvalidOption
+from bot.parameters import ParameterValue
 
 ApiFlavour = Literal["v6", "enterprise"]
 
@@ -61,6 +70,14 @@ def is_flux(model_id: str) -> bool:
     return model_id.lower() == "flux"
 
 
+def check_model_id(text: str) -> str:
+    if not _MODEL_ID.match(text):
+        raise InvalidOption(
+            "model", "must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100."
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class StepRule:
     """Allowed `num_inference_steps` for one flavour and model, and the default we send."""
@@ -93,7 +110,7 @@ def step_rule(flavour: ApiFlavour, model_id: str) -> StepRule:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated text-to-image request: exactly what is sent to ModelsLab (minus key, webhook, track_id)."""
+    """A validated request: exactly what is sent to ModelsLab (minus key, webhook, track_id)."""
 
     prompt: str
     model_id: str
@@ -114,6 +131,9 @@ class GenerationRequest:
     strength: float | None = None  # img2img: how far from the input image (0-1)
     source_url: str | None = None  # img2img/upscale: where the input image was read (a Discord attachment)
     upscale_scale: int | None = None  # upscale: the factor
+    advanced: dict[str, ParameterValue] = field(default_factory=dict)  # bot.parameters, by API name
+    sources: dict[str, str] = field(default_factory=dict)  # which layer chose each value (Info); absent = built-in
+    aspect: str | None = None  # "16:9" when the size came from a ratio
 
     def payload_for(self, kind: str) -> dict[str, Any]:
         """The JSON body of a job of this kind (the input image is added by the job service)."""
@@ -149,6 +169,10 @@ class GenerationRequest:
             payload["lora_model"] = ",".join(self.lora_models)
             if self.lora_strengths:
                 payload["lora_strength"] = ",".join(_format_number(s) for s in self.lora_strengths)
+        for name, value in self.advanced.items():
+            if name == "safety_checker_type" and not self.safety_checker:
+                continue  # nothing to act on with the checker off (age-restricted channels)
+            payload[name] = parameters.payload_value(value)
         return payload
 
     def to_json(self) -> dict[str, Any]:
@@ -165,8 +189,419 @@ class GenerationRequest:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class Choices:
+    """What one layer asks for; None (or absent) means "not set here"."""
+
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect: str | None = None
+    samples: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    negative_prompt: str | None = None  # replaces the negative prompt of the layers below
+    no: str | None = None  # `--no` words: added to the negative prompt
+    seed: int | None = None
+    scheduler: str | None = None
+    lora: str | None = None
+    lora_strength: str | None = None
+    style: str | None = None
+    advanced: Mapping[str, ParameterValue] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return self == Choices()
+
+
+SOURCE_NAMES = {
+    "option": "your command options",
+    "flag": "flags in your prompt",
+    "preset": "the preset",
+    "settings": "your /settings",
+    "server": "the server's defaults",
+    "job": "the original job",
+}
+_FLAG_SPELLING = {"width": "--ar", "height": "--ar", "negative_prompt": "--no", "no": "--no"}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of choices. A strict layer's bad value is refused; a lenient one's is skipped."""
+
+    source: str  # a key of SOURCE_NAMES
+    choices: Choices
+    strict: bool
+    label: str | None = None  # the preset's name
+
+    def refuse(self, name: str, reason: str) -> InvalidOption:
+        if self.source == "option":
+            return InvalidOption(name, reason)
+        spelled = _FLAG_SPELLING.get(name, f"--{name}")
+        if self.source == "preset":
+            return InvalidOption(spelled, f"{reason} (it comes from the preset `{self.label}`)")
+        if self.source == "flag":
+            return InvalidOption(spelled, reason)
+        return InvalidOption(spelled, f"{reason} (it comes from {SOURCE_NAMES.get(self.source, self.source)})")
+
+
+def option_layer(choices: Choices) -> Layer:
+    return Layer("option", choices, strict=True)
+
+
+def flag_layer(choices: Choices) -> Layer:
+    return Layer("flag", choices, strict=True)
+
+
+def preset_layer(name: str, choices: Choices) -> Layer:
+    return Layer("preset", choices, strict=True, label=name)
+
+
+def job_layer(request: GenerationRequest) -> Layer:
+    """An earlier job's choices, for Edit and Vary: kept where they still fit (a Vary may change the model)."""
+    choices = Choices(
+        model=request.model_id,
+        width=request.width,
+        height=request.height,
+        aspect=request.aspect,
+        samples=request.samples,
+        steps=request.steps,
+        guidance=request.guidance,
+        scheduler=request.scheduler,
+        lora=",".join(request.lora_models) or None,
+        lora_strength=",".join(_format_number(s) for s in request.lora_strengths) or None,
+        style=request.enhance_style,
+        advanced=dict(request.advanced),
+    )
+    return Layer("job", choices, strict=False)
+
+
+class _Bad(Exception):
+    """A value does not fit; the layer decides between refusing it and skipping it."""
+
+    def __init__(self, reason: str, name: str | None = None) -> None:
+        super().__init__(reason)
+        self.name = name  # the option at fault, when not the one being checked
+
+
+T = TypeVar("T")
+
+
+def _pick(layers: Sequence[Layer], name: str, check: Callable[[Any], T]) -> tuple[T, Layer] | None:
+    """The first layer's valid value for `name` (refusing a strict layer's invalid one), or None."""
+    for layer in layers:
+        value = getattr(layer.choices, name)
+        if value is None:
+            continue
+        try:
+            return check(value), layer
+        except _Bad as bad:
+            if layer.strict:
+                raise layer.refuse(bad.name or name, str(bad)) from None
+    return None
+
+
+FLUX_IGNORES = "is ignored by the flux model: leave it out, or pick another model such as fluxdev."
+
+
+def build_request(
+    *,
+    flavour: ApiFlavour,
+    kind: str,
+    default_model: str,
+    prompt: str,
+    layers: Sequence[Layer],
+    safety_checker: bool = True,
+    allowed_models: Sequence[str] = (),
+) -> GenerationRequest:
+    """Check every choice of every layer and build the request, or raise `InvalidOption` for the first bad one."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise InvalidOption("prompt", "must not be empty: describe the image you want.")
+    if len(prompt) > PROMPT_MAX_LENGTH:
+        raise InvalidOption("prompt", f"must be at most {PROMPT_MAX_LENGTH} characters (yours has {len(prompt)}).")
+    sources: dict[str, str] = {}
+
+    def record(name: str, picked: tuple[T, Layer] | None, default: T) -> T:
+        if picked is None:
+            return default
+        value, layer = picked
+        sources[name] = layer.source
+        return value
+
+    def check_model(value: str) -> str:
+        value = value.strip()
+        if not _MODEL_ID.match(value):
+            raise _Bad("must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100.")
+        if kind == "img2img" and value.lower() in IMG2IMG_UNSUPPORTED:
+            raise _Bad(f"`{value}` cannot remix images: use fluxdev or fluxschnell.")
+        return value
+
+    def check_standing_model(layer: Layer, value: str) -> bool:
+        return layer.strict or not allowed_models or value.strip() in allowed_models
+
+    model_layers = [
+        layer for layer in layers if layer.choices.model is None or check_standing_model(layer, layer.choices.model)
+    ]
+    model_id = record("model", _pick(model_layers, "model", check_model), default_model)
+    if kind == "img2img" and model_id.lower() in IMG2IMG_UNSUPPORTED:
+        raise InvalidOption("model", f"`{model_id}` cannot remix images: use fluxdev or fluxschnell.")
+    flux = is_flux(model_id)
+
+    # The negative prompt: the first layer's, then every `--no` (preset's, then the prompt's) added to it.
+    def check_negative(value: str) -> str:
+        if flux:
+            raise _Bad(FLUX_IGNORES)
+        value = value.strip()
+        if len(value) > PROMPT_MAX_LENGTH:
+            raise _Bad(f"must be at most {PROMPT_MAX_LENGTH} characters.")
+        return value
+
+    negatives = [record("negative_prompt", _pick(layers, "negative_prompt", check_negative), "")]
+    for layer in reversed(layers):
+        words = _pick([layer], "no", check_negative)
+        if words is not None:
+            negatives.append(words[0])
+            sources["negative_prompt"] = layer.source
+    negative = ", ".join(text for text in negatives if text) or None
+    if negative is not None and len(negative) > PROMPT_MAX_LENGTH:
+        raise InvalidOption("negative_prompt", f"with the `--no` words must be at most {PROMPT_MAX_LENGTH} characters.")
+
+    side_min = FLUX_SIDE_MIN if flux else SIDE_MIN
+
+    def check_side(value: int) -> int:
+        if not side_min <= value <= SIDE_MAX or value % 8:
+            raise _Bad(
+                f"must be a multiple of 8 from {side_min} to {SIDE_MAX} pixels for this model (you gave {value})."
+            )
+        return value
+
+    width = height = DEFAULT_SIDE
+    aspect = None
+    if kind == "img2img":
+        for layer in layers:  # the output takes the input image's size
+            if layer.strict and (layer.choices.width is not None or layer.choices.height is not None):
+                raise layer.refuse("width", "cannot be set when remixing: the result keeps the input image's size.")
+    else:
+        picked_width = _pick(layers, "width", check_side)
+        width = record("width", picked_width, DEFAULT_SIDE)
+        height = record("height", _pick(layers, "height", check_side), DEFAULT_SIDE)
+        if picked_width is not None and sources.get("height") == picked_width[1].source:
+            aspect = picked_width[1].choices.aspect
+
+    def check_samples(value: int) -> int:
+        if not 1 <= value <= SAMPLES_MAX:
+            raise _Bad(f"must be from 1 to {SAMPLES_MAX} (you gave {value}).")
+        return value
+
+    samples = record("samples", _pick(layers, "samples", check_samples), 1)
+
+    rule = step_rule(flavour, model_id)
+
+    def check_steps(value: int) -> int:
+        if not rule.accepts(value):
+            where = "on the enterprise API" if flavour == "enterprise" else f"for the {model_id} model"
+            raise _Bad(f"{rule.describe()} {where} (you gave {value}).")
+        return value
+
+    steps = record("steps", _pick(layers, "steps", check_steps), rule.default)
+
+    def check_guidance(value: float) -> float:
+        if not math.isfinite(value) or not GUIDANCE_MIN <= value <= GUIDANCE_MAX:
+            raise _Bad(f"must be from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (you gave {value:g}).")
+        return float(value)
+
+    guidance = record("guidance", _pick(layers, "guidance", check_guidance), DEFAULT_GUIDANCE)
+
+    def check_seed(value: int) -> int:
+        if not 0 <= value <= SEED_MAX:
+            raise _Bad(f"must be a whole number from 0 to {SEED_MAX}, or left out for a random one.")
+        return value
+
+    picked_seed = _pick(layers, "seed", check_seed)
+    # Chosen here rather than by ModelsLab when not given: its slim answers do not report the seed it picked,
+    # and a re-roll must never repeat an identical payload (ModelsLab's spam filter).
+    seed = record("seed", picked_seed, secrets.randbelow(SEED_MAX + 1))
+
+    def check_scheduler(value: str) -> str:
+        if value not in SCHEDULERS:
+            raise _Bad("must be one of the listed schedulers: " + ", ".join(SCHEDULERS) + ".")
+        return value
+
+    scheduler = record("scheduler", _pick(layers, "scheduler", check_scheduler), None)
+
+    def check_style(value: str) -> str:
+        from bot.styles import ENHANCE_STYLES
+
+        if flux:
+            raise _Bad(FLUX_IGNORES)
+        if flavour == "enterprise":
+            raise _Bad("is not available on the enterprise API this bot uses.")
+        if kind != "text2img":
+            raise _Bad("works only when making an image from text (/imagine), not when remixing one.")
+        if value not in ENHANCE_STYLES:
+            raise _Bad("must be one of ModelsLab's styles, such as watercolor, anime or cinematic.")
+        return value
+
+    style = record("style", _pick(layers, "style", check_style), None)
+
+    lora_models, lora_strengths = _pick_loras(layers, flux, sources)
+    advanced = _pick_advanced(
+        layers, sources, flavour=flavour, model_id=model_id, kind=kind, flux=flux, scheduler=scheduler
+    )
+
+    return GenerationRequest(
+        prompt=prompt,
+        model_id=model_id,
+        width=width,
+        height=height,
+        samples=samples,
+        steps=steps,
+        guidance=guidance,
+        negative_prompt=negative,
+        seed=seed,
+        scheduler=scheduler,
+        lora_models=lora_models,
+        lora_strengths=lora_strengths,
+        safety_checker=safety_checker,
+        seed_is_random=picked_seed is None,
+        enhance_style=style,
+        preset=next((layer.label for layer in layers if layer.source == "preset"), None),
+        advanced=advanced,
+        sources=sources,
+        aspect=aspect,
+    )
+
+
+def _pick_loras(
+    layers: Sequence[Layer], flux: bool, sources: dict[str, str]
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """`lora` and `lora_strength` come together, from the first layer that sets either."""
+    for layer in layers:
+        if layer.choices.lora is None and layer.choices.lora_strength is None:
+            continue
+        try:
+            models, strengths = _check_loras(layer.choices.lora, layer.choices.lora_strength, flux)
+        except _Bad as bad:
+            if layer.strict:
+                raise layer.refuse(bad.name or "lora", str(bad)) from None
+            continue
+        sources["lora"] = layer.source
+        return models, strengths
+    return (), ()
+
+
+def _check_loras(lora: str | None, lora_strength: str | None, flux: bool) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    models = _split_list(lora)
+    texts = _split_list(lora_strength)
+    if models and flux:
+        raise _Bad("is not supported by the flux model: use fluxdev for LoRAs.")
+    if len(models) > LORA_MAX:
+        raise _Bad(f"takes at most {LORA_MAX} LoRA ids, separated by commas.")
+    for lora_id in models:
+        if not _MODEL_ID.match(lora_id):
+            raise _Bad(f"has an id that is not valid: {lora_id[:40]!r}. Separate ids with commas.")
+    strengths = tuple(_parse_strength(text) for text in texts)
+    if strengths and not models:
+        raise _Bad("needs `lora`: give one strength per LoRA id.", "lora_strength")
+    if strengths and len(strengths) != len(models):
+        raise _Bad(
+            f"needs exactly one strength per LoRA: {len(models)} LoRA(s) but {len(strengths)} strength(s).",
+            "lora_strength",
+        )
+    return models, strengths
+
+
+def _pick_advanced(
+    layers: Sequence[Layer],
+    sources: dict[str, str],
+    *,
+    flavour: str,
+    model_id: str,
+    kind: str,
+    flux: bool,
+    scheduler: str | None,
+) -> dict[str, ParameterValue]:
+    chosen: dict[str, tuple[ParameterValue, Layer]] = {}
+    for name in parameters.PARAMETERS:
+        for layer in layers:
+            if name not in layer.choices.advanced:
+                continue
+            value = layer.choices.advanced[name]
+            reason = parameters.refusal(name, value, flavour=flavour, model_id=model_id, kind=kind, flux=flux)
+            if reason is None:
+                chosen[name] = (value, layer)
+                break
+            if layer.strict:
+                raise layer.refuse(name, reason)
+
+    def drop_or_refuse(name: str, reason: str) -> None:
+        _, layer = chosen[name]
+        if layer.strict:
+            raise layer.refuse(name, reason)
+        del chosen[name]
+
+    # The parameters that only make sense together.
+    if "ip_adapter_id" in chosen and "ip_adapter_image" not in chosen:
+        drop_or_refuse("ip_adapter_id", "needs `--ip_adapter_image` too: a link to the picture the adapter follows.")
+    if "ip_adapter_image" in chosen and "ip_adapter_id" not in chosen:
+        drop_or_refuse("ip_adapter_image", "needs `--ip_adapter_id` too: " + ", ".join(parameters.IP_ADAPTERS) + ".")
+    if "ip_adapter_scale" in chosen and "ip_adapter_id" not in chosen:
+        drop_or_refuse("ip_adapter_scale", "needs `--ip_adapter_id` and `--ip_adapter_image` too.")
+    algorithm = chosen.get("algorithm_type")
+    if algorithm and algorithm[0] != "none" and scheduler != "DPMSolverMultistepScheduler":
+        drop_or_refuse("algorithm_type", "works only with the DPMSolverMultistepScheduler scheduler: choose it too.")
+    for name, (_, layer) in chosen.items():
+        sources[name] = layer.source
+    return {name: value for name, (value, _) in chosen.items()}
+
+
 def _format_number(value: float) -> str:
     return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class ServerDefaults:
+    """A server's own defaults (`/config defaults`)."""
+
+    model: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+
+    def layer(self, kind: str) -> Layer:
+        """Standing choices: skipped where they do not fit. Remixing keeps the input's size and uses the bot's
+        remix model, so only the negative prompt and the steps apply there."""
+        if kind == "img2img":
+            return Layer("server", Choices(negative_prompt=self.negative_prompt, steps=self.steps), strict=False)
+        choices = Choices(
+            model=self.model,
+            negative_prompt=self.negative_prompt,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+        )
+        return Layer("server", choices, strict=False)
+
+
+def _split_list(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _parse_strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _Bad(
+            f"must be numbers from {LORA_STRENGTH_MIN:g} to {LORA_STRENGTH_MAX:g}, comma separated.", "lora_strength"
+        ) from None
+    if not math.isfinite(value) or not LORA_STRENGTH_MIN <= value <= LORA_STRENGTH_MAX:
+        raise _Bad(
+            f"values must be from {LORA_STRENGTH_MIN:g} to {LORA_STRENGTH_MAX:g} (you gave {text}).", "lora_strength"
+        )
+    return value
 
 
 def build_generation_request(
@@ -188,163 +623,36 @@ def build_generation_request(
     safety_checker: bool = True,
     defaults: ServerDefaults | None = None,
     style: str | None = None,
+    advanced: Mapping[str, ParameterValue] | None = None,
+    layers: Sequence[Layer] = (),
+    allowed_models: Sequence[str] = (),
 ) -> GenerationRequest:
-    """Check every option of `/imagine` and build the request, or raise `InvalidOption` for the first bad one.
-
-    Precedence: the member's option, then the server's default (`defaults`, used only where it is valid for
-    the chosen model: a member is never refused for a server setting), then the built-in default.
-    """
-    defaults = defaults or ServerDefaults()
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise InvalidOption("prompt", "must not be empty: describe the image you want.")
-    if len(prompt) > PROMPT_MAX_LENGTH:
-        raise InvalidOption("prompt", f"must be at most {PROMPT_MAX_LENGTH} characters (yours has {len(prompt)}).")
-
-    model_id = (model or "").strip() or defaults.model or default_model
-    if not _MODEL_ID.match(model_id):
-        raise InvalidOption(
-            "model", "must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100."
-        )
-    flux = is_flux(model_id)
-
-    negative = (negative_prompt or "").strip() or None
-    if negative is None and defaults.negative_prompt and not flux:
-        negative = defaults.negative_prompt[:PROMPT_MAX_LENGTH]
-    elif negative is not None:
-        if flux:
-            raise InvalidOption(
-                "negative_prompt", "is ignored by the flux model: leave it out, or pick another model such as fluxdev."
-            )
-        if len(negative) > PROMPT_MAX_LENGTH:
-            raise InvalidOption("negative_prompt", f"must be at most {PROMPT_MAX_LENGTH} characters.")
-
-    side_min = FLUX_SIDE_MIN if flux else SIDE_MIN
-    checked_width = _check_side(
-        "width", width if width is not None else _valid_side(defaults.width, side_min), side_min
-    )
-    checked_height = _check_side(
-        "height", height if height is not None else _valid_side(defaults.height, side_min), side_min
-    )
-
-    if samples is None:
-        samples = 1
-    if not 1 <= samples <= SAMPLES_MAX:
-        raise InvalidOption("samples", f"must be from 1 to {SAMPLES_MAX} (you gave {samples}).")
-
-    rule = step_rule(flavour, model_id)
-    if steps is None:
-        steps = defaults.steps if defaults.steps is not None and rule.accepts(defaults.steps) else rule.default
-    elif not rule.accepts(steps):
-        where = "on the enterprise API" if flavour == "enterprise" else f"for the {model_id} model"
-        raise InvalidOption("steps", f"{rule.describe()} {where} (you gave {steps}).")
-
-    if guidance is None:
-        guidance = DEFAULT_GUIDANCE
-    if not math.isfinite(guidance) or not GUIDANCE_MIN <= guidance <= GUIDANCE_MAX:
-        raise InvalidOption("guidance", f"must be from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (you gave {guidance:g}).")
-
-    seed_is_random = seed is None
-    if seed is None:
-        # Chosen here rather than by ModelsLab: its slim answers do not report the seed it picked, and a
-        # re-roll must never repeat an identical payload (ModelsLab's spam filter).
-        seed = secrets.randbelow(SEED_MAX + 1)
-    elif not 0 <= seed <= SEED_MAX:
-        raise InvalidOption("seed", f"must be a whole number from 0 to {SEED_MAX}, or left out for a random one.")
-
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise InvalidOption("scheduler", "must be one of the listed schedulers: " + ", ".join(SCHEDULERS) + ".")
-
-    if style is not None:
-        from bot.styles import ENHANCE_STYLES
-
-        if flux:
-            raise InvalidOption(
-                "--style", "is ignored by the flux model: leave it out, or pick another model such as fluxdev."
-            )
-        if style not in ENHANCE_STYLES:
-            raise InvalidOption("--style", "must be one of ModelsLab's styles, such as watercolor, anime or cinematic.")
-
-    lora_models = _split_list(lora)
-    lora_strengths_text = _split_list(lora_strength)
-    if lora_models and flux:
-        raise InvalidOption("lora", "is not supported by the flux model: use fluxdev for LoRAs.")
-    if len(lora_models) > LORA_MAX:
-        raise InvalidOption("lora", f"takes at most {LORA_MAX} LoRA ids, separated by commas.")
-    for lora_id in lora_models:
-        if not _MODEL_ID.match(lora_id):
-            raise InvalidOption("lora", f"has an id that is not valid: {lora_id[:40]!r}. Separate ids with commas.")
-    lora_strengths = tuple(_parse_strength(text) for text in lora_strengths_text)
-    if lora_strengths and not lora_models:
-        raise InvalidOption("lora_strength", "needs `lora`: give one strength per LoRA id.")
-    if lora_strengths and len(lora_strengths) != len(lora_models):
-        raise InvalidOption(
-            "lora_strength",
-            f"needs exactly one strength per LoRA: {len(lora_models)} LoRA(s) but {len(lora_strengths)} strength(s).",
-        )
-
-    return GenerationRequest(
-        prompt=prompt,
-        model_id=model_id,
-        width=checked_width,
-        height=checked_height,
+    """/imagine: its options (the strictest layer), then `layers` (flags, preset, member settings), then the
+    server's `defaults`, then the built-in defaults."""
+    options = Choices(
+        model=(model or "").strip() or None,
+        width=width,
+        height=height,
         samples=samples,
         steps=steps,
-        guidance=float(guidance),
-        negative_prompt=negative,
+        guidance=guidance,
+        negative_prompt=(negative_prompt or "").strip() or None,
         seed=seed,
         scheduler=scheduler,
-        lora_models=lora_models,
-        lora_strengths=lora_strengths,
-        safety_checker=safety_checker,
-        seed_is_random=seed_is_random,
-        enhance_style=style,
+        lora=lora,
+        lora_strength=lora_strength,
+        style=style,
+        advanced=dict(advanced or {}),
     )
-
-
-@dataclass(frozen=True)
-class ServerDefaults:
-    """A server's own defaults (`/config defaults`)."""
-
-    model: str | None = None
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-
-
-def _valid_side(value: int | None, minimum: int) -> int | None:
-    return value if value is not None and minimum <= value <= SIDE_MAX and value % 8 == 0 else None
-
-
-def _check_side(option: str, value: int | None, minimum: int) -> int:
-    if value is None:
-        return DEFAULT_SIDE
-    if not minimum <= value <= SIDE_MAX or value % 8:
-        raise InvalidOption(
-            option, f"must be a multiple of 8 from {minimum} to {SIDE_MAX} pixels for this model (you gave {value})."
-        )
-    return value
-
-
-def _split_list(text: str | None) -> tuple[str, ...]:
-    if text is None:
-        return ()
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _parse_strength(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidOption(
-            "lora_strength", f"must be numbers from {LORA_STRENGTH_MIN:g} to {LORA_STRENGTH_MAX:g}, comma separated."
-        ) from None
-    if not math.isfinite(value) or not LORA_STRENGTH_MIN <= value <= LORA_STRENGTH_MAX:
-        raise InvalidOption(
-            "lora_strength", f"values must be from {LORA_STRENGTH_MIN:g} to {LORA_STRENGTH_MAX:g} (you gave {text})."
-        )
-    return value
+    return build_request(
+        flavour=flavour,
+        kind="text2img",
+        default_model=default_model,
+        prompt=prompt,
+        layers=[option_layer(options), *layers, (defaults or ServerDefaults()).layer("text2img")],
+        safety_checker=safety_checker,
+        allowed_models=allowed_models,
+    )
 
 
 def build_remix_request(
@@ -360,31 +668,41 @@ def build_remix_request(
     steps: int | None = None,
     guidance: float | None = None,
     seed: int | None = None,
+    scheduler: str | None = None,
+    lora: str | None = None,
+    lora_strength: str | None = None,
     safety_checker: bool = True,
     defaults: ServerDefaults | None = None,
+    advanced: Mapping[str, ParameterValue] | None = None,
+    layers: Sequence[Layer] = (),
+    allowed_models: Sequence[str] = (),
 ) -> GenerationRequest:
-    """The options of `/remix` (and of the Remix form), checked like /imagine's plus `strength` and the model."""
+    """/remix and the Remix form: /imagine's rules for image to image, plus `strength`."""
     if strength is None:
         strength = DEFAULT_STRENGTH
     if not math.isfinite(strength) or not 0 <= strength <= 1:
         raise InvalidOption(
             "strength", f"must be from 0 to 1 (you gave {strength:g}): 0 keeps the image, 1 ignores it."
         )
-    server = defaults or ServerDefaults()
-    chosen = (model or "").strip() or default_model
-    if chosen.lower() in IMG2IMG_UNSUPPORTED:
-        raise InvalidOption("model", f"`{chosen}` cannot remix images: use fluxdev or fluxschnell.")
-    request = build_generation_request(
-        flavour=flavour,
-        default_model=chosen,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        model=chosen,
+    options = Choices(
+        model=(model or "").strip() or None,
         samples=samples,
         steps=steps,
         guidance=guidance,
+        negative_prompt=(negative_prompt or "").strip() or None,
         seed=seed,
+        scheduler=scheduler,
+        lora=lora,
+        lora_strength=lora_strength,
+        advanced=dict(advanced or {}),
+    )
+    request = build_request(
+        flavour=flavour,
+        kind="img2img",
+        default_model=default_model,
+        prompt=prompt,
+        layers=[option_layer(options), *layers, (defaults or ServerDefaults()).layer("img2img")],
         safety_checker=safety_checker,
-        defaults=ServerDefaults(negative_prompt=server.negative_prompt, steps=server.steps),
+        allowed_models=allowed_models,
     )
     return replace(request, strength=strength, source_url=source_url)

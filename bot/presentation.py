@@ -10,6 +10,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from bot import parameters
+from bot.generation import SOURCE_NAMES, GenerationRequest
 from bot.imaging import ImageFile
 from bot.modelslab import ErrorKind
 from bot.storage import Job, JobStatus
@@ -198,6 +200,27 @@ def failure_text(job: Job, *, timeout: float) -> str:
     return f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>\n❌ {sentence}"
 
 
+_SOURCE_ORDER = ("option", "flag", "preset", "settings", "server", "job")
+_SHOWN_NAMES = {"width": "size", "height": "size", "negative_prompt": "negative prompt", "lora": "LoRA"}
+
+
+def chosen_by(request: GenerationRequest) -> str:
+    """Which layer chose what, in the order they win: "your command options: samples; the preset `x`: steps; …"."""
+    by_source: dict[str, list[str]] = {}
+    for name, source in request.sources.items():
+        shown = _SHOWN_NAMES.get(name, name)
+        if shown not in by_source.setdefault(source, []):
+            by_source[source].append(shown)
+    parts = []
+    for source in _SOURCE_ORDER:
+        if source in by_source:
+            label = SOURCE_NAMES[source] + (f" `{request.preset}`" if source == "preset" and request.preset else "")
+            parts.append(f"{label}: {', '.join(by_source[source])}")
+    if not parts:
+        return ""
+    return "; ".join(parts) + "; the rest built in. (Options win over prompt flags, then the preset, then /settings.)"
+
+
 def job_info(job: Job) -> str:
     """Every parameter of a job, the real seed included (the Info button)."""
     request = job.request
@@ -220,8 +243,14 @@ def job_info(job: Job) -> str:
         lines.append(f"**Scheduler:** {request.scheduler}")
     if request.enhance_style:
         lines.append(f"**Style:** {request.enhance_style}")
-    if request.preset:
-        lines.append(f"**Preset:** {request.preset} (your options and prompt flags win over it)")
+    if request.advanced:
+        lines.append(
+            "**Other parameters:** "
+            + " · ".join(f"{name} {parameters.shown(value)}" for name, value in request.advanced.items())
+        )
+    chosen = chosen_by(request)
+    if chosen:
+        lines.append(f"**Chosen by:** {chosen}")
     if request.lora_models:
         strengths = ", ".join(f"{s:g}" for s in request.lora_strengths) or "default"
         lines.append(f"**LoRA:** {', '.join(request.lora_models)} (strength {strengths})")

@@ -518,8 +518,9 @@ class JobStore:
                     (today, today, user_id),
                 )
                 cursor = await own.execute(
-                    "UPDATE jobs SET user_id = 0, request_json = json_set(request_json, '$.prompt', '',"
-                    " '$.negative_prompt', NULL, '$.source_url', NULL), output_json = NULL, meta_json = NULL,"
+                    "UPDATE jobs SET user_id = 0, request_json = json_remove(json_set(request_json, '$.prompt', '',"
+                    " '$.negative_prompt', NULL, '$.source_url', NULL), '$.advanced.ip_adapter_image'),"
+                    " output_json = NULL, meta_json = NULL,"
                     " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
                     " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
                     " WHERE user_id = ? AND posted_at IS NOT NULL",
@@ -527,6 +528,7 @@ class JobStore:
                 )
                 forgotten = cursor.rowcount
                 await own.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
+                await own.execute("DELETE FROM member_settings WHERE user_id = ?", (user_id,))
                 await own.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
                 await own.execute("COMMIT")
             except BaseException:
@@ -705,3 +707,34 @@ class GuildStore:
     async def remove_blocklist_rule(self, guild_id: int, pattern: str) -> bool:
         cursor = await self._db.execute("DELETE FROM blocklist WHERE guild_id = ? AND pattern = ?", (guild_id, pattern))
         return cursor.rowcount == 1
+
+
+class MemberSettingsStore:
+    """Each member's /settings in each server, one row per member and server."""
+
+    COLUMNS = ("model", "aspect", "steps", "guidance", "negative_prompt", "style", "flags", "remix_mode")
+
+    def __init__(self, database: Database) -> None:
+        self._db = database.connection
+
+    async def get(self, guild_id: int, user_id: int) -> dict[str, Any] | None:
+        async with self._db.execute(
+            "SELECT " + ", ".join(self.COLUMNS) + " FROM member_settings WHERE guild_id = ? AND user_id = ?",
+            (guild_id, user_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return dict(zip(self.COLUMNS, row, strict=True)) if row is not None else None
+
+    async def save(self, guild_id: int, user_id: int, values: dict[str, Any], now: float) -> None:
+        columns = [c for c in self.COLUMNS if c in values]
+        await self._db.execute(
+            f"INSERT INTO member_settings (guild_id, user_id, {', '.join(columns)}, updated_at)"
+            f" VALUES (?, ?, {', '.join('?' for _ in columns)}, ?)"
+            " ON CONFLICT (guild_id, user_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns)
+            + ", updated_at = excluded.updated_at",
+            (guild_id, user_id, *(values[c] for c in columns), now),
+        )
+
+    async def delete(self, guild_id: int, user_id: int) -> None:
+        await self._db.execute("DELETE FROM member_settings WHERE guild_id = ? AND user_id = ?", (guild_id, user_id))

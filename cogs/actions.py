@@ -17,7 +17,14 @@ import discord
 from discord.ext import commands
 
 from bot.errors import UserFacingError
-from bot.generation import SEED_MAX, VARY_STRENGTH, GenerationRequest, build_generation_request, build_remix_request
+from bot.generation import (
+    SEED_MAX,
+    VARY_STRENGTH,
+    GenerationRequest,
+    build_generation_request,
+    build_remix_request,
+    job_layer,
+)
 from bot.presentation import job_info
 from bot.storage import Job
 from cogs.job_requests import channel_is_nsfw, server_config, submit_job
@@ -85,10 +92,16 @@ class JobAction(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], temp
             await delete_result(interaction, job)
         elif self.action == "edit":
             await interaction.response.send_modal(EditModal(bot, job))
-        elif self.action == "reroll":
-            await reroll(bot, interaction, job)
-        elif self.action == "vary":
-            await vary(bot, interaction, job, self._image_url(interaction))
+        elif self.action in ("reroll", "vary"):
+            image_url = self._image_url(interaction) if self.action == "vary" else None
+            assert interaction.guild_id is not None
+            if (await bot.member_settings.get(interaction.guild_id, interaction.user.id)).remix_mode:
+                # The member's remix mode (/settings): the Edit form first, then the re-roll or variation.
+                await interaction.response.send_modal(EditModal(bot, job, vary_image_url=image_url))
+            elif image_url is not None:
+                await vary(bot, interaction, job, image_url)
+            else:
+                await reroll(bot, interaction, job)
         else:
             await upscale(bot, interaction, job, self._image_url(interaction))
 
@@ -135,19 +148,27 @@ def remix_model(bot: ImagineBot, job: Job) -> str:
     return bot.settings.modelslab_default_remix_model if model.lower() == "flux" else model
 
 
-async def vary(bot: ImagineBot, interaction: discord.Interaction, job: Job, image_url: str) -> None:
-    """Image to image of the picked image, with the same prompt, at a moderate strength."""
+async def vary(
+    bot: ImagineBot,
+    interaction: discord.Interaction,
+    job: Job,
+    image_url: str,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+) -> None:
+    """Image to image of the picked image, with the same prompt (or the edited one), at a moderate strength."""
     config = await server_config(bot, interaction)
     request = build_remix_request(
         flavour=bot.settings.modelslab_api,
         default_model=remix_model(bot, job),
-        prompt=job.request.prompt,
-        negative_prompt=job.request.negative_prompt,
+        prompt=job.request.prompt if prompt is None else prompt,
+        negative_prompt=job.request.negative_prompt if prompt is None else negative_prompt,
         model=remix_model(bot, job),
         source_url=image_url,
         strength=VARY_STRENGTH,
         samples=1,
         safety_checker=not channel_is_nsfw(interaction),
+        layers=[job_layer(job.request)],
     )
     await submit_job(bot, interaction, kind="img2img", request=request, config=config, parent_job_id=job.id)
 
@@ -161,13 +182,16 @@ async def upscale(bot: ImagineBot, interaction: discord.Interaction, job: Job, i
     await submit_job(bot, interaction, kind="upscale", request=request, config=config, parent_job_id=job.id)
 
 
-class EditModal(discord.ui.Modal, title="Edit and generate again"):
-    """Midjourney's "remix mode": the prompt and negative prompt, prefilled, then a new job."""
+class EditModal(discord.ui.Modal):
+    """Midjourney's "remix mode": the prompt and negative prompt, prefilled, then a new job (a variation of
+    `vary_image_url` when given); every other choice of the job is kept where it still fits."""
 
-    def __init__(self, bot: ImagineBot, job: Job) -> None:
-        super().__init__(timeout=900)
+    def __init__(self, bot: ImagineBot, job: Job, *, vary_image_url: str | None = None) -> None:
+        title = "Vary: edit the prompt first" if vary_image_url else "Edit and generate again"
+        super().__init__(title=title, timeout=900)
         self.bot = bot
         self.job = job
+        self.vary_image_url = vary_image_url
         self.prompt: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
             label="Prompt", style=discord.TextStyle.paragraph, max_length=2000, default=job.request.prompt[:2000]
         )
@@ -179,32 +203,22 @@ class EditModal(discord.ui.Modal, title="Edit and generate again"):
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         bot, job, old = self.bot, self.job, self.job.request
+        if self.vary_image_url is not None:
+            await vary(bot, interaction, job, self.vary_image_url, self.prompt.value, self.negative.value or None)
+            return
         config = await server_config(bot, interaction)
-        settings = bot.settings
         common: dict[str, Any] = {
-            "flavour": settings.modelslab_api,
+            "flavour": bot.settings.modelslab_api,
+            "default_model": old.model_id,
             "prompt": self.prompt.value,
             "negative_prompt": self.negative.value or None,
-            "model": old.model_id,
-            "samples": old.samples,
-            "steps": old.steps,
-            "guidance": old.guidance,
             "safety_checker": not channel_is_nsfw(interaction),
+            "layers": [job_layer(old)],
         }
         if job.kind == "img2img":
-            request = build_remix_request(
-                default_model=old.model_id, source_url=old.source_url or "", strength=old.strength, **common
-            )
+            request = build_remix_request(source_url=old.source_url or "", strength=old.strength, **common)
         else:
-            request = build_generation_request(
-                default_model=old.model_id,
-                width=old.width,
-                height=old.height,
-                scheduler=old.scheduler,
-                lora=",".join(old.lora_models) or None,
-                lora_strength=",".join(f"{s:g}" for s in old.lora_strengths) or None,
-                **common,
-            )
+            request = build_generation_request(**common)
         await submit_job(
             bot,
             interaction,

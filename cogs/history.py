@@ -110,12 +110,13 @@ class ForgetButton(
             await interaction.response.edit_message(content="Nothing was deleted.", view=None)
             return
         forgotten = await bot.jobs.store.forget_user(self.user_id, time.time())
+        bot.member_settings.forget_member(self.user_id)
         log.info("A member's history was forgotten at their request (%d job(s))", forgotten)
         await interaction.response.edit_message(
             content=(
                 f"Done: {forgotten} job(s) forgotten in every server: their prompts and result links are deleted, "
-                "and only anonymous counts stay for the quotas. Jobs still under way are forgotten once you run "
-                "this again after they finish."
+                "so are your /settings, and only anonymous counts stay for the quotas. Jobs still under way are "
+                "forgotten once you run this again after they finish."
             ),
             view=None,
         )

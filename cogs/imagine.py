@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 from typing import TYPE_CHECKING
 
 import discord
@@ -12,20 +10,27 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.errors import InvalidOption
-from bot.flags import parse_flags, with_preset
-from bot.generation import FLUX_SIDE_MIN, SCHEDULERS, SIDE_MIN, build_generation_request, is_flux
-from cogs.job_requests import channel_is_nsfw, model_choices, server_config, server_defaults, submit_job
+from bot.flags import parse_flags
+from bot.generation import (
+    SCHEDULERS,
+    SIDE_MIN,
+    build_generation_request,
+    flag_layer,
+    preset_layer,
+)
+from cogs.job_requests import (
+    channel_is_nsfw,
+    member_layer,
+    model_choices,
+    server_config,
+    server_defaults,
+    submit_job,
+)
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
 
 log = logging.getLogger(__name__)
-
-
-def flags_model(prompt: str) -> str | None:
-    """The model a `--model` flag names, before the flags are checked (the size limits depend on it)."""
-    found = re.search(r"(?<!\S)--model\s+(\S+)", prompt)
-    return found.group(1) if found else None
 
 
 class Imagine(commands.Cog):
@@ -69,38 +74,37 @@ class Imagine(commands.Cog):
     ) -> None:
         settings = self.bot.settings
         config = await server_config(self.bot, interaction)
-        # Precedence: an explicit option, then a flag typed in the prompt (--ar 16:9 --seed 7 ...), then the
-        # preset's flags, then the server's defaults, then the built-in ones.
         preset_text = await self.preset_flags(interaction.guild_id, preset)
-        model_hint = model or flags_model(prompt) or flags_model(preset_text or "") or ""
-        side_min = FLUX_SIDE_MIN if is_flux(model_hint) else SIDE_MIN
-        flags = with_preset(
-            parse_flags(prompt, side_min=side_min),
-            parse_flags(preset_text, side_min=side_min) if preset_text else None,
-        )
-        negatives = [text for text in (negative_prompt, flags.negative) if text]
+        # A ratio is at most 4:1, so its size is the same whatever the model's smallest side.
+        typed = parse_flags(prompt, side_min=SIDE_MIN)
+        # Precedence: an explicit option, then a flag typed in the prompt (--ar 16:9 --seed 7 ...), then the
+        # preset's flags, then the member's /settings, then the server's defaults, then the built-in ones.
+        layers = [flag_layer(typed.choices)]
+        if preset and preset_text:
+            name = " ".join(preset.split()).lower()
+            layers.append(preset_layer(name, parse_flags(preset_text, side_min=SIDE_MIN).choices))
+        layers.append(await member_layer(self.bot, interaction))
         request = build_generation_request(
             flavour=settings.modelslab_api,
             default_model=settings.modelslab_default_model,
-            prompt=flags.prompt,
-            negative_prompt=", ".join(negatives) or None,
-            model=model or flags.model,
-            width=width if width is not None else flags.width,
-            height=height if height is not None else flags.height,
+            prompt=typed.prompt,
+            negative_prompt=negative_prompt,
+            model=model,
+            width=width,
+            height=height,
             samples=samples,
-            steps=steps if steps is not None else flags.steps,
+            steps=steps,
             guidance=guidance,
-            seed=seed if seed is not None else flags.seed,
-            style=flags.style,
+            seed=seed,
             scheduler=scheduler.value if scheduler is not None else None,
             lora=lora,
             lora_strength=lora_strength,
             # Outside age-restricted channels the safety checker is always on.
             safety_checker=not channel_is_nsfw(interaction),
             defaults=server_defaults(config, settings.modelslab_default_model),
+            layers=layers,
+            allowed_models=config.allowed_models,
         )
-        if preset_text:
-            request = dataclasses.replace(request, preset=preset)
         await submit_job(self.bot, interaction, kind="text2img", request=request, config=config)
 
     async def preset_flags(self, guild_id: int | None, name: str | None) -> str | None:

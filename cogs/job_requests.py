@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.errors import MissingApiKey, UserFacingError
-from bot.generation import GenerationRequest, ServerDefaults
+from bot.generation import GenerationRequest, Layer, ServerDefaults
 from bot.guild_rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
 from bot.guilds import NO_KEY, UNREADABLE_KEY
 from bot.presentation import status_text
@@ -43,6 +43,12 @@ def server_defaults(config: GuildConfig, bot_default: str) -> ServerDefaults:
         height=config.default_height,
         steps=config.default_steps,
     )
+
+
+async def member_layer(bot: ImagineBot, interaction: discord.Interaction) -> Layer:
+    """The member's /settings in this server, as the layer below presets and above the server's defaults."""
+    assert interaction.guild_id is not None
+    return (await bot.member_settings.get(interaction.guild_id, interaction.user.id)).layer()
 
 
 async def server_config(bot: ImagineBot, interaction: discord.Interaction) -> GuildConfig:

@@ -11,9 +11,17 @@ from discord.ext import commands
 
 from bot.download_policy import DownloadRefused, discord_media_policy
 from bot.errors import InvalidOption, UserFacingError
-from bot.generation import DEFAULT_STRENGTH, build_remix_request
+from bot.flags import parse_flags
+from bot.generation import DEFAULT_STRENGTH, SIDE_MIN, build_remix_request, flag_layer
 from bot.imaging import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
-from cogs.job_requests import channel_is_nsfw, model_choices, server_config, server_defaults, submit_job
+from cogs.job_requests import (
+    channel_is_nsfw,
+    member_layer,
+    model_choices,
+    server_config,
+    server_defaults,
+    submit_job,
+)
 
 if TYPE_CHECKING:
     from bot.discord_bot import ImagineBot
@@ -94,15 +102,18 @@ class RemixModal(discord.ui.Modal, title="Remix this image"):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         settings = self.bot.settings
         config = await server_config(self.bot, interaction)
+        typed = parse_flags(self.prompt.value, side_min=SIDE_MIN)
         request = build_remix_request(
             flavour=settings.modelslab_api,
             default_model=settings.modelslab_default_remix_model,
-            prompt=self.prompt.value,
+            prompt=typed.prompt,
             negative_prompt=self.negative_prompt.value or None,
             strength=parse_strength(self.strength.value),
             source_url=self.source_url,
             safety_checker=not channel_is_nsfw(interaction),
             defaults=server_defaults(config, settings.modelslab_default_remix_model),
+            layers=[flag_layer(typed.choices), await member_layer(self.bot, interaction)],
+            allowed_models=config.allowed_models,
         )
         await submit_job(self.bot, interaction, kind="img2img", request=request, config=config)
 
@@ -149,10 +160,11 @@ class Remix(commands.Cog):
         check_attachment(image)
         settings = self.bot.settings
         config = await server_config(self.bot, interaction)
+        typed = parse_flags(prompt, side_min=SIDE_MIN)
         request = build_remix_request(
             flavour=settings.modelslab_api,
             default_model=settings.modelslab_default_remix_model,
-            prompt=prompt,
+            prompt=typed.prompt,
             source_url=image.url,
             strength=strength,
             negative_prompt=negative_prompt,
@@ -163,6 +175,8 @@ class Remix(commands.Cog):
             seed=seed,
             safety_checker=not channel_is_nsfw(interaction),
             defaults=server_defaults(config, settings.modelslab_default_remix_model),
+            layers=[flag_layer(typed.choices), await member_layer(self.bot, interaction)],
+            allowed_models=config.allowed_models,
         )
         await submit_job(self.bot, interaction, kind="img2img", request=request, config=config)
 

@@ -459,7 +459,10 @@ async def test_presets_are_saved_offered_and_applied_below_options_and_flags(run
     job = await runner.wait_posted()
     info = await discord_server.invoke_component(interaction.original.id, f"job:info:{job.id}")
     await info.wait_callback()
-    assert "**Preset:** wide" in info.original.content
+    chosen = info.original.content.split("**Chosen by:** ")[1]
+    assert chosen.startswith(
+        "your command options: seed; flags in your prompt: steps; the preset `wide`: model, negative prompt, size;"
+    )
 
 
 async def test_bad_presets_are_refused(runner, discord_server, modelslab):

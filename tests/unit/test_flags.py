@@ -17,9 +17,10 @@ def test_every_flag_is_read_and_removed_from_the_prompt():
         side_min=SIDE_MIN,
     )
     assert parsed.prompt == "a cat on a roof"
-    assert (parsed.width, parsed.height, parsed.aspect) == (1024, 576, "16:9")
-    assert (parsed.seed, parsed.negative, parsed.steps) == (7, "text, watermark", 15)
-    assert (parsed.style, parsed.model) == ("watercolor", "sdxl")
+    flags = parsed.choices
+    assert (flags.width, flags.height, flags.aspect) == (1024, 576, "16:9")
+    assert (flags.seed, flags.no, flags.steps) == (7, "text, watermark", 15)
+    assert (flags.style, flags.model) == ("watercolor", "sdxl")
 
 
 @pytest.mark.parametrize(
@@ -81,5 +82,5 @@ def test_any_ratio_maps_to_a_valid_size_close_to_it(a, b, side_min):
 )
 def test_flags_round_trip(seed, steps, ratio, negative):
     parsed = parse_flags(f"a fox --seed {seed} --ar {ratio} --steps {steps} --no {negative}", side_min=SIDE_MIN)
-    assert (parsed.prompt, parsed.seed, parsed.steps) == ("a fox", seed, steps)
-    assert parsed.negative == " ".join(negative.split())
+    assert (parsed.prompt, parsed.choices.seed, parsed.choices.steps) == ("a fox", seed, steps)
+    assert parsed.choices.no == " ".join(negative.split())
