@@ -9,6 +9,8 @@ import json
 import math
 from typing import Any
 
+from bot import parameters
+from bot.generation import GenerationRequest
 from bot.presentation import prompt_preview
 from bot.storage import Job, JobStatus
 
@@ -37,6 +39,7 @@ EXPORT_FIELDS = (
     "steps",
     "guidance",
     "seed",
+    "other_parameters",
     "images_posted",
     "cost_images",
     "result",
@@ -94,10 +97,22 @@ def _record(job: Job) -> dict[str, Any]:
         "steps": request.steps,
         "guidance": request.guidance,
         "seed": job.seed if job.seed is not None else request.seed,
+        "other_parameters": other_parameters(request),
         "images_posted": job.image_count,
         "cost_images": job.charged_images,
         "result": result_link(job),
     }
+
+
+def other_parameters(request: GenerationRequest) -> str:
+    """Everything else that was sent, written as the flags that would ask for it again."""
+    parts = [f"--scheduler {request.scheduler}"] if request.scheduler else []
+    if request.enhance_style:
+        parts.append(f"--style {request.enhance_style}")
+    if request.lora_models:
+        parts.append("--lora " + ",".join(request.lora_models))
+    parts += [f"--{name} {parameters.shown(value)}" for name, value in request.advanced.items()]
+    return " ".join(parts)
 
 
 def _cell(value: object) -> object:

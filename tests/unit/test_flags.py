@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.errors import InvalidOption
-from bot.flags import parse_flags, size_for_ratio
+from bot.flags import KNOWN, parse_flags, size_for_ratio
 from bot.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN
 
 
@@ -84,3 +84,31 @@ def test_flags_round_trip(seed, steps, ratio, negative):
     parsed = parse_flags(f"a fox --seed {seed} --ar {ratio} --steps {steps} --no {negative}", side_min=SIDE_MIN)
     assert (parsed.prompt, parsed.choices.seed, parsed.choices.steps) == ("a fox", seed, steps)
     assert parsed.choices.no == " ".join(negative.split())
+
+
+def test_common_options_and_every_modelslab_parameter_are_flags_too():
+    parsed = parse_flags(
+        "a tower --guidance 9.5 --scheduler eulerdiscretescheduler --lora more_details --lora-strength 0.7 "
+        "--clip-skip 2 --panorama --tomesd no --ip_adapter_scale 0,5",
+        side_min=SIDE_MIN,
+    )
+    flags = parsed.choices
+    assert parsed.prompt == "a tower"
+    assert (flags.guidance, flags.scheduler) == (9.5, "EulerDiscreteScheduler")
+    assert (flags.lora, flags.lora_strength) == ("more_details", "0.7")
+    assert flags.advanced == {"clip_skip": 2, "panorama": True, "tomesd": False, "ip_adapter_scale": 0.5}
+
+
+def test_an_unknown_flag_message_points_to_the_list():
+    with pytest.raises(InvalidOption) as refusal:
+        parse_flags("a cat --stylize 100", side_min=SIDE_MIN)
+    assert "`--stylize` is not a flag this bot knows" in refusal.value.message
+    assert "--clip_skip or --panorama" in refusal.value.message
+
+
+@given(st.sampled_from(sorted(KNOWN)), st.text(max_size=30))
+def test_any_known_flag_with_any_value_is_read_or_named_in_the_refusal(name, value):
+    try:
+        parse_flags(f"a fox --{name} {value}", side_min=SIDE_MIN)
+    except InvalidOption as refusal:
+        assert refusal.option.startswith("--")

@@ -1,0 +1,271 @@
+"""Every documented ModelsLab parameter, flavour by flavour, model by model, job kind by job kind.
+
+The rules come from the seeds: the v6 community text2img table (and its OpenAPI schema), the enterprise
+text2img/img2img pages and the FLUX page ("flux does not support negative_prompt, enhance_prompt,
+enhance_style, SD LoRAs, ip adapters, embeddings, upscale and highres_fix")."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.errors import InvalidOption
+from bot.flags import parse_flags
+from bot.generation import (
+    SIDE_MIN,
+    Choices,
+    GenerationRequest,
+    Layer,
+    ServerDefaults,
+    build_generation_request,
+    build_remix_request,
+    flag_layer,
+    preset_layer,
+)
+from bot.parameters import PARAMETERS
+
+# A valid value for every parameter, as typed, and how the vendor's examples send it.
+VALID = {
+    "enhance_prompt": ("no", "no"),
+    "clip_skip": ("2", 2),
+    "vae": ("sd-vae-ft-mse", "sd-vae-ft-mse"),
+    "embeddings_model": ("easynegative", "easynegative"),
+    "panorama": ("", "yes"),
+    "self_attention": ("yes", "yes"),
+    "upscale": ("yes", "yes"),
+    "highres_fix": ("on", "yes"),
+    "tomesd": ("no", "no"),
+    "use_karras_sigmas": ("yes", "yes"),
+    "algorithm_type": ("none", "none"),
+    "safety_checker_type": ("blur", "blur"),
+    "multi_lingual": ("yes", "yes"),
+    "temp": ("yes", "yes"),
+}
+IP_ADAPTER = "--ip_adapter_id ip-adapter_sdxl --ip_adapter_image https://example.com/face.png --ip_adapter_scale 0.6"
+FLUX_IGNORED = ("enhance_prompt", "embeddings_model", "upscale", "highres_fix", "ip_adapter_id")
+TEXT2IMG_ONLY = ("embeddings_model", "panorama", "self_attention", "upscale", "highres_fix", "multi_lingual")
+V6_ONLY = ("multi_lingual", "ip_adapter_id")
+
+
+def imagine(flags: str, *, flavour="v6", model="sdxl", **options) -> GenerationRequest:
+    typed = parse_flags(f"a lighthouse {flags}", side_min=SIDE_MIN)
+    return build_generation_request(
+        flavour=flavour,
+        default_model=model,
+        prompt=typed.prompt,
+        layers=[flag_layer(typed.choices)],
+        **options,
+    )
+
+
+def remix(flags: str, *, flavour="v6", model="sdxl") -> GenerationRequest:
+    typed = parse_flags(f"a lighthouse {flags}", side_min=SIDE_MIN)
+    return build_remix_request(
+        flavour=flavour,
+        default_model=model,
+        prompt=typed.prompt,
+        source_url="https://cdn.discordapp.com/a.png",
+        layers=[flag_layer(typed.choices)],
+    )
+
+
+def refused(build, flags: str, **options) -> str:
+    with pytest.raises(InvalidOption) as caught:
+        build(flags, **options)
+    return caught.value.message
+
+
+def test_the_table_covers_every_parameter_the_issue_lists():
+    listed = set(VALID) | {"ip_adapter_id", "ip_adapter_scale", "ip_adapter_image"}
+    assert set(PARAMETERS) == listed
+
+
+@pytest.mark.parametrize("name", sorted(VALID))
+def test_each_parameter_is_sent_as_the_vendor_examples_send_it_on_v6(name):
+    typed, sent = VALID[name]
+    assert imagine(f"--{name} {typed}").payload_for("text2img")[name] == sent
+
+
+@pytest.mark.parametrize("name", sorted(set(VALID) - set(V6_ONLY)))
+def test_each_parameter_documented_for_the_enterprise_api_is_sent_there(name):
+    typed, sent = VALID[name]
+    assert imagine(f"--{name} {typed}", flavour="enterprise").payload_for("text2img")[name] == sent
+
+
+def test_the_ip_adapter_is_sent_whole():
+    payload = imagine(IP_ADAPTER).payload_for("text2img")
+    assert payload["ip_adapter_id"] == "ip-adapter_sdxl"
+    assert payload["ip_adapter_image"] == "https://example.com/face.png"
+    assert payload["ip_adapter_scale"] == 0.6
+
+
+def test_dashes_work_like_underscores_and_nothing_unasked_is_sent():
+    assert imagine("--clip-skip 3 --use-karras-sigmas no").advanced == {"clip_skip": 3, "use_karras_sigmas": False}
+    payload = imagine("").payload_for("text2img")
+    assert not set(payload) & set(PARAMETERS)
+
+
+@pytest.mark.parametrize("name", FLUX_IGNORED)
+def test_flux_refuses_what_it_ignores(name):
+    flags = IP_ADAPTER if name == "ip_adapter_id" else f"--{name} {VALID[name][0]}"
+    message = refused(imagine, flags, model="flux")
+    assert f"`--{name}` is ignored by the flux model" in message
+
+
+def test_flux_takes_what_it_does_not_ignore_and_clip_skip_only_up_to_4():
+    request = imagine("--clip_skip 4 --vae v1 --tomesd no --temp yes", model="flux")
+    assert request.payload_for("text2img")["clip_skip"] == 4
+    assert "`--clip_skip` must be from 1 to 4 for the flux model" in refused(imagine, "--clip_skip 5", model="flux")
+    assert imagine("--clip_skip 8").advanced["clip_skip"] == 8  # other models: 1-8
+    assert "from 1 to 8" in refused(imagine, "--clip_skip 9")  # out of range for every model
+    assert imagine("--enhance_prompt yes --highres_fix", model="fluxdev").advanced["highres_fix"] is True
+
+
+@pytest.mark.parametrize("name", V6_ONLY)
+def test_the_enterprise_api_refuses_what_only_v6_documents(name):
+    flags = IP_ADAPTER if name == "ip_adapter_id" else f"--{name} yes"
+    assert "not available on the enterprise API" in refused(imagine, flags, flavour="enterprise")
+
+
+def test_enhance_style_is_v6_text_to_image_only():
+    assert imagine("--style watercolor").payload_for("text2img")["enhance_style"] == "watercolor"
+    assert "not available on the enterprise API" in refused(imagine, "--style watercolor", flavour="enterprise")
+    assert "only when making an image from text" in refused(remix, "--style watercolor")
+
+
+def test_upscale_takes_a_factor_on_v6_and_yes_or_no_on_enterprise():
+    assert imagine("--upscale 3").payload_for("text2img")["upscale"] == 3
+    assert imagine("--upscale no", flavour="enterprise").payload_for("text2img")["upscale"] == "no"
+    assert "yes or no on the enterprise API" in refused(imagine, "--upscale 2", flavour="enterprise")
+    assert "must be yes or no, or 2 or 3" in refused(imagine, "--upscale 4")
+
+
+@pytest.mark.parametrize("name", TEXT2IMG_ONLY)
+def test_remixing_refuses_the_text_to_image_only_parameters(name):
+    assert "only when making an image from text" in refused(remix, f"--{name} {VALID[name][0]}")
+
+
+def test_remixing_sends_the_parameters_img2img_documents():
+    payload = remix(
+        "--clip_skip 2 --vae v1 --tomesd no --use_karras_sigmas yes --enhance_prompt no --safety_checker_type pixelate"
+    ).payload_for("img2img")
+    assert (payload["clip_skip"], payload["vae"], payload["tomesd"]) == (2, "v1", "no")
+    assert (payload["enhance_prompt"], payload["safety_checker_type"]) == ("no", "pixelate")
+    assert "width" not in payload and payload["strength"] == 0.7
+    assert "`--ar` cannot be set when remixing" in refused(remix, "--ar 16:9")
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        ("--panorama maybe", "`--panorama` must be yes or no"),
+        ("--clip_skip 0", "`--clip_skip` must be a whole number from 1 to 8"),
+        ("--clip_skip two", "`--clip_skip` must be a whole number from 1 to 8"),
+        ("--algorithm_type fast", "`--algorithm_type` must be one of none, dpmsolver+++"),
+        ("--safety_checker_type red", "must be one of blur, sensitive_content_text, pixelate, black"),
+        ("--ip_adapter_id ip-adapter_xl", "`--ip_adapter_id` must be one of ip-adapter_sdxl"),
+        ("--ip_adapter_scale 1.5", "`--ip_adapter_scale` must be a number from 0 to 1"),
+        ("--ip_adapter_image ftp://x/y.png", "`--ip_adapter_image` must be an http(s) link"),
+        ("--vae bad id!", "`--vae` must be a ModelsLab model id"),
+        ("--embeddings_model", "`--embeddings_model` needs a value, e.g. --embeddings_model"),
+        ("--ip_adapter_id ip-adapter_sd15", "needs `--ip_adapter_image` too"),
+        ("--ip_adapter_image https://x.io/a.png", "needs `--ip_adapter_id` too"),
+        ("--ip_adapter_scale 0.5", "needs `--ip_adapter_id` and `--ip_adapter_image` too"),
+        ("--algorithm_type dpmsolver+++", "works only with the DPMSolverMultistepScheduler scheduler"),
+    ],
+)
+def test_bad_values_are_refused_with_the_flag_and_what_it_takes(flags, words):
+    assert words in refused(imagine, flags)
+
+
+def test_the_dpmsolver_algorithm_goes_with_its_scheduler():
+    request = imagine("--algorithm_type dpmsolver+++ --scheduler dpmsolvermultistepscheduler")
+    payload = request.payload_for("text2img")
+    assert (payload["algorithm_type"], payload["scheduler"]) == ("dpmsolver+++", "DPMSolverMultistepScheduler")
+
+
+def test_the_safety_checker_type_is_not_sent_when_the_checker_is_off():
+    assert imagine("--safety_checker_type black").payload_for("text2img")["safety_checker_type"] == "black"
+    payload = imagine("--safety_checker_type black", safety_checker=False).payload_for("text2img")
+    assert "safety_checker_type" not in payload and payload["safety_checker"] == "no"
+
+
+def test_a_request_with_every_kind_of_value_survives_json():
+    flags = "--clip_skip 2 --panorama --ip_adapter_scale 0.25 " + IP_ADAPTER.replace(" --ip_adapter_scale 0.6", "")
+    request = imagine(flags)
+    assert GenerationRequest.from_json(request.to_json()) == request
+
+
+# ------------------------------------------------------------------------------------------- precedence
+
+
+def settings(**values) -> Layer:
+    return Layer("settings", Choices(**values), strict=False)
+
+
+def layered(*, options=None, flags="", preset="", member=None, server=None, model="sdxl") -> GenerationRequest:
+    typed = parse_flags(f"a lighthouse {flags}", side_min=SIDE_MIN)
+    layers = [flag_layer(typed.choices)]
+    if preset:
+        layers.append(preset_layer("p", parse_flags(preset, side_min=SIDE_MIN).choices))
+    layers.append(member or settings())
+    return build_generation_request(
+        flavour="v6",
+        default_model=model,
+        prompt=typed.prompt,
+        layers=layers,
+        defaults=server or ServerDefaults(),
+        **(options or {}),
+    )
+
+
+def test_each_layer_wins_over_the_ones_below_it():
+    member = settings(steps=12, guidance=4.0, advanced={"clip_skip": 3})
+    server = ServerDefaults(steps=11)
+    full = layered(options={"steps": 15}, flags="--steps 14", preset="--steps 13", member=member, server=server)
+    assert full.steps == 15 and full.sources["steps"] == "option"
+    assert layered(flags="--steps 14", preset="--steps 13", member=member, server=server).steps == 14
+    assert layered(preset="--steps 13 --clip_skip 5", member=member, server=server).sources["steps"] == "preset"
+    assert layered(member=member, server=server).steps == 12
+    assert layered(server=server).sources["steps"] == "server"
+    bare = layered()
+    assert bare.steps == 20 and "steps" not in bare.sources  # built in
+    mixed = layered(preset="--clip_skip 5", member=member, server=server)
+    assert mixed.advanced["clip_skip"] == 5 and mixed.sources["clip_skip"] == "preset"
+    assert mixed.guidance == 4.0 and mixed.sources["guidance"] == "settings"
+
+
+def test_settings_that_do_not_fit_the_model_are_skipped_but_the_same_flag_is_refused():
+    member = settings(steps=10, negative_prompt="blur", advanced={"enhance_prompt": True}, style="anime")
+    request = layered(member=member, model="flux")
+    assert request.steps == 30 and request.negative_prompt is None  # flux: 20-50 steps, no negative prompt
+    assert request.advanced == {} and request.enhance_style is None
+    assert layered(member=member, model="sdxl").steps == 10
+    with pytest.raises(InvalidOption, match="`--steps` must be a whole number from 20 to 50"):
+        layered(flags="--steps 10", member=member, model="flux")
+    with pytest.raises(InvalidOption, match="it comes from the preset `p`"):
+        layered(preset="--enhance_prompt yes", model="flux")
+
+
+def test_a_settings_model_the_server_does_not_allow_is_skipped():
+    request = build_generation_request(
+        flavour="v6",
+        default_model="sdxl",
+        prompt="x",
+        layers=[settings(model="midjourney")],
+        allowed_models=("sdxl",),
+    )
+    assert request.model_id == "sdxl" and "model" not in request.sources
+
+
+def test_no_words_are_added_to_whichever_negative_prompt_applies():
+    member = settings(negative_prompt="blurry")
+    assert layered(flags="--no text", member=member).negative_prompt == "blurry, text"
+    assert layered(flags="--no text", preset="--no logo", member=member).negative_prompt == "blurry, logo, text"
+    explicit = layered(options={"negative_prompt": "dark"}, flags="--no text", member=member)
+    assert explicit.negative_prompt == "dark, text"  # the option replaces the settings' own, --no still adds
+
+
+def test_a_half_fitting_ip_adapter_from_settings_is_dropped_not_refused():
+    member = settings(advanced={"ip_adapter_scale": 0.5, "clip_skip": 2})
+    request = layered(member=member)
+    assert request.advanced == {"clip_skip": 2}
