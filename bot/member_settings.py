@@ -224,8 +224,10 @@ def model_choices(current: str | None, allowed: tuple[str, ...], defaults: tuple
     return list(dict.fromkeys(pool))[:24]  # Discord's 25 options, one kept for "server default"
 
 
-def unused_settings(settings: MemberSettings, *, flavour: str, default_model: str, server: Layer) -> list[str]:
-    """Which settings would be skipped for an /imagine with no options (they do not fit the model it uses)."""
+def unused_settings(
+    settings: MemberSettings, *, flavour: str, default_model: str, server: Layer
+) -> tuple[str, list[str]]:
+    """The model an /imagine with no options would use, and which settings it would skip (they do not fit)."""
     layer = settings.layer()
     try:
         request = build_request(
@@ -236,7 +238,7 @@ def unused_settings(settings: MemberSettings, *, flavour: str, default_model: st
             layers=[layer, server],
         )
     except InvalidOption:
-        return []
+        return settings.model or default_model, []
     used = {name for name, source in request.sources.items() if source == "settings"}
     wanted = {
         "model": settings.model,
@@ -252,7 +254,7 @@ def unused_settings(settings: MemberSettings, *, flavour: str, default_model: st
         names.append("lora")
     if layer.choices.scheduler and "scheduler" not in used:
         names.append("scheduler")
-    return [{"width": "aspect ratio", "negative_prompt": "negative prompt"}.get(n, n) for n in names]
+    return request.model_id, [{"width": "aspect ratio", "negative_prompt": "negative prompt"}.get(n, n) for n in names]
 
 
 def describe(settings: MemberSettings, *, model_in_use: str, unused: list[str]) -> str:

@@ -129,6 +129,7 @@ async def reroll(bot: ImagineBot, interaction: discord.Interaction, job: Job) ->
         job.request,
         seed=secrets.randbelow(SEED_MAX + 1),
         seed_is_random=True,
+        sources={name: source for name, source in job.request.sources.items() if name != "seed"},
         safety_checker=not channel_is_nsfw(interaction),
     )
     await submit_job(

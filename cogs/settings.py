@@ -41,7 +41,7 @@ async def settings_panel(bot: ImagineBot, interaction: discord.Interaction) -> d
     default_model = default_model_for(config, bot.settings.modelslab_default_model)
     flavour = bot.settings.modelslab_api
     server = server_defaults(config, bot.settings.modelslab_default_model).layer("text2img")
-    unused = rules.unused_settings(settings, flavour=flavour, default_model=default_model, server=server)
+    model_in_use, unused = rules.unused_settings(settings, flavour=flavour, default_model=default_model, server=server)
     models = rules.model_choices(
         settings.model,
         config.allowed_models,
@@ -68,7 +68,7 @@ async def settings_panel(bot: ImagineBot, interaction: discord.Interaction) -> d
     view.add_item(SettingsButton("remix", remix_label, remix_style))
     view.add_item(SettingsButton("more", "Negative prompt, style, model id, more…", discord.ButtonStyle.primary))
     view.add_item(SettingsButton("reset", "Reset all", discord.ButtonStyle.danger))
-    content = rules.describe(settings, model_in_use=settings.model or default_model, unused=unused)
+    content = rules.describe(settings, model_in_use=model_in_use, unused=unused)
     return {"content": content, "view": view}
 
 

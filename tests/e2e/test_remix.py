@@ -165,3 +165,17 @@ async def test_the_remix_menu_never_fetches_an_embed_image_from_elsewhere(runner
     opened = await discord_server.invoke_message_command("Remix", posted)
     await opened.wait_callback()
     assert opened.modal is None and "no picture that Discord hosts" in opened.original.content
+
+
+async def test_remix_prompts_take_flags_and_refuse_what_image_to_image_cannot_do(runner, discord_server, modelslab):
+    await runner.start()
+    refused = await remix(discord_server, photo(640, 480), prompt="as a watercolour --ar 16:9")
+    assert "`--ar` cannot be set when remixing: the result keeps the input image's size" in refused.original.content
+    refused = await remix(discord_server, photo(640, 480), prompt="as a watercolour --panorama")
+    assert "`--panorama` works only when making an image from text (/imagine)" in refused.original.content
+    assert modelslab.submissions() == []
+
+    await remix(discord_server, photo(640, 480), prompt="as a watercolour --clip_skip 2 --steps 12 --tomesd no")
+    body = (await modelslab.wait_for_submission()).json
+    assert body["prompt"] == "as a watercolour" and body["num_inference_steps"] == 12
+    assert (body["clip_skip"], body["tomesd"]) == (2, "no")

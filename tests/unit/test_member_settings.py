@@ -71,8 +71,10 @@ def test_settings_apply_to_imagine_and_only_what_fits_to_remix():
 
 def test_the_form_says_which_settings_the_model_in_use_will_not_take():
     member = MemberSettings(steps=10, negative_prompt="blurry", flags="--enhance_prompt yes")
-    unused = unused_settings(member, flavour="v6", default_model="flux", server=ServerDefaults().layer("text2img"))
-    assert unused == ["steps", "negative prompt", "enhance_prompt"]
+    model, unused = unused_settings(
+        member, flavour="v6", default_model="flux", server=ServerDefaults().layer("text2img")
+    )
+    assert model == "flux" and unused == ["steps", "negative prompt", "enhance_prompt"]
     text = describe(member, model_in_use="flux", unused=unused)
     assert "Not used with `flux`, which does not take them: steps, negative prompt, enhance_prompt." in text
     assert "**Remix mode:** off" in text and "**Model:** *server default*" in text
