@@ -94,7 +94,7 @@ def parse_flags(text: str, *, side_min: int) -> PromptFlags:
         if name == "ar":
             changes["width"], changes["height"], changes["aspect"] = parse_ratio(value, side_min=side_min)
         elif name in ("seed", "steps"):
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise InvalidOption(f"--{name}", f"must be a whole number (you gave {value[:20]!r}).")
             number = int(value)
             if name == "seed" and number > SEED_MAX:

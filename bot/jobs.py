@@ -909,6 +909,6 @@ def _as_seed(meta: Mapping[str, Any]) -> int | None:
     value = meta.get("seed")
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value)
     return None

@@ -25,6 +25,7 @@ from bot.generation import (
     Layer,
     build_request,
     check_model_id,
+    step_rule,
 )
 from bot.storage import MemberSettingsStore
 from bot.styles import ENHANCE_STYLES
@@ -112,7 +113,7 @@ def check_steps(text: str) -> int | None:
     text = text.strip()
     if not text:
         return None
-    if not text.isdigit() or not 1 <= int(text) <= 50:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 50:
         raise InvalidOption("Steps", "must be a whole number from 1 to 50 (each model takes its own range).")
     return int(text)
 
@@ -254,7 +255,10 @@ def unused_settings(
         names.append("lora")
     if layer.choices.scheduler and "scheduler" not in used:
         names.append("scheduler")
-    return request.model_id, [{"width": "aspect ratio", "negative_prompt": "negative prompt"}.get(n, n) for n in names]
+    rule = step_rule(flavour, request.model_id)  # type: ignore[arg-type]
+    takes = ", ".join(map(str, rule.allowed)) if rule.allowed else f"{rule.minimum}–{rule.maximum}"
+    shown = {"width": "aspect ratio", "negative_prompt": "negative prompt", "steps": f"steps (it takes {takes})"}
+    return request.model_id, [shown.get(n, n) for n in names]
 
 
 def describe(settings: MemberSettings, *, model_in_use: str, unused: list[str]) -> str:

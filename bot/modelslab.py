@@ -290,8 +290,7 @@ def _as_url_list(value: Any) -> tuple[str, ...]:
         items = value
     elif isinstance(value, dict):
         items = [
-            value[k]
-            for k in sorted(value, key=lambda k: (not str(k).isdigit(), int(k) if str(k).isdigit() else 0, str(k)))
+            value[k] for k in sorted(value, key=lambda k: (not _whole(str(k)), int(k) if _whole(str(k)) else 0, str(k)))
         ]
     else:
         return ()
@@ -433,3 +432,8 @@ class ModelsLabClient:
             return Failure(ErrorKind.SERVICE_DOWN, type(exc).__name__)
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
             return Failure(ErrorKind.SERVICE_DOWN, type(exc).__name__, maybe_received=True)
+
+
+def _whole(text: str) -> bool:
+    """Digits only, ASCII ones: `int()` refuses "²" although `str.isdigit()` accepts it."""
+    return text.isascii() and text.isdigit()

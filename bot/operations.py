@@ -44,7 +44,7 @@ def application_id_from_token(token: str) -> int | None:
         value = base64.b64decode(head + "=" * (-len(head) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError):
         return None
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 @dataclass(frozen=True)

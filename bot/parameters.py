@@ -104,7 +104,7 @@ def parse_value(name: str, text: str) -> ParameterValue:
     if not value:
         raise InvalidOption(flag, f"needs a value, e.g. {example(name)}.")
     if parameter.kind == "int":
-        if not value.isdigit() or not parameter.minimum <= int(value) <= parameter.maximum:  # type: ignore[operator]
+        if not (value.isascii() and value.isdigit()) or not parameter.minimum <= int(value) <= parameter.maximum:  # type: ignore[operator]
             raise InvalidOption(flag, f"must be a whole number from {_range(parameter)} (you gave {value[:20]!r}).")
         return int(value)
     if parameter.kind == "float":

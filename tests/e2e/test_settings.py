@@ -128,7 +128,10 @@ async def test_settings_that_the_chosen_model_does_not_take_are_skipped_not_refu
     form = await open_settings(discord_server)
     await fill_more(discord_server, form, {"Negative": "blurry", "Other": "--enhance_prompt yes"})
     form = await pick(discord_server, form, "steps", "10")
-    assert "Not used with `flux`, which does not take them: steps, negative prompt, enhance_prompt." in form.content
+    assert (
+        "Not used with `flux`, which does not take them: steps (it takes 20–50), negative prompt, enhance_prompt."
+        in form.content
+    )
 
     done = await imagine(discord_server, "a lighthouse")  # flux, the built-in default
     assert not done.original.flags & 64

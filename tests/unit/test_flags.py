@@ -112,3 +112,9 @@ def test_any_known_flag_with_any_value_is_read_or_named_in_the_refusal(name, val
         parse_flags(f"a fox --{name} {value}", side_min=SIDE_MIN)
     except InvalidOption as refusal:
         assert refusal.option.startswith("--")
+
+
+@pytest.mark.parametrize("text", ["a cat --seed ²", "a cat --steps ١٢", "a cat --clip_skip ³"])
+def test_digits_that_are_not_ascii_are_refused_not_crashed_on(text):
+    with pytest.raises(InvalidOption, match="must be a whole number"):
+        parse_flags(text, side_min=SIDE_MIN)

@@ -74,9 +74,12 @@ def test_the_form_says_which_settings_the_model_in_use_will_not_take():
     model, unused = unused_settings(
         member, flavour="v6", default_model="flux", server=ServerDefaults().layer("text2img")
     )
-    assert model == "flux" and unused == ["steps", "negative prompt", "enhance_prompt"]
+    assert model == "flux" and unused == ["steps (it takes 20–50)", "negative prompt", "enhance_prompt"]
     text = describe(member, model_in_use="flux", unused=unused)
-    assert "Not used with `flux`, which does not take them: steps, negative prompt, enhance_prompt." in text
+    assert (
+        "Not used with `flux`, which does not take them: steps (it takes 20–50), negative prompt, enhance_prompt."
+        in text
+    )
     assert "**Remix mode:** off" in text and "**Model:** *server default*" in text
 
 
