@@ -21,6 +21,8 @@ from bot.parameters import ParameterValue
 COMMON = ("ar", "seed", "no", "steps", "style", "model", "guidance", "scheduler", "lora", "lora_strength")
 KNOWN = COMMON + tuple(parameters.PARAMETERS)
 _FLAG = re.compile(r"(?<!\S)--([A-Za-z][A-Za-z_-]*)")
+# Phones turn "--" into a dash ("—ar 16:9"); read it as a flag when a known flag name follows.
+_DASHED = re.compile(r"(?<!\S)[—–]([A-Za-z][A-Za-z_-]*)")
 _RATIO = re.compile(r"^(\d{1,4})\s*:\s*(\d{1,4})$")
 _SCHEDULERS = {name.lower(): name for name in SCHEDULERS}
 MAX_RATIO = 4
@@ -61,6 +63,7 @@ def parse_ratio(value: str, *, side_min: int) -> tuple[int, int, str]:
 
 
 def parse_flags(text: str, *, side_min: int) -> PromptFlags:
+    text = _DASHED.sub(lambda m: "--" + m[1] if parameters.canonical_name(m[1]) in KNOWN else m[0], text)
     matches = list(_FLAG.finditer(text))
     if not matches:
         return PromptFlags(prompt=" ".join(text.split()))
@@ -94,7 +97,7 @@ def parse_flags(text: str, *, side_min: int) -> PromptFlags:
         if name == "ar":
             changes["width"], changes["height"], changes["aspect"] = parse_ratio(value, side_min=side_min)
         elif name in ("seed", "steps"):
-            if not (value.isascii() and value.isdigit()):
+            if not (value.isascii() and value.isdigit() and len(value) <= 12):
                 raise InvalidOption(f"--{name}", f"must be a whole number (you gave {value[:20]!r}).")
             number = int(value)
             if name == "seed" and number > SEED_MAX:

@@ -169,11 +169,15 @@ class GenerationRequest:
             payload["lora_model"] = ",".join(self.lora_models)
             if self.lora_strengths:
                 payload["lora_strength"] = ",".join(_format_number(s) for s in self.lora_strengths)
-        for name, value in self.advanced.items():
-            if name == "safety_checker_type" and not self.safety_checker:
-                continue  # nothing to act on with the checker off (age-restricted channels)
+        for name, value in self.sent_advanced().items():
             payload[name] = parameters.payload_value(value)
         return payload
+
+    def sent_advanced(self) -> dict[str, ParameterValue]:
+        """The parameters of bot.parameters that are sent (the checker's action is not, with the checker off)."""
+        if self.safety_checker:
+            return dict(self.advanced)
+        return {name: value for name, value in self.advanced.items() if name != "safety_checker_type"}
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -213,11 +217,11 @@ class Choices:
         return self == Choices()
 
 
-SOURCE_NAMES = {
-    "option": "your command options",
-    "flag": "flags in your prompt",
+SOURCE_NAMES = {  # Info is read by whoever presses it, not only by the member who asked: no "your"
+    "option": "the command's options",
+    "flag": "flags in the prompt",
     "preset": "the preset",
-    "settings": "your /settings",
+    "settings": "the member's /settings",
     "server": "the server's defaults",
     "job": "the original job",
 }
@@ -237,11 +241,10 @@ class Layer:
         if self.source == "option":
             return InvalidOption(name, reason)
         spelled = _FLAG_SPELLING.get(name, f"--{name}")
-        if self.source == "preset":
-            return InvalidOption(spelled, f"{reason} (it comes from the preset `{self.label}`)")
         if self.source == "flag":
             return InvalidOption(spelled, reason)
-        return InvalidOption(spelled, f"{reason} (it comes from {SOURCE_NAMES.get(self.source, self.source)})")
+        where = f"the preset `{self.label}`" if self.source == "preset" else SOURCE_NAMES.get(self.source, self.source)
+        return InvalidOption(spelled, f"{reason.rstrip('.')} (it comes from {where}).")
 
 
 def option_layer(choices: Choices) -> Layer:
@@ -383,10 +386,25 @@ def build_request(
                 raise layer.refuse("width", "cannot be set when remixing: the result keeps the input image's size.")
     else:
         picked_width = _pick(layers, "width", check_side)
+        picked_height = _pick(layers, "height", check_side)
         width = record("width", picked_width, DEFAULT_SIDE)
-        height = record("height", _pick(layers, "height", check_side), DEFAULT_SIDE)
-        if picked_width is not None and sources.get("height") == picked_width[1].source:
-            aspect = picked_width[1].choices.aspect
+        height = record("height", picked_height, DEFAULT_SIDE)
+        if picked_width is not None and picked_height is not None:
+            if picked_width[1] is picked_height[1]:
+                aspect = picked_width[1].choices.aspect
+            else:
+                # One side set on its own (`width:768`) over a lower layer's ratio (`--ar 16:9`, settings): the
+                # other side follows that ratio rather than a size nobody asked for.
+                rank = {id(layer): index for index, layer in enumerate(layers)}
+                high, low = sorted((picked_width, picked_height), key=lambda picked: rank[id(picked[1])])
+                if low[1].choices.aspect and low[1].choices.width and low[1].choices.height:
+                    ratio = low[1].choices.width / low[1].choices.height
+                    if high is picked_width:
+                        height = _side(width / ratio, side_min)
+                        sources["height"] = high[1].source
+                    else:
+                        width = _side(height * ratio, side_min)
+                        sources["width"] = high[1].source
 
     def check_samples(value: int) -> int:
         if not 1 <= value <= SAMPLES_MAX:
@@ -553,6 +571,11 @@ def _pick_advanced(
     for name, (_, layer) in chosen.items():
         sources[name] = layer.source
     return {name: value for name, (value, _) in chosen.items()}
+
+
+def _side(length: float, side_min: int) -> int:
+    """The nearest valid side: a multiple of 8 within the limits."""
+    return max(side_min, min(SIDE_MAX, round(length / 8) * 8))
 
 
 def _format_number(value: float) -> str:

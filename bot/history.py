@@ -111,7 +111,9 @@ def other_parameters(request: GenerationRequest) -> str:
         parts.append(f"--style {request.enhance_style}")
     if request.lora_models:
         parts.append("--lora " + ",".join(request.lora_models))
-    parts += [f"--{name} {parameters.shown(value)}" for name, value in request.advanced.items()]
+    if request.lora_strengths:
+        parts.append("--lora_strength " + ",".join(f"{s:g}" for s in request.lora_strengths))
+    parts += [f"--{name} {parameters.shown(value)}" for name, value in request.sent_advanced().items()]
     return " ".join(parts)
 
 

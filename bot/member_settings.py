@@ -32,7 +32,14 @@ from bot.styles import ENHANCE_STYLES
 
 ASPECTS = ("1:1", "4:5", "5:4", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "1:2", "2:1", "9:21", "21:9")
 # Flags with their own control in the form; --seed is left to prompts (a fixed seed makes every image alike).
-OWN_CONTROLS = {"model": "Model", "ar": "Aspect ratio", "steps": "Steps", "guidance": "Guidance", "no": "Negative"}
+OWN_CONTROLS = {
+    "model": "Model",
+    "ar": "Aspect ratio",
+    "steps": "Steps",
+    "guidance": "Guidance",
+    "no": "Negative prompt",
+    "style": "Style",
+}
 NOT_STORED = ("seed",)
 
 
@@ -113,7 +120,7 @@ def check_steps(text: str) -> int | None:
     text = text.strip()
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 50:
+    if not (text.isascii() and text.isdigit() and len(text) <= 3) or not 1 <= int(text) <= 50:
         raise InvalidOption("Steps", "must be a whole number from 1 to 50 (each model takes its own range).")
     return int(text)
 
@@ -226,7 +233,7 @@ def model_choices(current: str | None, allowed: tuple[str, ...], defaults: tuple
 
 
 def unused_settings(
-    settings: MemberSettings, *, flavour: str, default_model: str, server: Layer
+    settings: MemberSettings, *, flavour: str, default_model: str, server: Layer, allowed_models: tuple[str, ...] = ()
 ) -> tuple[str, list[str]]:
     """The model an /imagine with no options would use, and which settings it would skip (they do not fit)."""
     layer = settings.layer()
@@ -237,6 +244,7 @@ def unused_settings(
             default_model=default_model,
             prompt="-",
             layers=[layer, server],
+            allowed_models=allowed_models,
         )
     except InvalidOption:
         return settings.model or default_model, []
@@ -257,7 +265,12 @@ def unused_settings(
         names.append("scheduler")
     rule = step_rule(flavour, request.model_id)  # type: ignore[arg-type]
     takes = ", ".join(map(str, rule.allowed)) if rule.allowed else f"{rule.minimum}–{rule.maximum}"
-    shown = {"width": "aspect ratio", "negative_prompt": "negative prompt", "steps": f"steps (it takes {takes})"}
+    shown = {
+        "width": "aspect ratio",
+        "negative_prompt": "negative prompt",
+        "steps": f"steps (it takes {takes})",
+        "model": "model (not allowed in this server)",
+    }
     return request.model_id, [shown.get(n, n) for n in names]
 
 

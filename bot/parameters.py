@@ -92,19 +92,20 @@ def parse_value(name: str, text: str) -> ParameterValue:
     flag = f"--{name}"
     value = " ".join(text.split())
     lowered = value.lower()
+    if parameter.kind == "upscale" and lowered in ("1", "2", "3"):
+        return int(lowered)  # the v6 page's factors (1: none); "yes" is the others' way to say 2x
     if parameter.kind in ("switch", "upscale"):
         if not value or lowered in _YES:
             return True
         if lowered in _NO:
             return False
-        if parameter.kind == "upscale" and lowered in ("2", "3"):
-            return int(lowered)
-        extra = ", or 2 or 3 (the factor, v6 API)" if parameter.kind == "upscale" else ""
+        extra = ", or 1, 2 or 3 (the factor, v6 API)" if parameter.kind == "upscale" else ""
         raise InvalidOption(flag, f"must be yes or no{extra} (you gave {value[:20]!r}).")
     if not value:
         raise InvalidOption(flag, f"needs a value, e.g. {example(name)}.")
     if parameter.kind == "int":
-        if not (value.isascii() and value.isdigit()) or not parameter.minimum <= int(value) <= parameter.maximum:  # type: ignore[operator]
+        low, high = parameter.minimum or 0, parameter.maximum or 0
+        if not (value.isascii() and value.isdigit() and len(value) <= 6) or not low <= int(value) <= high:
             raise InvalidOption(flag, f"must be a whole number from {_range(parameter)} (you gave {value[:20]!r}).")
         return int(value)
     if parameter.kind == "float":
@@ -140,7 +141,7 @@ def refusal(name: str, value: ParameterValue, *, flavour: str, model_id: str, ki
     if flux and parameter.flux_maximum is not None and isinstance(value, int) and value > parameter.flux_maximum:
         return f"must be from {parameter.minimum:g} to {parameter.flux_maximum:g} for the flux model."
     if name == "upscale" and flavour == "enterprise" and not isinstance(value, bool):
-        return "is yes or no on the enterprise API (2 or 3 are v6 factors)."
+        return "is yes or no on the enterprise API (1, 2 or 3 are v6 factors)."
     return None
 
 

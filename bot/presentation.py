@@ -205,7 +205,7 @@ _SHOWN_NAMES = {"width": "size", "height": "size", "negative_prompt": "negative 
 
 
 def chosen_by(request: GenerationRequest) -> str:
-    """Which layer chose what, in the order they win: "your command options: samples; the preset `x`: steps; …"."""
+    """Which layer chose what, in the order they win: "the command's options: samples; the preset `x`: steps; …"."""
     by_source: dict[str, list[str]] = {}
     for name, source in request.sources.items():
         shown = _SHOWN_NAMES.get(name, name)
@@ -243,10 +243,10 @@ def job_info(job: Job) -> str:
         lines.append(f"**Scheduler:** {request.scheduler}")
     if request.enhance_style:
         lines.append(f"**Style:** {request.enhance_style}")
-    if request.advanced:
+    if request.sent_advanced():
         lines.append(
             "**Other parameters:** "
-            + " · ".join(f"{name} {parameters.shown(value)}" for name, value in request.advanced.items())
+            + " · ".join(f"{name} {parameters.shown(value)}" for name, value in request.sent_advanced().items())
         )
     chosen = chosen_by(request)
     if chosen:

@@ -17,12 +17,15 @@ import discord
 from discord.ext import commands
 
 from bot.errors import UserFacingError
+from bot.flags import parse_flags
 from bot.generation import (
     SEED_MAX,
+    SIDE_MIN,
     VARY_STRENGTH,
     GenerationRequest,
     build_generation_request,
     build_remix_request,
+    flag_layer,
     job_layer,
 )
 from bot.presentation import job_info
@@ -129,7 +132,7 @@ async def reroll(bot: ImagineBot, interaction: discord.Interaction, job: Job) ->
         job.request,
         seed=secrets.randbelow(SEED_MAX + 1),
         seed_is_random=True,
-        sources={name: source for name, source in job.request.sources.items() if name != "seed"},
+        sources={name: "job" for name in job.request.sources if name != "seed"},
         safety_checker=not channel_is_nsfw(interaction),
     )
     await submit_job(
@@ -157,19 +160,23 @@ async def vary(
     prompt: str | None = None,
     negative_prompt: str | None = None,
 ) -> None:
-    """Image to image of the picked image, with the same prompt (or the edited one), at a moderate strength."""
+    """Image to image of the picked image, with the same prompt (or the edited one, flags and all), at a
+    moderate strength. The job's model is kept unless it cannot remix (then the server's remix model)."""
     config = await server_config(bot, interaction)
+    layers = [job_layer(job.request)]
+    if prompt is not None:
+        typed = parse_flags(prompt, side_min=SIDE_MIN)
+        prompt, layers = typed.prompt, [flag_layer(typed.choices), *layers]
     request = build_remix_request(
         flavour=bot.settings.modelslab_api,
         default_model=remix_model(bot, job),
         prompt=job.request.prompt if prompt is None else prompt,
         negative_prompt=job.request.negative_prompt if prompt is None else negative_prompt,
-        model=remix_model(bot, job),
         source_url=image_url,
         strength=VARY_STRENGTH,
         samples=1,
         safety_checker=not channel_is_nsfw(interaction),
-        layers=[job_layer(job.request)],
+        layers=layers,
     )
     await submit_job(bot, interaction, kind="img2img", request=request, config=config, parent_job_id=job.id)
 
@@ -208,13 +215,14 @@ class EditModal(discord.ui.Modal):
             await vary(bot, interaction, job, self.vary_image_url, self.prompt.value, self.negative.value or None)
             return
         config = await server_config(bot, interaction)
+        typed = parse_flags(self.prompt.value, side_min=SIDE_MIN)  # flags typed in the form win over the job's
         common: dict[str, Any] = {
             "flavour": bot.settings.modelslab_api,
             "default_model": old.model_id,
-            "prompt": self.prompt.value,
+            "prompt": typed.prompt,
             "negative_prompt": self.negative.value or None,
             "safety_checker": not channel_is_nsfw(interaction),
-            "layers": [job_layer(old)],
+            "layers": [flag_layer(typed.choices), job_layer(old)],
         }
         if job.kind == "img2img":
             request = build_remix_request(source_url=old.source_url or "", strength=old.strength, **common)

@@ -461,7 +461,7 @@ async def test_presets_are_saved_offered_and_applied_below_options_and_flags(run
     await info.wait_callback()
     chosen = info.original.content.split("**Chosen by:** ")[1]
     assert chosen.startswith(
-        "your command options: seed; flags in your prompt: steps; the preset `wide`: model, negative prompt, size;"
+        "the command's options: seed; flags in the prompt: steps; the preset `wide`: model, negative prompt, size;"
     )
 
 
@@ -471,6 +471,14 @@ async def test_bad_presets_are_refused(runner, discord_server, modelslab):
     assert "only flags" in await private_text(discord_server, words)
     unknown = await config(discord_server, "preset", {"action": "save", "name": "x", "flags": "--chaos 5"})
     assert "`--chaos` is not a flag this bot knows" in await private_text(discord_server, unknown)
+    unfit = await config(discord_server, "preset", {"action": "save", "name": "x", "flags": "--steps 500"})
+    assert (
+        "`--steps` must be a whole number from 20 to 50 for the flux model (you gave 500) (it comes from the pre"
+        in (await private_text(discord_server, unfit))
+    )
+    flux_only = await config(discord_server, "preset", {"action": "save", "name": "x", "flags": "--model flux --no a"})
+    assert "`--no` is ignored by the flux model" in await private_text(discord_server, flux_only)
+    assert await runner.guilds.presets(discord_server.guild_id) == {}
     missing = await imagine(discord_server, options={"preset": "nope"})
     assert "`preset` must be one of this server's presets" in missing.original.content
     assert modelslab.submissions() == []

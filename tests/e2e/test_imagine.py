@@ -686,7 +686,7 @@ async def test_an_explicit_option_wins_over_a_flag_and_unknown_flags_are_refused
     await runner.start()
     await imagine(discord_server, prompt="a cat --seed 7 --ar 1:1", seed=9, width=512)
     body = (await modelslab.wait_for_submission()).json
-    assert (body["seed"], body["width"], body["height"]) == (9, 512, 1024)
+    assert (body["seed"], body["width"], body["height"]) == (9, 512, 512)  # the height follows --ar's ratio
     refused = await imagine(discord_server, prompt="a cat --chaos 80")
     assert refused.original.flags & 64 and "`--chaos` is not a flag this bot knows" in refused.original.content
     flux_style = await imagine(discord_server, prompt="a cat --style anime")

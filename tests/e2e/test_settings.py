@@ -66,7 +66,10 @@ async def test_the_form_shows_every_setting_and_what_is_picked_is_used_by_imagin
     assert (body["num_inference_steps"], body["guidance_scale"]) == (15, 5)
     job = await runner.wait_posted()
     info = await press(discord_server, done.original, f"job:info:{job.id}")
-    assert "**Chosen by:** your /settings: model, size, steps, guidance; the rest built in." in info.original.content
+    assert (
+        "**Chosen by:** the member's /settings: model, size, steps, guidance; the rest built in."
+        in info.original.content
+    )
 
 
 async def test_settings_belong_to_one_member_and_a_reset_clears_them(runner, discord_server, modelslab):
@@ -163,6 +166,15 @@ async def test_remix_mode_makes_reroll_and_vary_open_the_edit_form_first(runner,
     assert child.request.prompt == "a fox" and child.request.advanced == {"clip_skip": 2}
     assert modelslab.submissions()[-1].json["clip_skip"] == 2
 
+    edited = await press(discord_server, done.original, f"job:reroll:{job.id}")  # flags typed in the form count
+    field = edited.modal["components"][0]["components"][0]
+    submitted = await discord_server.submit_modal(
+        edited.modal["custom_id"], {field["custom_id"]: "a fox --seed 7 --ar 1:1"}
+    )
+    await submitted.wait_callback()
+    body = (await modelslab.wait_for_request(r"/text2img$", lambda call: call.json.get("seed") == 7)).json
+    assert (body["prompt"], body["seed"], body["width"], body["height"]) == ("a fox", 7, 1024, 1024)
+
     varied = await press(discord_server, done.original, f"job:vary:{job.id}:1")
     assert varied.modal is not None and varied.modal["title"] == "Vary: edit the prompt first"
     field = varied.modal["components"][0]["components"][0]
@@ -203,5 +215,5 @@ async def test_presets_reach_every_parameter_and_win_over_settings(runner, disco
     assert body["num_inference_steps"] == 12 and body["self_attention"] == "yes" and body["model_id"] == "sdxl"
     job = await runner.wait_posted()
     info = await press(discord_server, done.original, f"job:info:{job.id}")
-    assert "the preset `detail`: steps, self_attention; your /settings: model;" in info.original.content
+    assert "the preset `detail`: steps, self_attention; the member's /settings: model;" in info.original.content
     assert "**Other parameters:** self_attention yes" in info.original.content

@@ -47,7 +47,7 @@ def test_dashes_inside_words_are_not_flags():
     )
 
 
-@given(st.text(alphabet=st.characters(blacklist_characters="-"), max_size=200))
+@given(st.text(alphabet=st.characters(blacklist_characters="-—–"), max_size=200))
 def test_a_prompt_without_flags_is_only_tidied(text):
     assert parse_flags(text, side_min=SIDE_MIN).prompt == " ".join(text.split())
 
@@ -114,7 +114,16 @@ def test_any_known_flag_with_any_value_is_read_or_named_in_the_refusal(name, val
         assert refusal.option.startswith("--")
 
 
-@pytest.mark.parametrize("text", ["a cat --seed ²", "a cat --steps ١٢", "a cat --clip_skip ³"])
-def test_digits_that_are_not_ascii_are_refused_not_crashed_on(text):
-    with pytest.raises(InvalidOption, match="must be a whole number"):
+@pytest.mark.parametrize(
+    "text", ["a cat --seed ²", "a cat --steps ١٢", "a cat --clip_skip ³", "a cat --seed " + "9" * 4400]
+)
+def test_odd_numbers_are_refused_not_crashed_on(text):
+    with pytest.raises(InvalidOption, match="must be"):
         parse_flags(text, side_min=SIDE_MIN)
+
+
+def test_a_dash_that_a_phone_made_of_two_hyphens_still_starts_a_known_flag():
+    parsed = parse_flags("a cat —ar 16:9 –no text — and a dog", side_min=SIDE_MIN)
+    assert parsed.prompt == "a cat" and parsed.choices.aspect == "16:9"
+    assert parsed.choices.no == "text — and a dog"
+    assert parse_flags("a cat —the best", side_min=SIDE_MIN).prompt == "a cat —the best"

@@ -9,6 +9,7 @@ import pytest
 
 from bot.errors import InvalidOption
 from bot.generation import ServerDefaults, build_generation_request, build_remix_request
+from bot.history import other_parameters
 from bot.member_settings import (
     MemberSettings,
     MemberSettingsService,
@@ -119,3 +120,26 @@ async def test_forgetting_a_member_deletes_their_settings_everywhere(tmp_path):
         forgotten = await store.get(job.id)
         assert forgotten is not None and forgotten.user_id == 0
         assert forgotten.request.advanced == {"ip_adapter_id": "ip-adapter_sd15", "clip_skip": 2}  # no link to a face
+
+
+def test_the_form_says_when_the_server_does_not_allow_the_chosen_model():
+    server = ServerDefaults(model="fluxdev").layer("text2img")
+    member = MemberSettings(model="sdxl")
+    model, unused = unused_settings(
+        member, flavour="v6", default_model="fluxdev", server=server, allowed_models=("fluxdev",)
+    )
+    assert model == "fluxdev" and unused == ["model (not allowed in this server)"]
+
+
+def test_the_export_writes_the_other_parameters_as_the_flags_that_ask_for_them():
+    request = build_generation_request(
+        flavour="v6",
+        default_model="sdxl",
+        prompt="x",
+        lora="a,b",
+        lora_strength="0.3,0.9",
+        scheduler="LCMScheduler",
+        advanced={"clip_skip": 2, "safety_checker_type": "blur"},
+        safety_checker=False,
+    )
+    assert other_parameters(request) == "--scheduler LCMScheduler --lora a,b --lora_strength 0.3,0.9 --clip_skip 2"

@@ -136,7 +136,8 @@ def test_upscale_takes_a_factor_on_v6_and_yes_or_no_on_enterprise():
     assert imagine("--upscale 3").payload_for("text2img")["upscale"] == 3
     assert imagine("--upscale no", flavour="enterprise").payload_for("text2img")["upscale"] == "no"
     assert "yes or no on the enterprise API" in refused(imagine, "--upscale 2", flavour="enterprise")
-    assert "must be yes or no, or 2 or 3" in refused(imagine, "--upscale 4")
+    assert "must be yes or no, or 1, 2 or 3" in refused(imagine, "--upscale 4")
+    assert imagine("--upscale 1").payload_for("text2img")["upscale"] == 1  # factor 1, not "yes"
 
 
 @pytest.mark.parametrize("name", TEXT2IMG_ONLY)
@@ -269,3 +270,14 @@ def test_a_half_fitting_ip_adapter_from_settings_is_dropped_not_refused():
     member = settings(advanced={"ip_adapter_scale": 0.5, "clip_skip": 2})
     request = layered(member=member)
     assert request.advanced == {"clip_skip": 2}
+
+
+def test_one_side_given_alone_keeps_the_ratio_a_lower_layer_chose():
+    member = Layer("settings", Choices(width=1024, height=576, aspect="16:9"), strict=False)
+    request = layered(options={"width": 768}, member=member)
+    assert (request.width, request.height) == (768, 432)
+    assert request.sources["width"] == request.sources["height"] == "option"
+    tall = layered(options={"height": 512}, flags="--ar 2:1")
+    assert (tall.width, tall.height) == (1024, 512)
+    both = layered(options={"width": 512, "height": 512}, member=member)
+    assert (both.width, both.height) == (512, 512)
