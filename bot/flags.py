@@ -104,7 +104,7 @@ def parse_flags(text: str, *, side_min: int) -> PromptFlags:
                 raise InvalidOption("--seed", f"must be from 0 to {SEED_MAX}.")
             changes[name] = number
         elif name == "guidance":
-            changes["guidance"] = _guidance(value)
+            changes["guidance"] = parse_guidance(value)
         elif name == "scheduler":
             if value.lower() not in _SCHEDULERS:
                 raise InvalidOption("--scheduler", "must be one of: " + ", ".join(SCHEDULERS) + ".")
@@ -122,13 +122,13 @@ def parse_flags(text: str, *, side_min: int) -> PromptFlags:
     )
 
 
-def _guidance(value: str) -> float:
+def parse_guidance(value: str, option: str = "--guidance") -> float:
     try:
         number = float(value.replace(",", "."))
     except ValueError:
         number = math.nan
     if not math.isfinite(number) or not GUIDANCE_MIN <= number <= GUIDANCE_MAX:
-        raise InvalidOption("--guidance", f"must be a number from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g}.")
+        raise InvalidOption(option, f"must be a number from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g}.")
     return number
 
 

@@ -70,11 +70,12 @@ def is_flux(model_id: str) -> bool:
     return model_id.lower() == "flux"
 
 
+MODEL_ID_RULE = "must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100."
+
+
 def check_model_id(text: str) -> str:
     if not _MODEL_ID.match(text):
-        raise InvalidOption(
-            "model", "must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100."
-        )
+        raise InvalidOption("model", MODEL_ID_RULE)
     return text
 
 
@@ -259,6 +260,31 @@ def preset_layer(name: str, choices: Choices) -> Layer:
     return Layer("preset", choices, strict=True, label=name)
 
 
+def check_preset_fits(
+    choices: Choices, *, name: str, flavour: ApiFlavour, default_model: str, allowed_models: Sequence[str]
+) -> None:
+    """A preset is used as it is saved: refuse now one that /imagine would refuse with any model (steps no model
+    takes, a parameter this API flavour lacks, a model the server does not allow...). One that names no model
+    is tried on the server's default model, then on flux and on any other model, since members may pick one;
+    the default model's reason is the one given."""
+    if choices.model and allowed_models and choices.model not in allowed_models:
+        raise InvalidOption(f"--model {choices.model}", "is not one of this server's allowed models.")
+    reasons = []
+    for model in [choices.model] if choices.model else [default_model, "flux", "any-other-model"]:
+        try:
+            build_request(
+                flavour=flavour,
+                kind="text2img",
+                default_model=model,
+                prompt="(checking the preset)",
+                layers=[preset_layer(name, choices)],
+            )
+            return
+        except InvalidOption as refusal:
+            reasons.append(refusal)
+    raise reasons[0]
+
+
 def job_layer(request: GenerationRequest) -> Layer:
     """An earlier job's choices, for Edit and Vary: kept where they still fit (a Vary may change the model)."""
     choices = Choices(
@@ -334,7 +360,7 @@ def build_request(
     def check_model(value: str) -> str:
         value = value.strip()
         if not _MODEL_ID.match(value):
-            raise _Bad("must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100.")
+            raise _Bad(MODEL_ID_RULE)
         if kind == "img2img" and value.lower() in IMG2IMG_UNSUPPORTED:
             raise _Bad(f"`{value}` cannot remix images: use fluxdev or fluxschnell.")
         return value
@@ -627,6 +653,20 @@ def _parse_strength(text: str) -> float:
     return value
 
 
+def _options(
+    model: str | None, negative_prompt: str | None, advanced: Mapping[str, ParameterValue] | None, **values: Any
+) -> Layer:
+    """A command's own options, the strictest layer; an empty text option counts as not given."""
+    return option_layer(
+        Choices(
+            model=(model or "").strip() or None,
+            negative_prompt=(negative_prompt or "").strip() or None,
+            advanced=dict(advanced or {}),
+            **values,
+        )
+    )
+
+
 def build_generation_request(
     *,
     flavour: ApiFlavour,
@@ -652,27 +692,27 @@ def build_generation_request(
 ) -> GenerationRequest:
     """/imagine: its options (the strictest layer), then `layers` (flags, preset, member settings), then the
     server's `defaults`, then the built-in defaults."""
-    options = Choices(
-        model=(model or "").strip() or None,
+    options = _options(
+        model,
+        negative_prompt,
+        advanced,
         width=width,
         height=height,
         samples=samples,
         steps=steps,
         guidance=guidance,
-        negative_prompt=(negative_prompt or "").strip() or None,
         seed=seed,
         scheduler=scheduler,
         lora=lora,
         lora_strength=lora_strength,
         style=style,
-        advanced=dict(advanced or {}),
     )
     return build_request(
         flavour=flavour,
         kind="text2img",
         default_model=default_model,
         prompt=prompt,
-        layers=[option_layer(options), *layers, (defaults or ServerDefaults()).layer("text2img")],
+        layers=[options, *layers, (defaults or ServerDefaults()).layer("text2img")],
         safety_checker=safety_checker,
         allowed_models=allowed_models,
     )
@@ -707,24 +747,24 @@ def build_remix_request(
         raise InvalidOption(
             "strength", f"must be from 0 to 1 (you gave {strength:g}): 0 keeps the image, 1 ignores it."
         )
-    options = Choices(
-        model=(model or "").strip() or None,
+    options = _options(
+        model,
+        negative_prompt,
+        advanced,
         samples=samples,
         steps=steps,
         guidance=guidance,
-        negative_prompt=(negative_prompt or "").strip() or None,
         seed=seed,
         scheduler=scheduler,
         lora=lora,
         lora_strength=lora_strength,
-        advanced=dict(advanced or {}),
     )
     request = build_request(
         flavour=flavour,
         kind="img2img",
         default_model=default_model,
         prompt=prompt,
-        layers=[option_layer(options), *layers, (defaults or ServerDefaults()).layer("img2img")],
+        layers=[options, *layers, (defaults or ServerDefaults()).layer("img2img")],
         safety_checker=safety_checker,
         allowed_models=allowed_models,
     )

@@ -9,8 +9,8 @@ import json
 import math
 from typing import Any
 
-from bot import parameters
-from bot.generation import GenerationRequest
+from bot.flags import flags_text
+from bot.generation import Choices, GenerationRequest
 from bot.presentation import prompt_preview
 from bot.storage import Job, JobStatus
 
@@ -106,15 +106,16 @@ def _record(job: Job) -> dict[str, Any]:
 
 def other_parameters(request: GenerationRequest) -> str:
     """Everything else that was sent, written as the flags that would ask for it again."""
-    parts = [f"--scheduler {request.scheduler}"] if request.scheduler else []
-    if request.enhance_style:
-        parts.append(f"--style {request.enhance_style}")
-    if request.lora_models:
-        parts.append("--lora " + ",".join(request.lora_models))
-    if request.lora_strengths:
-        parts.append("--lora_strength " + ",".join(f"{s:g}" for s in request.lora_strengths))
-    parts += [f"--{name} {parameters.shown(value)}" for name, value in request.sent_advanced().items()]
-    return " ".join(parts)
+    lora_strength = ",".join(f"{s:g}" for s in request.lora_strengths) or None
+    return flags_text(
+        Choices(
+            scheduler=request.scheduler,
+            style=request.enhance_style,
+            lora=",".join(request.lora_models) or None,
+            lora_strength=lora_strength,
+            advanced=request.sent_advanced(),
+        )
+    )
 
 
 def _cell(value: object) -> object:

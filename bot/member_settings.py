@@ -7,18 +7,15 @@ what is stored is always something the bot understands.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.errors import InvalidOption
-from bot.flags import flags_text, parse_flags, parse_ratio
+from bot.flags import flags_text, parse_flags, parse_guidance, parse_ratio
 from bot.generation import (
     ENTERPRISE_STEPS,
-    GUIDANCE_MAX,
-    GUIDANCE_MIN,
     PROMPT_MAX_LENGTH,
     SIDE_MIN,
     Choices,
@@ -126,16 +123,7 @@ def check_steps(text: str) -> int | None:
 
 
 def check_guidance(text: str) -> float | None:
-    text = text.strip().replace(",", ".")
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not GUIDANCE_MIN <= value <= GUIDANCE_MAX:
-        raise InvalidOption("Guidance", f"must be a number from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g}.")
-    return value
+    return parse_guidance(text.strip(), "Guidance") if text.strip() else None
 
 
 def check_negative(text: str) -> str | None:

@@ -200,7 +200,6 @@ def failure_text(job: Job, *, timeout: float) -> str:
     return f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>\n❌ {sentence}"
 
 
-_SOURCE_ORDER = ("option", "flag", "preset", "settings", "server", "job")
 _SHOWN_NAMES = {"width": "size", "height": "size", "negative_prompt": "negative prompt", "lora": "LoRA"}
 
 
@@ -212,7 +211,7 @@ def chosen_by(request: GenerationRequest) -> str:
         if shown not in by_source.setdefault(source, []):
             by_source[source].append(shown)
     parts = []
-    for source in _SOURCE_ORDER:
+    for source in SOURCE_NAMES:  # in the order the layers win
         if source in by_source:
             label = SOURCE_NAMES[source] + (f" `{request.preset}`" if source == "preset" and request.preset else "")
             parts.append(f"{label}: {', '.join(by_source[source])}")

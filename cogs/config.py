@@ -12,9 +12,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.errors import InvalidOption, UserFacingError
+from bot.errors import UserFacingError
 from bot.flags import parse_flags
-from bot.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN, build_generation_request, preset_layer
+from bot.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN, check_preset_fits
 from bot.guild_rules import GuildConfig, Refused, listing, timestamp
 from cogs.job_requests import default_model_for
 
@@ -327,30 +327,15 @@ class ConfigCommands(app_commands.Group, name="config", description="Server sett
             await self._reply(interaction, f"Preset `{name}` removed.")
 
     async def _check_preset_fits(self, guild_id: int, name: str, flags: str) -> None:
-        """A preset is used as it is saved: refuse now one that /imagine would refuse with any model (steps no
-        model takes, a parameter this API flavour lacks, a model the server does not allow...). One that names
-        no model is tried on the server's default model, then on flux and on any other model, since members may
-        pick one; the default model's reason is the one given."""
-        choices = parse_flags(flags, side_min=SIDE_MIN).choices
         config = await self.admin.config(guild_id)
         settings = self.bot.settings
-        default = default_model_for(config, settings.modelslab_default_model)
-        if choices.model and config.allowed_models and choices.model not in config.allowed_models:
-            raise Refused(f"`--model {choices.model}` is not one of this server's allowed models.")
-        models = [choices.model] if choices.model else [default, "flux", "any-other-model"]
-        reasons = []
-        for model in models:
-            try:
-                build_generation_request(
-                    flavour=settings.modelslab_api,
-                    default_model=model,
-                    prompt="(checking the preset)",
-                    layers=[preset_layer(" ".join(name.split()).lower(), choices)],
-                )
-                return
-            except InvalidOption as refusal:
-                reasons.append(refusal)
-        raise reasons[0]
+        check_preset_fits(
+            parse_flags(flags, side_min=SIDE_MIN).choices,
+            name=" ".join(name.split()).lower(),
+            flavour=settings.modelslab_api,
+            default_model=default_model_for(config, settings.modelslab_default_model),
+            allowed_models=config.allowed_models,
+        )
 
     @app_commands.command(name="defaults", description="Server defaults for /imagine, and the allowed models")
     @app_commands.describe(

@@ -14,6 +14,7 @@ from bot.flags import parse_flags
 from bot.generation import (
     SCHEDULERS,
     SIDE_MIN,
+    Layer,
     build_generation_request,
     flag_layer,
     preset_layer,
@@ -74,15 +75,14 @@ class Imagine(commands.Cog):
     ) -> None:
         settings = self.bot.settings
         config = await server_config(self.bot, interaction)
-        preset_text = await self.preset_flags(interaction.guild_id, preset)
+        chosen_preset = await self.preset_choices(interaction.guild_id, preset)
         # A ratio is at most 4:1, so its size is the same whatever the model's smallest side.
         typed = parse_flags(prompt, side_min=SIDE_MIN)
         # Precedence: an explicit option, then a flag typed in the prompt (--ar 16:9 --seed 7 ...), then the
         # preset's flags, then the member's /settings, then the server's defaults, then the built-in ones.
         layers = [flag_layer(typed.choices)]
-        if preset and preset_text:
-            name = " ".join(preset.split()).lower()
-            layers.append(preset_layer(name, parse_flags(preset_text, side_min=SIDE_MIN).choices))
+        if chosen_preset is not None:
+            layers.append(chosen_preset)
         layers.append(await member_layer(self.bot, interaction))
         request = build_generation_request(
             flavour=settings.modelslab_api,
@@ -107,7 +107,8 @@ class Imagine(commands.Cog):
         )
         await submit_job(self.bot, interaction, kind="text2img", request=request, config=config)
 
-    async def preset_flags(self, guild_id: int | None, name: str | None) -> str | None:
+    async def preset_choices(self, guild_id: int | None, name: str | None) -> Layer | None:
+        """The chosen preset as a layer of choices, or a refusal naming the server's presets."""
         if not name or guild_id is None:
             return None
         presets = await self.bot.guild_admin.presets(guild_id)
@@ -115,7 +116,7 @@ class Imagine(commands.Cog):
         if key not in presets:
             names = ", ".join(f"`{n}`" for n in presets) or "none yet (an admin adds them with `/config preset`)"
             raise InvalidOption("preset", f"must be one of this server's presets: {names}."[:1900])
-        return presets[key]
+        return preset_layer(key, parse_flags(presets[key], side_min=SIDE_MIN).choices)
 
     @imagine.autocomplete("preset")
     async def preset_autocomplete(
