@@ -3,6 +3,9 @@ and the precedence shown by Info; plus the ModelsLab parameters reached by flags
 
 from __future__ import annotations
 
+import csv
+import io
+
 from tests.e2e.conftest import BotRunner
 from tests.e2e.test_actions import child_of, press
 from tests.e2e.test_config import config, imagine, private_text
@@ -217,3 +220,25 @@ async def test_presets_reach_every_parameter_and_win_over_settings(runner, disco
     info = await press(discord_server, done.original, f"job:info:{job.id}")
     assert "the preset `detail`: steps, self_attention; the member's /settings: model;" in info.original.content
     assert "**Other parameters:** self_attention yes" in info.original.content
+
+
+async def test_the_export_lists_the_other_parameters_and_forget_deletes_the_settings(runner, discord_server, modelslab):
+    await runner.start()
+    form = await open_settings(discord_server)
+    await fill_more(discord_server, form, {"Model": "sdxl", "Other": "--clip_skip 2"})
+    await imagine(discord_server, "a lighthouse --tomesd no")
+    await runner.wait_posted()
+
+    exported = await discord_server.invoke_slash("history", {"format": "csv"}, subcommand="export")
+    await exported.wait_callback()
+    [file] = exported.original.attachments
+    [row] = list(csv.DictReader(io.StringIO(file.data.decode("utf-8-sig"))))
+    assert row["other_parameters"] == "'--clip_skip 2 --tomesd no"  # quoted: a leading "-" starts a formula
+
+    asked = await discord_server.invoke_slash("history", {}, subcommand="forget")
+    await asked.wait_callback()
+    sure = await discord_server.invoke_component(asked.original.id, f"history-forget:{discord_server.member_id}:yes")
+    await sure.wait_callback()
+    assert "so are your /settings" in sure.original.content
+    form = await open_settings(discord_server)
+    assert "**Model:** *server default*" in form.content and "**Other parameters:** *server default*" in form.content
