@@ -20,7 +20,7 @@ from bot import operations
 from bot.app import running_app
 from bot.log import setup_logging
 from bot.settings import Settings, SettingsError, load_settings
-from bot.storage import Database, StorageError
+from bot.storage.sqlite import Database, StorageError
 
 log = logging.getLogger("bot")
 

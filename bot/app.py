@@ -15,25 +15,25 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from bot.discord_bot import ImagineBot, point_discord_at
-from bot.download_policy import (
+from bot.discord.client import ImagineBot, point_discord_at
+from bot.guilds.admin import GuildAdmin
+from bot.guilds.keybox import KeyBox
+from bot.images.downloader import ImageDownloader
+from bot.images.ssrf_guard import (
     DownloadPolicy,
     GuardedResolver,
     discord_media_policy,
     origin_of,
     parse_allowed_hosts,
 )
-from bot.downloads import ImageDownloader
-from bot.guilds import GuildAdmin
-from bot.jobs import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobService, JobSettings
-from bot.keybox import KeyBox
-from bot.member_settings import MemberSettingsService
-from bot.model_catalog import ModelCatalog
-from bot.modelslab import ModelsLabClient
+from bot.jobs.service import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobService, JobSettings
+from bot.modelslab.catalog import ModelCatalog
+from bot.modelslab.client import ModelsLabClient
+from bot.requests.member_defaults import MemberSettingsService
 from bot.settings import Settings, ensure_secret_key
-from bot.signing import WebhookSigner
-from bot.storage import Database, GuildStore, JobStore, MemberSettingsStore
-from bot.webhook import create_app
+from bot.storage.sqlite import Database, GuildStore, JobStore, MemberSettingsStore
+from bot.web.receiver import create_app
+from bot.web.signing import WebhookSigner
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bot.modelslab import ErrorKind, ModelsLabClient
-from bot.presentation import failure_sentence
+from bot.discord.texts import failure_sentence
+from bot.modelslab.client import ErrorKind, ModelsLabClient
 from bot.settings import Settings
-from bot.storage import Database, StorageError, available_migrations
+from bot.storage.sqlite import Database, StorageError, available_migrations
 
 # What the bot needs in a channel, no more: see the README's "Creating the Discord application".
 PERMISSIONS = {

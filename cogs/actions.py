@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
+from bot.discord.intake import channel_is_nsfw, server_config, submit_job
+from bot.discord.texts import job_info
 from bot.errors import UserFacingError
-from bot.flags import parse_flags
-from bot.generation import (
+from bot.requests.flags import parse_flags
+from bot.requests.generation import (
     SEED_MAX,
     SIDE_MIN,
     VARY_STRENGTH,
@@ -28,12 +30,10 @@ from bot.generation import (
     flag_layer,
     job_layer,
 )
-from bot.presentation import job_info
-from bot.storage import Job
-from cogs.job_requests import channel_is_nsfw, server_config, submit_job
+from bot.storage.sqlite import Job
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 log = logging.getLogger(__name__)
 

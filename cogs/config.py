@@ -12,14 +12,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.discord.intake import default_model_for
 from bot.errors import UserFacingError
-from bot.flags import parse_flags
-from bot.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN, check_preset_fits
-from bot.guild_rules import GuildConfig, Refused, listing, timestamp
-from cogs.job_requests import default_model_for
+from bot.guilds.rules import GuildConfig, Refused, listing, timestamp
+from bot.requests.flags import parse_flags
+from bot.requests.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN, check_preset_fits
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 log = logging.getLogger(__name__)
 

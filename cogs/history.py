@@ -1,4 +1,4 @@
-"""`/history show`, `/history forget`, `/history export`: thin adapters over the job store and `bot.history`.
+"""`/history show`, `/history forget`, `/history export`: thin adapters over the job store and `bot.jobs.history`.
 
 Discord does not let a command with subcommands be run on its own, so the listing is `/history show`.
 """
@@ -16,11 +16,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.guild_rules import Refused
-from bot.history import PAGE_SIZE, export_csv, export_json, history_page, page_count
+from bot.guilds.rules import Refused
+from bot.jobs.history import PAGE_SIZE, export_csv, export_json, history_page, page_count
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 log = logging.getLogger(__name__)
 

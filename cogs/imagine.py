@@ -1,4 +1,4 @@
-"""`/imagine`: a prompt in, images out. A thin adapter: the rules live in `bot.generation` and `bot.jobs`."""
+"""`/imagine`: a prompt in, images out. A thin adapter: the rules live in `bot.requests` and `bot.jobs`."""
 
 from __future__ import annotations
 
@@ -9,17 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.errors import InvalidOption
-from bot.flags import parse_flags
-from bot.generation import (
-    SCHEDULERS,
-    SIDE_MIN,
-    Layer,
-    build_generation_request,
-    flag_layer,
-    preset_layer,
-)
-from cogs.job_requests import (
+from bot.discord.intake import (
     channel_is_nsfw,
     member_layer,
     model_choices,
@@ -27,9 +17,19 @@ from cogs.job_requests import (
     server_defaults,
     submit_job,
 )
+from bot.errors import InvalidOption
+from bot.requests.flags import parse_flags
+from bot.requests.generation import (
+    SCHEDULERS,
+    SIDE_MIN,
+    Layer,
+    build_generation_request,
+    flag_layer,
+    preset_layer,
+)
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 log = logging.getLogger(__name__)
 

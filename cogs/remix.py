@@ -9,12 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.download_policy import DownloadRefused, discord_media_policy
-from bot.errors import InvalidOption, UserFacingError
-from bot.flags import parse_flags
-from bot.generation import DEFAULT_STRENGTH, SIDE_MIN, build_remix_request, flag_layer
-from bot.imaging import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
-from cogs.job_requests import (
+from bot.discord.intake import (
     channel_is_nsfw,
     member_layer,
     model_choices,
@@ -22,9 +17,14 @@ from cogs.job_requests import (
     server_defaults,
     submit_job,
 )
+from bot.errors import InvalidOption, UserFacingError
+from bot.images.processing import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
+from bot.images.ssrf_guard import DownloadRefused, discord_media_policy
+from bot.requests.flags import parse_flags
+from bot.requests.generation import DEFAULT_STRENGTH, SIDE_MIN, build_remix_request, flag_layer
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`/settings`: each member's own defaults in this server, as a private form of menus and buttons.
 
-A thin adapter: the rules and the form's text are in `bot.member_settings`. The menus and buttons are
+A thin adapter: the rules and the form's text are in `bot.requests.member_defaults`. The menus and buttons are
 persistent (their ids carry no state, everything is read back from the database), so an open form keeps
 working across a restart. Only its owner can see an ephemeral form, so whoever presses it is its owner.
 """
@@ -15,12 +15,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import member_settings as rules
-from bot.member_settings import MemberSettings
-from cogs.job_requests import default_model_for, server_defaults
+from bot.discord.intake import default_model_for, server_defaults
+from bot.requests import member_defaults as rules
+from bot.requests.member_defaults import MemberSettings
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 DEFAULT = "default"
 SELECTS = re.compile(r"settings:(?P<part>model|aspect|steps|guidance)")

@@ -18,7 +18,7 @@ import pytest
 
 from bot.app import App, Timings, running_app
 from bot.settings import Settings
-from bot.storage import Job, JobStore
+from bot.storage.sqlite import Job, JobStore
 from tests.fakes.discord_server import FakeDiscord, FakeMessage
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
 

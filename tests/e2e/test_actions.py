@@ -7,7 +7,7 @@ import io
 
 from PIL import Image
 
-from bot.storage import JobStatus
+from bot.storage.sqlite import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord
 

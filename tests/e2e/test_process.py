@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from bot.signing import WebhookSigner
-from bot.storage import available_migrations
+from bot.storage.sqlite import available_migrations
+from bot.web.signing import WebhookSigner
 from tests.e2e.conftest import BOT_TOKEN, free_port
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab, Queued

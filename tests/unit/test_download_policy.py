@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
-from bot.download_policy import (
+from bot.images.downloader import DownloadFailed, ImageDownloader
+from bot.images.ssrf_guard import (
     DownloadPolicy,
     DownloadRefused,
     GuardedResolver,
@@ -13,7 +14,6 @@ from bot.download_policy import (
     origin_of,
     parse_allowed_hosts,
 )
-from bot.downloads import DownloadFailed, ImageDownloader
 
 POLICY = DownloadPolicy(
     (origin_of("http://modelslab.internal:8000"), *parse_allowed_hosts("http://10.0.0.5:9000,cdn.example.com"))

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bot.queueing import Cancelled, FairQueue
+from bot.jobs.fair_queue import Cancelled, FairQueue
 
 
 async def granted(queue: FairQueue, job_id: str) -> bool:

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.errors import InvalidOption
-from bot.flags import KNOWN, parse_flags, size_for_ratio
-from bot.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN
+from bot.requests.flags import KNOWN, parse_flags, size_for_ratio
+from bot.requests.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN
 
 
 def test_every_flag_is_read_and_removed_from_the_prompt():

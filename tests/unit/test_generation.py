@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.errors import InvalidOption
-from bot.generation import SCHEDULERS, GenerationRequest, build_generation_request
+from bot.requests.generation import SCHEDULERS, GenerationRequest, build_generation_request
 
 
 def build(flavour="v6", **options):

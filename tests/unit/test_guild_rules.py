@@ -6,7 +6,8 @@ import datetime
 
 import pytest
 
-from bot.guild_rules import (
+from bot.guilds.keybox import KeyBox, KeyUnreadable, last4
+from bot.guilds.rules import (
     GuildConfig,
     Limits,
     Refused,
@@ -19,7 +20,6 @@ from bot.guild_rules import (
     next_reset,
     normalise_rule,
 )
-from bot.keybox import KeyBox, KeyUnreadable, last4
 
 NOON = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.UTC).timestamp()
 MIDNIGHT = int(datetime.datetime(2026, 11, 22, tzinfo=datetime.UTC).timestamp())

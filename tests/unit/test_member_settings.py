@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import InvalidOption
-from bot.generation import ServerDefaults, build_generation_request, build_remix_request
-from bot.history import other_parameters
-from bot.member_settings import (
+from bot.jobs.history import other_parameters
+from bot.requests.generation import ServerDefaults, build_generation_request, build_remix_request
+from bot.requests.member_defaults import (
     MemberSettings,
     MemberSettingsService,
     check_aspect,
@@ -20,8 +20,8 @@ from bot.member_settings import (
     describe,
     unused_settings,
 )
-from bot.parameters import ParameterValue
-from bot.storage import Database, JobStore, MemberSettingsStore
+from bot.requests.parameters import ParameterValue
+from bot.storage.sqlite import Database, JobStore, MemberSettingsStore
 from tests.unit.test_storage import new_job
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bot.modelslab import ErrorKind, Failure, Finished, Pending, read_answer
+from bot.modelslab.client import ErrorKind, Failure, Finished, Pending, read_answer
 
 
 def read(body, status=200, **kwargs):

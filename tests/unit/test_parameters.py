@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from bot.errors import InvalidOption
-from bot.flags import parse_flags
-from bot.generation import (
+from bot.requests.flags import parse_flags
+from bot.requests.generation import (
     SIDE_MIN,
     Choices,
     GenerationRequest,
@@ -21,7 +21,7 @@ from bot.generation import (
     flag_layer,
     preset_layer,
 )
-from bot.parameters import PARAMETERS
+from bot.requests.parameters import PARAMETERS
 
 # A valid value for every parameter, as typed, and how the vendor's examples send it.
 VALID = {

@@ -10,12 +10,12 @@ import logging
 import pytest
 from PIL import Image
 
-from bot.imaging import NotAnImage, fit_to_limit, read_image
-from bot.jobs import poll_delays
+from bot.discord.texts import failure_sentence, relative_time
+from bot.images.processing import NotAnImage, fit_to_limit, read_image
+from bot.jobs.service import poll_delays
 from bot.log import SecretFilter
-from bot.modelslab import ErrorKind
-from bot.presentation import failure_sentence, relative_time
-from bot.signing import WebhookSigner
+from bot.modelslab.client import ErrorKind
+from bot.web.signing import WebhookSigner
 
 
 def png(width=64, height=32, colour=(200, 30, 30)) -> bytes:

@@ -11,12 +11,12 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.delivery import CancelJobButton, DiscordPresenter
+from bot.discord.presenter import CancelJobButton, DiscordPresenter
 from bot.errors import UserFacingError
-from bot.guilds import GuildAdmin
-from bot.jobs import JobService
-from bot.member_settings import MemberSettingsService
-from bot.model_catalog import ModelCatalog
+from bot.guilds.admin import GuildAdmin
+from bot.jobs.service import JobService
+from bot.modelslab.catalog import ModelCatalog
+from bot.requests.member_defaults import MemberSettingsService
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 import discord
 
+from bot.discord.texts import status_text
 from bot.errors import MissingApiKey, UserFacingError
-from bot.generation import GenerationRequest, Layer, ServerDefaults
-from bot.guild_rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
-from bot.guilds import NO_KEY, UNREADABLE_KEY
-from bot.presentation import status_text
+from bot.guilds.admin import NO_KEY, UNREADABLE_KEY
+from bot.guilds.rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
+from bot.requests.generation import GenerationRequest, Layer, ServerDefaults
 
 if TYPE_CHECKING:
-    from bot.discord_bot import ImagineBot
+    from bot.discord.client import ImagineBot
 
 # Discord lets a bot use an interaction token for 15 minutes; stop a little before that.
 TOKEN_LIFETIME = datetime.timedelta(minutes=15) - datetime.timedelta(seconds=30)

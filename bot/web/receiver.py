@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from bot.signing import INPUT_PATH_PREFIX, INPUT_PURPOSE, WEBHOOK_PATH_PREFIX, WebhookSigner
+from bot.web.signing import INPUT_PATH_PREFIX, INPUT_PURPOSE, WEBHOOK_PATH_PREFIX, WebhookSigner
 
 log = logging.getLogger(__name__)
 

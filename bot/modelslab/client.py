@@ -405,7 +405,7 @@ class ModelsLabClient:
 
     async def model_list(self, api_key: str) -> list[str]:
         """The public model ids (`/api/v4/dreambooth/model_list`); empty when ModelsLab cannot say."""
-        from bot.model_catalog import read_model_list
+        from bot.modelslab.catalog import read_model_list
 
         try:
             url = self._base_url + "/api/v4/dreambooth/model_list"

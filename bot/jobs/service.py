@@ -28,14 +28,13 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from bot.downloads import DownloadFailed, ImageDownloader
-from bot.generation import GenerationRequest
-from bot.guild_rules import GuildConfig, Limits, Refused, explain_refusal
-from bot.imaging import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
-from bot.keybox import KeyBox, KeyUnreadable
+from bot.guilds.keybox import KeyBox, KeyUnreadable
+from bot.guilds.rules import GuildConfig, Limits, Refused, explain_refusal
+from bot.images.downloader import DownloadFailed, ImageDownloader
+from bot.images.processing import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
+from bot.jobs.fair_queue import Cancelled, FairQueue
 from bot.log import register_secret
-from bot.metrics import Metrics
-from bot.modelslab import (
+from bot.modelslab.client import (
     Answer,
     ApiFlavour,
     ErrorKind,
@@ -45,9 +44,10 @@ from bot.modelslab import (
     ModelsLabClient,
     Pending,
 )
-from bot.queueing import Cancelled, FairQueue
-from bot.signing import WebhookSigner
-from bot.storage import Job, JobStatus, JobStore
+from bot.requests.generation import GenerationRequest
+from bot.storage.sqlite import Job, JobStatus, JobStore
+from bot.web.metrics import Metrics
+from bot.web.signing import WebhookSigner
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class PresentationRefused(Exception):
 
 
 class JobPresenter(Protocol):
-    """Shows a job to the members: implemented for Discord in `bot.delivery`."""
+    """Shows a job to the members: implemented for Discord in `bot.discord.presenter`."""
 
     async def show_progress(self, job: Job, progress: Progress) -> None: ...
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import aiosqlite
 
-from bot.generation import GenerationRequest
-from bot.guild_rules import GuildConfig, Limits, Usage, day_start
+from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
+from bot.requests.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent.parent.parent / "migrations" / "sqlite"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 

@@ -1,4 +1,4 @@
-"""Showing jobs in Discord: the `JobPresenter` of `bot.jobs`, built on discord.py.
+"""Showing jobs in Discord: the `JobPresenter` of `bot.jobs.service`, built on discord.py.
 
 A job is shown in its status message, the interaction's original response. For its first 15
 minutes that message is edited through the interaction webhook (which needs no channel
@@ -20,11 +20,11 @@ from typing import Any
 
 import discord
 
-from bot.imaging import ImageFile
-from bot.jobs import PresentationRefused, Progress
-from bot.modelslab import ErrorKind
-from bot.presentation import failure_sentence, failure_text, gallery_text, result_summary, status_text
-from bot.storage import Job
+from bot.discord.texts import failure_sentence, failure_text, gallery_text, result_summary, status_text
+from bot.images.processing import ImageFile
+from bot.jobs.service import PresentationRefused, Progress
+from bot.modelslab.client import ErrorKind
+from bot.storage.sqlite import Job
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Pure: `parse_flags` takes the prompt and returns the prompt without its flags and what they asked for
 (a `Choices` layer); an unknown or invalid flag raises `InvalidOption` naming it. Besides Midjourney's
-own, every ModelsLab parameter of `bot.parameters` is a flag under its API name (`--clip_skip 2`,
+own, every ModelsLab parameter of `bot.requests.parameters` is a flag under its API name (`--clip_skip 2`,
 `--panorama`; dashes work too). Whether a value fits the model is decided later, with the other layers.
 Presets and the "other parameters" of `/settings` are written in the same syntax.
 """
@@ -13,10 +13,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from bot import parameters
 from bot.errors import InvalidOption
-from bot.generation import GUIDANCE_MAX, GUIDANCE_MIN, SCHEDULERS, SEED_MAX, SIDE_MAX, Choices
-from bot.parameters import ParameterValue
+from bot.requests import parameters
+from bot.requests.generation import GUIDANCE_MAX, GUIDANCE_MIN, SCHEDULERS, SEED_MAX, SIDE_MAX, Choices
+from bot.requests.parameters import ParameterValue
 
 COMMON = ("ar", "seed", "no", "steps", "style", "model", "guidance", "scheduler", "lora", "lora_strength")
 KNOWN = COMMON + tuple(parameters.PARAMETERS)

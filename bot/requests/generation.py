@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
-from bot import parameters
 from bot.errors import InvalidOption
-from bot.parameters import ParameterValue
+from bot.requests import parameters
+from bot.requests.parameters import ParameterValue
 
 ApiFlavour = Literal["v6", "enterprise"]
 
@@ -132,7 +132,7 @@ class GenerationRequest:
     strength: float | None = None  # img2img: how far from the input image (0-1)
     source_url: str | None = None  # img2img/upscale: where the input image was read (a Discord attachment)
     upscale_scale: int | None = None  # upscale: the factor
-    advanced: dict[str, ParameterValue] = field(default_factory=dict)  # bot.parameters, by API name
+    advanced: dict[str, ParameterValue] = field(default_factory=dict)  # bot.requests.parameters, by API name
     sources: dict[str, str] = field(default_factory=dict)  # which layer chose each value (Info); absent = built-in
     aspect: str | None = None  # "16:9" when the size came from a ratio
 
@@ -175,7 +175,7 @@ class GenerationRequest:
         return payload
 
     def sent_advanced(self) -> dict[str, ParameterValue]:
-        """The parameters of bot.parameters that are sent (the checker's action is not, with the checker off)."""
+        """The `parameters` that are sent (the checker's action is not, with the checker off)."""
         if self.safety_checker:
             return dict(self.advanced)
         return {name: value for name, value in self.advanced.items() if name != "safety_checker_type"}
@@ -474,7 +474,7 @@ def build_request(
     scheduler = record("scheduler", _pick(layers, "scheduler", check_scheduler), None)
 
     def check_style(value: str) -> str:
-        from bot.styles import ENHANCE_STYLES
+        from bot.requests.styles import ENHANCE_STYLES
 
         if flux:
             raise _Bad(FLUX_IGNORES)

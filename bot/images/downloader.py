@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import aiohttp
 from yarl import URL
 
-from bot.download_policy import DownloadPolicy, DownloadRefused
-from bot.imaging import ImageFile, NotAnImage, read_image
+from bot.images.processing import ImageFile, NotAnImage, read_image
+from bot.images.ssrf_guard import DownloadPolicy, DownloadRefused
 
 log = logging.getLogger(__name__)
 

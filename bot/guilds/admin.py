@@ -9,15 +9,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from bot.discord.texts import failure_sentence
 from bot.errors import UserFacingError
-from bot.flags import parse_flags
-from bot.generation import SIDE_MIN
-from bot.guild_rules import GuildConfig, Limits, NsfwPolicy, Refused, Usage, limits_for, next_reset, normalise_rule
-from bot.keybox import KeyBox, KeyUnreadable, last4
+from bot.guilds.keybox import KeyBox, KeyUnreadable, last4
+from bot.guilds.rules import GuildConfig, Limits, NsfwPolicy, Refused, Usage, limits_for, next_reset, normalise_rule
 from bot.log import register_secret
-from bot.modelslab import ErrorKind, ModelsLabClient
-from bot.presentation import failure_sentence
-from bot.storage import GuildStore, JobStore
+from bot.modelslab.client import ErrorKind, ModelsLabClient
+from bot.requests.flags import parse_flags
+from bot.requests.generation import SIDE_MIN
+from bot.storage.sqlite import GuildStore, JobStore
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ import json
 import math
 from typing import Any
 
-from bot.flags import flags_text
-from bot.generation import Choices, GenerationRequest
-from bot.presentation import prompt_preview
-from bot.storage import Job, JobStatus
+from bot.discord.texts import prompt_preview
+from bot.requests.flags import flags_text
+from bot.requests.generation import Choices, GenerationRequest
+from bot.storage.sqlite import Job, JobStatus
 
 PAGE_SIZE = 5
 KIND_NAMES = {"text2img": "imagine", "img2img": "remix"}

@@ -1,7 +1,7 @@
 """What members read about a job: status lines, the result summary and the failure sentences.
 
 Plain text only (Discord markdown and `<t:...:R>` timestamps are just text); the Discord adapter in
-`bot.delivery` puts these into messages and embeds.
+`bot.discord.presenter` puts these into messages and embeds.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import math
 import time
 from dataclasses import dataclass
 
-from bot import parameters
-from bot.generation import SOURCE_NAMES, GenerationRequest
-from bot.imaging import ImageFile
-from bot.modelslab import ErrorKind
-from bot.storage import Job, JobStatus
+from bot.images.processing import ImageFile
+from bot.modelslab.client import ErrorKind
+from bot.requests import parameters
+from bot.requests.generation import SOURCE_NAMES, GenerationRequest
+from bot.storage.sqlite import Job, JobStatus
 
 PROMPT_PREVIEW = 180
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from bot.modelslab import ModelsLabClient
+from bot.modelslab.client import ModelsLabClient
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A member's own defaults in a server (`/settings`): pure rules, and the service that stores and caches them.
 
-Settings are standing choices: at generation time they are a lenient layer (`bot.generation`), skipped where
+Settings are standing choices: at generation time they are a lenient layer (`bot.requests.generation`), skipped where
 they do not fit the chosen model, so a member is never refused for them. They are checked when saved, so
 what is stored is always something the bot understands.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.errors import InvalidOption
-from bot.flags import flags_text, parse_flags, parse_guidance, parse_ratio
-from bot.generation import (
+from bot.requests.flags import flags_text, parse_flags, parse_guidance, parse_ratio
+from bot.requests.generation import (
     ENTERPRISE_STEPS,
     PROMPT_MAX_LENGTH,
     SIDE_MIN,
@@ -24,8 +24,8 @@ from bot.generation import (
     check_model_id,
     step_rule,
 )
-from bot.storage import MemberSettingsStore
-from bot.styles import ENHANCE_STYLES
+from bot.requests.styles import ENHANCE_STYLES
+from bot.storage.sqlite import MemberSettingsStore
 
 ASPECTS = ("1:1", "4:5", "5:4", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "1:2", "2:1", "9:21", "21:9")
 # Flags with their own control in the form; --seed is left to prompts (a fixed seed makes every image alike).
