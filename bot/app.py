@@ -26,12 +26,12 @@ from bot.images.ssrf_guard import (
     origin_of,
     parse_allowed_hosts,
 )
-from bot.jobs.service import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobService, JobSettings
+from bot.jobs.service import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobPolicy, JobService
 from bot.modelslab.catalog import ModelCatalog
 from bot.modelslab.client import ModelsLabClient
-from bot.requests.member_defaults import MemberSettingsService
+from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings, ensure_secret_key
-from bot.storage.sqlite import Database, GuildStore, JobStore, MemberSettingsStore
+from bot.storage.sqlite import Database, GuildStore, JobStore, MemberDefaultsStore
 from bot.web.receiver import create_app
 from bot.web.signing import WebhookSigner
 
@@ -124,7 +124,7 @@ async def running_app(
                 first_wait=timings.download_first_wait,
             ),
             signer=signer,
-            settings=JobSettings(
+            settings=JobPolicy(
                 flavour=settings.modelslab_api,
                 timeout=settings.modelslab_job_timeout,
                 webhook_base=settings.public_base,
@@ -138,7 +138,7 @@ async def running_app(
             jobs=jobs,
             guild_admin=guilds,
             catalog=catalog,
-            member_settings=MemberSettingsService(MemberSettingsStore(database)),
+            member_defaults=MemberDefaultsService(MemberDefaultsStore(database)),
             guild_ready_timeout=guild_ready_timeout,
         )
 

@@ -98,7 +98,7 @@ class JobAction(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], temp
         elif self.action in ("reroll", "vary"):
             image_url = self._image_url(interaction) if self.action == "vary" else None
             assert interaction.guild_id is not None
-            if (await bot.member_settings.get(interaction.guild_id, interaction.user.id)).remix_mode:
+            if (await bot.member_defaults.get(interaction.guild_id, interaction.user.id)).remix_mode:
                 # The member's remix mode (/settings): the Edit form first, then the re-roll or variation.
                 await interaction.response.send_modal(EditModal(bot, job, vary_image_url=image_url))
             elif image_url is not None:
@@ -255,3 +255,4 @@ class Actions(commands.Cog):
 
 async def setup(bot: ImagineBot) -> None:
     await bot.add_cog(Actions(bot))
+    bot.result_view = result_view

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -13,10 +12,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.intake import default_model_for
+from bot.discord.markup import timestamp
 from bot.errors import UserFacingError
-from bot.guilds.rules import GuildConfig, Refused, listing, timestamp
+from bot.guilds.rules import GuildConfig, Refused, listing
 from bot.requests.flags import parse_flags
-from bot.requests.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN, check_preset_fits
+from bot.requests.generation import FLUX_SIDE_MIN, SIDE_MAX, SIDE_MIN, check_preset_fits, is_model_id
 
 if TYPE_CHECKING:
     from bot.discord.client import ImagineBot
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 NEEDS_MANAGE_SERVER = (
     "Only members with the Manage Server permission can change the bot's settings (missing permission)."
 )
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
 
 
 class MissingManageServer(app_commands.CheckFailure):
@@ -93,13 +92,6 @@ def describe(config: GuildConfig, *, operator_key: bool, key_unreadable: bool = 
         "**Defaults:** " + ", ".join(d for d in defaults if d) + f" · **Allowed models:** {allowed}",
     ]
     return _short("\n".join(lines), 1800)
-
-
-def _role_limit(role_id: int, value: int, member_limit: int) -> str:
-    text = f"<@&{role_id}>: {'unlimited' if value == 0 else f'{value}/day'}"
-    if value and member_limit and value <= member_limit:
-        text += " (no effect: not above the member limit)"
-    return text
 
 
 def _short(text: str, most: int) -> str:
@@ -392,7 +384,7 @@ class ConfigCommands(app_commands.Group, name="config", description="Server sett
 
 def _model_id(option: str, value: str) -> str:
     value = value.strip()
-    if not _MODEL_ID.match(value):
+    if not is_model_id(value):
         raise Refused(f"`{option}` must be ModelsLab model ids: letters, digits, dots, dashes or underscores.")
     return value
 

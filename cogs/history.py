@@ -110,7 +110,7 @@ class ForgetButton(
             await interaction.response.edit_message(content="Nothing was deleted.", view=None)
             return
         forgotten = await bot.jobs.store.forget_user(self.user_id, time.time())
-        bot.member_settings.forget_member(self.user_id)
+        bot.member_defaults.forget_member(self.user_id)
         log.info("A member's history was forgotten at their request (%d job(s))", forgotten)
         await interaction.response.edit_message(
             content=(

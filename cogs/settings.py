@@ -17,7 +17,7 @@ from discord.ext import commands
 
 from bot.discord.intake import default_model_for, server_defaults
 from bot.requests import member_defaults as rules
-from bot.requests.member_defaults import MemberSettings
+from bot.requests.member_defaults import MemberDefaults
 
 if TYPE_CHECKING:
     from bot.discord.client import ImagineBot
@@ -36,7 +36,7 @@ CHECKS: dict[str, Callable[[str], object]] = {
 async def settings_panel(bot: ImagineBot, interaction: discord.Interaction) -> dict[str, Any]:
     """The form's content and menus for the member who asked, as they are now."""
     assert interaction.guild_id is not None
-    settings = await bot.member_settings.get(interaction.guild_id, interaction.user.id)
+    settings = await bot.member_defaults.get(interaction.guild_id, interaction.user.id)
     config = await bot.guild_admin.config(interaction.guild_id)
     default_model = default_model_for(config, bot.settings.modelslab_default_model)
     flavour = bot.settings.modelslab_api
@@ -111,7 +111,7 @@ class SettingsSelect(discord.ui.DynamicItem[discord.ui.Select[discord.ui.View]],
             assert interaction.guild_id is not None
             chosen = self.item.values[0] if self.item.values else DEFAULT
             value = CHECKS[self.part]("" if chosen == DEFAULT else chosen)  # "" is "back to the server's default"
-            await bot.member_settings.update(interaction.guild_id, interaction.user.id, **{self.part: value})
+            await bot.member_defaults.update(interaction.guild_id, interaction.user.id, **{self.part: value})
             await interaction.response.edit_message(**await settings_panel(bot, interaction))
         except Exception as exc:
             await bot.report_error(interaction, exc)
@@ -135,14 +135,14 @@ class SettingsButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
             guild_id, user_id = interaction.guild_id, interaction.user.id
             if self.part == "more":
                 await interaction.response.send_modal(
-                    MoreSettings(bot, await bot.member_settings.get(guild_id, user_id))
+                    MoreSettings(bot, await bot.member_defaults.get(guild_id, user_id))
                 )
                 return
             if self.part == "remix":
-                current = await bot.member_settings.get(guild_id, user_id)
-                await bot.member_settings.update(guild_id, user_id, remix_mode=not current.remix_mode)
+                current = await bot.member_defaults.get(guild_id, user_id)
+                await bot.member_defaults.update(guild_id, user_id, remix_mode=not current.remix_mode)
             else:
-                await bot.member_settings.reset(guild_id, user_id)
+                await bot.member_defaults.reset(guild_id, user_id)
             await interaction.response.edit_message(**await settings_panel(bot, interaction))
         except Exception as exc:
             await bot.report_error(interaction, exc)
@@ -151,7 +151,7 @@ class SettingsButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]],
 class MoreSettings(discord.ui.Modal, title="Your settings"):
     """What a menu cannot hold: any model id, the negative prompt, the style and every other parameter."""
 
-    def __init__(self, bot: ImagineBot, current: MemberSettings) -> None:
+    def __init__(self, bot: ImagineBot, current: MemberDefaults) -> None:
         super().__init__(timeout=900)
         self.bot = bot
         self.model: discord.ui.TextInput[MoreSettings] = discord.ui.TextInput(
@@ -186,7 +186,7 @@ class MoreSettings(discord.ui.Modal, title="Your settings"):
             "style": rules.check_style(self.style.value),
             "flags": rules.check_flags(self.flags.value),
         }
-        await self.bot.member_settings.update(interaction.guild_id, interaction.user.id, **changes)
+        await self.bot.member_defaults.update(interaction.guild_id, interaction.user.id, **changes)
         await interaction.response.edit_message(**await settings_panel(self.bot, interaction))
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]

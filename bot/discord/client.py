@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
+from collections.abc import Callable
 
 import discord
 import yarl
@@ -16,8 +17,9 @@ from bot.errors import UserFacingError
 from bot.guilds.admin import GuildAdmin
 from bot.jobs.service import JobService
 from bot.modelslab.catalog import ModelCatalog
-from bot.requests.member_defaults import MemberSettingsService
+from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings
+from bot.storage.sqlite import Job
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class ImagineBot(commands.Bot):
         jobs: JobService,
         guild_admin: GuildAdmin,
         catalog: ModelCatalog,
-        member_settings: MemberSettingsService,
+        member_defaults: MemberDefaultsService,
         guild_ready_timeout: float = 2.0,
     ) -> None:
         intents = discord.Intents.none()
@@ -112,7 +114,9 @@ class ImagineBot(commands.Bot):
         self.jobs = jobs
         self.guild_admin = guild_admin
         self.catalog = catalog
-        self.member_settings = member_settings
+        self.member_defaults = member_defaults
+        # The buttons under a result belong to the actions cog, which registers them when it loads.
+        self.result_view: Callable[[Job, int], discord.ui.View] | None = None
 
     async def report_error(self, interaction: discord.Interaction, error: Exception) -> None:
         tree = self.tree
@@ -123,11 +127,14 @@ class ImagineBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(CancelJobButton)
-        from cogs.actions import result_view  # the result buttons are the actions cog's
-
-        self.jobs.attach_presenter(DiscordPresenter(self, job_timeout=self.jobs.timeout, result_view=result_view))
+        self.jobs.attach_presenter(
+            DiscordPresenter(self, job_timeout=self.jobs.timeout, result_view=lambda job, n: self._result_view(job, n))
+        )
         await self.sync_commands()
         await self.jobs.resume()
+
+    def _result_view(self, job: Job, shown_images: int) -> discord.ui.View | None:
+        return self.result_view(job, shown_images) if self.result_view is not None else None
 
     async def sync_commands(self) -> None:
         guild_id = self.settings.discord_dev_guild_id

@@ -48,7 +48,7 @@ def server_defaults(config: GuildConfig, bot_default: str) -> ServerDefaults:
 async def member_layer(bot: ImagineBot, interaction: discord.Interaction) -> Layer:
     """The member's /settings in this server, as the layer below presets and above the server's defaults."""
     assert interaction.guild_id is not None
-    return (await bot.member_settings.get(interaction.guild_id, interaction.user.id)).layer()
+    return (await bot.member_defaults.get(interaction.guild_id, interaction.user.id)).layer()
 
 
 async def server_config(bot: ImagineBot, interaction: discord.Interaction) -> GuildConfig:

@@ -51,7 +51,7 @@ class DiscordPresenter:
         client: discord.Client,
         *,
         job_timeout: float,
-        result_view: Callable[[Job, int], discord.ui.View] | None = None,
+        result_view: Callable[[Job, int], discord.ui.View | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client

@@ -10,6 +10,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from bot.discord.markup import message_link, timestamp
 from bot.images.processing import ImageFile
 from bot.modelslab.client import ErrorKind
 from bot.requests import parameters
@@ -32,17 +33,12 @@ def escape_markdown(text: str) -> str:
     return text
 
 
-def relative_time(unix_time: float) -> str:
-    """A Discord timestamp that each member's client shows as "in 12 seconds"."""
-    return f"<t:{math.ceil(unix_time)}:R>"
-
-
 def status_text(job: Job, *, position: int | None = None, waiting: int | None = None, retry_in: float = 0.0) -> str:
     """The status message while a job is under way: its place in line, then ModelsLab's ETA."""
     head = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
     if job.status is JobStatus.QUEUED:
         if retry_in > 0:
-            return f"{head}\n⏳ Queued: ModelsLab is busy, trying again {relative_time(time.time() + retry_in)}."
+            return f"{head}\n⏳ Queued: ModelsLab is busy, trying again {timestamp(time.time() + retry_in)}."
         if position == 1:
             return f"{head}\n⏳ Queued: next in line."
         if position is not None:
@@ -52,7 +48,7 @@ def status_text(job: Job, *, position: int | None = None, waiting: int | None = 
     if job.status is JobStatus.SUBMITTING:
         return f"{head}\n⏳ Sending to ModelsLab…"
     if job.eta_at is not None:
-        return f"{head}\n🎨 Generating, ready {relative_time(job.eta_at)} (ModelsLab's estimate)."
+        return f"{head}\n🎨 Generating, ready {timestamp(job.eta_at)} (ModelsLab's estimate)."
     return f"{head}\n🎨 Generating…"
 
 
@@ -105,7 +101,7 @@ def result_summary(
 
 
 def gallery_text(job: Job) -> str:
-    link = f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}" if job.message_id else ""
+    link = message_link(job.guild_id or 0, job.channel_id, job.message_id) if job.message_id else ""
     text = f"🖼️ **{prompt_preview(job.request.prompt)}** — by <@{job.user_id}> · `{job.request.model_id}`"
     return f"{text}\n{link}" if link else text
 
@@ -259,7 +255,7 @@ def job_info(job: Job) -> str:
         f"**Safety checker:** {'on' if request.safety_checker else 'off (age-restricted channel)'} · "
         f"**Cost:** {job.charged_images} image(s) · **Time:** {_duration(job)}"
     )
-    lines.append(f"**Asked by:** <@{job.user_id}> {relative_time(job.created_at)} · **Job:** `{job.id}`")
+    lines.append(f"**Asked by:** <@{job.user_id}> {timestamp(job.created_at)} · **Job:** `{job.id}`")
     if job.parent_job_id:
         lines.append(f"**Made from job:** `{job.parent_job_id}`")
     text = "\n".join(line for line in lines if line)

@@ -8,13 +8,13 @@ Quotas count images (samples) per UTC day.
 from __future__ import annotations
 
 import datetime
-import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bot.discord.markup import timestamp
 from bot.errors import UserFacingError
 
 NsfwPolicy = Literal["spoiler", "withhold"]
@@ -91,10 +91,6 @@ def day_start(now: float) -> float:
 
 def next_reset(now: float) -> float:
     return day_start(now) + 86400
-
-
-def timestamp(unix_time: float, style: str = "R") -> str:
-    return f"<t:{math.ceil(unix_time)}:{style}>"
 
 
 def explain_refusal(limits: Limits, usage: Usage, samples: int, now: float) -> str:

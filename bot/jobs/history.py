@@ -9,6 +9,7 @@ import json
 import math
 from typing import Any
 
+from bot.discord.markup import message_link, timestamp
 from bot.discord.texts import prompt_preview
 from bot.requests.flags import flags_text
 from bot.requests.generation import Choices, GenerationRequest
@@ -53,7 +54,7 @@ def page_count(total: int) -> int:
 def result_link(job: Job) -> str | None:
     if job.message_id is None or job.guild_id is None:
         return None
-    return f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{job.message_id}"
+    return message_link(job.guild_id, job.channel_id, job.message_id)
 
 
 def history_entry(job: Job) -> str:
@@ -63,7 +64,7 @@ def history_entry(job: Job) -> str:
     if job.status is JobStatus.FAILED and job.error_kind:
         status += f" ({job.error_kind.replace('_', ' ')})"
     cost = f"{job.charged_images} image{'s' if job.charged_images != 1 else ''}"
-    when = f"<t:{int(job.created_at)}:R>"
+    when = timestamp(job.created_at)
     link = result_link(job)
     parts = [f"**{prompt}**", KIND_NAMES.get(job.kind, job.kind), status, cost, when]
     if link:

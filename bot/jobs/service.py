@@ -110,7 +110,7 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class JobSettings:
+class JobPolicy:
     flavour: ApiFlavour
     timeout: float
     webhook_base: str | None  # PUBLIC_URL, or None for polling only
@@ -141,7 +141,7 @@ class JobService:
         client: ModelsLabClient,
         downloader: ImageDownloader,
         signer: WebhookSigner,
-        settings: JobSettings,
+        settings: JobPolicy,
         guilds: GuildDirectory,
         keybox: KeyBox,
         metrics: Metrics | None = None,

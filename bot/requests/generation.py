@@ -19,13 +19,12 @@ import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from bot.errors import InvalidOption
+from bot.modelslab.client import ApiFlavour
 from bot.requests import parameters
 from bot.requests.parameters import ParameterValue
-
-ApiFlavour = Literal["v6", "enterprise"]
 
 SCHEDULERS: tuple[str, ...] = (
     "DDPMScheduler",
@@ -73,8 +72,13 @@ def is_flux(model_id: str) -> bool:
 MODEL_ID_RULE = "must be a ModelsLab model_id: letters, digits, dots, dashes or underscores, at most 100."
 
 
+def is_model_id(text: str) -> bool:
+    """Whether `text` has the shape of a ModelsLab `model_id` (also LoRA and other model ids)."""
+    return _MODEL_ID.match(text) is not None
+
+
 def check_model_id(text: str) -> str:
-    if not _MODEL_ID.match(text):
+    if not is_model_id(text):
         raise InvalidOption("model", MODEL_ID_RULE)
     return text
 
@@ -359,7 +363,7 @@ def build_request(
 
     def check_model(value: str) -> str:
         value = value.strip()
-        if not _MODEL_ID.match(value):
+        if not is_model_id(value):
             raise _Bad(MODEL_ID_RULE)
         if kind == "img2img" and value.lower() in IMG2IMG_UNSUPPORTED:
             raise _Bad(f"`{value}` cannot remix images: use fluxdev or fluxschnell.")
@@ -542,7 +546,7 @@ def _check_loras(lora: str | None, lora_strength: str | None, flux: bool) -> tup
     if len(models) > LORA_MAX:
         raise _Bad(f"takes at most {LORA_MAX} LoRA ids, separated by commas.")
     for lora_id in models:
-        if not _MODEL_ID.match(lora_id):
+        if not is_model_id(lora_id):
             raise _Bad(f"has an id that is not valid: {lora_id[:40]!r}. Separate ids with commas.")
     strengths = tuple(_parse_strength(text) for text in texts)
     if strengths and not models:

@@ -25,7 +25,7 @@ from bot.requests.generation import (
     step_rule,
 )
 from bot.requests.styles import ENHANCE_STYLES
-from bot.storage.sqlite import MemberSettingsStore
+from bot.storage.sqlite import MemberDefaultsStore
 
 ASPECTS = ("1:1", "4:5", "5:4", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "1:2", "2:1", "9:21", "21:9")
 # Flags with their own control in the form; --seed is left to prompts (a fixed seed makes every image alike).
@@ -41,7 +41,7 @@ NOT_STORED = ("seed",)
 
 
 @dataclass(frozen=True)
-class MemberSettings:
+class MemberDefaults:
     model: str | None = None
     aspect: str | None = None
     steps: int | None = None
@@ -73,7 +73,7 @@ class MemberSettings:
         return Layer("settings", choices, strict=False)
 
     def is_default(self) -> bool:
-        return self == MemberSettings()
+        return self == MemberDefaults()
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -88,7 +88,7 @@ class MemberSettings:
         }
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> MemberSettings:
+    def from_row(cls, row: dict[str, Any]) -> MemberDefaults:
         return cls(
             model=row["model"],
             aspect=row["aspect"],
@@ -160,43 +160,43 @@ def check_flags(text: str) -> str:
     return flags_text(parsed.choices)
 
 
-class MemberSettingsService:
+class MemberDefaultsService:
     """Reads (cached: every command looks them up before its 3-second acknowledgement) and saves settings."""
 
     CACHE_SIZE = 10_000
 
-    def __init__(self, store: MemberSettingsStore) -> None:
+    def __init__(self, store: MemberDefaultsStore) -> None:
         self._store = store
-        self._cache: OrderedDict[tuple[int, int], MemberSettings] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], MemberDefaults] = OrderedDict()
 
-    async def get(self, guild_id: int, user_id: int) -> MemberSettings:
+    async def get(self, guild_id: int, user_id: int) -> MemberDefaults:
         key = (guild_id, user_id)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
         row = await self._store.get(guild_id, user_id)
-        settings = MemberSettings.from_row(row) if row is not None else MemberSettings()
+        settings = MemberDefaults.from_row(row) if row is not None else MemberDefaults()
         self._remember(key, settings)
         return settings
 
-    async def update(self, guild_id: int, user_id: int, **changes: Any) -> MemberSettings:
+    async def update(self, guild_id: int, user_id: int, **changes: Any) -> MemberDefaults:
         settings = replace(await self.get(guild_id, user_id), **changes)
         await self._store.save(guild_id, user_id, settings.to_row(), time.time())
         self._remember((guild_id, user_id), settings)
         return settings
 
-    async def reset(self, guild_id: int, user_id: int) -> MemberSettings:
+    async def reset(self, guild_id: int, user_id: int) -> MemberDefaults:
         await self._store.delete(guild_id, user_id)
-        self._remember((guild_id, user_id), MemberSettings())
-        return MemberSettings()
+        self._remember((guild_id, user_id), MemberDefaults())
+        return MemberDefaults()
 
     def forget_member(self, user_id: int) -> None:
         """After /history forget deleted their rows everywhere."""
         for key in [k for k in self._cache if k[1] == user_id]:
             del self._cache[key]
 
-    def _remember(self, key: tuple[int, int], settings: MemberSettings) -> None:
+    def _remember(self, key: tuple[int, int], settings: MemberDefaults) -> None:
         self._cache[key] = settings
         self._cache.move_to_end(key)
         while len(self._cache) > self.CACHE_SIZE:
@@ -221,7 +221,7 @@ def model_choices(current: str | None, allowed: tuple[str, ...], defaults: tuple
 
 
 def unused_settings(
-    settings: MemberSettings, *, flavour: str, default_model: str, server: Layer, allowed_models: tuple[str, ...] = ()
+    settings: MemberDefaults, *, flavour: str, default_model: str, server: Layer, allowed_models: tuple[str, ...] = ()
 ) -> tuple[str, list[str]]:
     """The model an /imagine with no options would use, and which settings it would skip (they do not fit)."""
     layer = settings.layer()
@@ -262,7 +262,7 @@ def unused_settings(
     return request.model_id, [shown.get(n, n) for n in names]
 
 
-def describe(settings: MemberSettings, *, model_in_use: str, unused: list[str]) -> str:
+def describe(settings: MemberDefaults, *, model_in_use: str, unused: list[str]) -> str:
     """The text of the /settings form."""
 
     def value(text: object | None) -> str:

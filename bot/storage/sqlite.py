@@ -709,7 +709,7 @@ class GuildStore:
         return cursor.rowcount == 1
 
 
-class MemberSettingsStore:
+class MemberDefaultsStore:
     """Each member's /settings in each server, one row per member and server."""
 
     COLUMNS = ("model", "aspect", "steps", "guidance", "negative_prompt", "style", "flags", "remix_mode")

@@ -10,7 +10,8 @@ import logging
 import pytest
 from PIL import Image
 
-from bot.discord.texts import failure_sentence, relative_time
+from bot.discord.markup import timestamp
+from bot.discord.texts import failure_sentence
 from bot.images.processing import NotAnImage, fit_to_limit, read_image
 from bot.jobs.service import poll_delays
 from bot.log import SecretFilter
@@ -57,7 +58,7 @@ def test_failure_sentences_say_what_happened_and_what_to_do(kind, words):
 
 
 def test_relative_timestamp_is_discords_format():
-    assert relative_time(1700000000.2) == "<t:1700000001:R>"
+    assert timestamp(1700000000.2) == "<t:1700000001:R>"
 
 
 def test_webhook_tokens_are_per_job_and_verified_in_constant_time():

@@ -11,8 +11,8 @@ from bot.errors import InvalidOption
 from bot.jobs.history import other_parameters
 from bot.requests.generation import ServerDefaults, build_generation_request, build_remix_request
 from bot.requests.member_defaults import (
-    MemberSettings,
-    MemberSettingsService,
+    MemberDefaults,
+    MemberDefaultsService,
     check_aspect,
     check_flags,
     check_guidance,
@@ -21,7 +21,7 @@ from bot.requests.member_defaults import (
     unused_settings,
 )
 from bot.requests.parameters import ParameterValue
-from bot.storage.sqlite import Database, JobStore, MemberSettingsStore
+from bot.storage.sqlite import Database, JobStore, MemberDefaultsStore
 from tests.unit.test_storage import new_job
 
 
@@ -52,7 +52,7 @@ def test_the_form_fields_are_checked():
 
 
 def test_settings_apply_to_imagine_and_only_what_fits_to_remix():
-    member = MemberSettings(
+    member = MemberDefaults(
         model="fluxdev", aspect="2:3", steps=15, guidance=5.0, style="anime", flags="--clip_skip 3 --panorama yes"
     )
     request = build_generation_request(flavour="v6", default_model="flux", prompt="x", layers=[member.layer()])
@@ -71,7 +71,7 @@ def test_settings_apply_to_imagine_and_only_what_fits_to_remix():
 
 
 def test_the_form_says_which_settings_the_model_in_use_will_not_take():
-    member = MemberSettings(steps=10, negative_prompt="blurry", flags="--enhance_prompt yes")
+    member = MemberDefaults(steps=10, negative_prompt="blurry", flags="--enhance_prompt yes")
     model, unused = unused_settings(
         member, flavour="v6", default_model="flux", server=ServerDefaults().layer("text2img")
     )
@@ -86,21 +86,21 @@ def test_the_form_says_which_settings_the_model_in_use_will_not_take():
 
 async def test_settings_are_stored_per_member_and_per_server_and_reset(tmp_path):
     async with Database.open(tmp_path / "bot.sqlite3") as database:
-        service = MemberSettingsService(MemberSettingsStore(database))
+        service = MemberDefaultsService(MemberDefaultsStore(database))
         await service.update(1, 10, steps=12, remix_mode=True)
         await service.update(2, 10, model="sdxl")
-        fresh = MemberSettingsService(MemberSettingsStore(database))  # no cache: read back from the file
-        assert await fresh.get(1, 10) == MemberSettings(steps=12, remix_mode=True)
-        assert await fresh.get(2, 10) == MemberSettings(model="sdxl")
-        assert await fresh.get(1, 11) == MemberSettings()
+        fresh = MemberDefaultsService(MemberDefaultsStore(database))  # no cache: read back from the file
+        assert await fresh.get(1, 10) == MemberDefaults(steps=12, remix_mode=True)
+        assert await fresh.get(2, 10) == MemberDefaults(model="sdxl")
+        assert await fresh.get(1, 11) == MemberDefaults()
         await fresh.reset(1, 10)
-        assert await MemberSettingsService(MemberSettingsStore(database)).get(1, 10) == MemberSettings()
+        assert await MemberDefaultsService(MemberDefaultsStore(database)).get(1, 10) == MemberDefaults()
         assert (await fresh.get(2, 10)).model == "sdxl"
 
 
 async def test_forgetting_a_member_deletes_their_settings_everywhere(tmp_path):
     async with Database.open(tmp_path / "bot.sqlite3") as database:
-        service = MemberSettingsService(MemberSettingsStore(database))
+        service = MemberDefaultsService(MemberDefaultsStore(database))
         await service.update(1, 3, steps=12)
         await service.update(2, 3, steps=13)
         await service.update(1, 4, steps=14)
@@ -115,7 +115,7 @@ async def test_forgetting_a_member_deletes_their_settings_everywhere(tmp_path):
         await store.mark_posted(job.id)
         await store.forget_user(3, time.time())
         service.forget_member(3)
-        assert await service.get(1, 3) == MemberSettings() and await service.get(2, 3) == MemberSettings()
+        assert await service.get(1, 3) == MemberDefaults() and await service.get(2, 3) == MemberDefaults()
         assert (await service.get(1, 4)).steps == 14
         forgotten = await store.get(job.id)
         assert forgotten is not None and forgotten.user_id == 0
@@ -124,7 +124,7 @@ async def test_forgetting_a_member_deletes_their_settings_everywhere(tmp_path):
 
 def test_the_form_says_when_the_server_does_not_allow_the_chosen_model():
     server = ServerDefaults(model="fluxdev").layer("text2img")
-    member = MemberSettings(model="sdxl")
+    member = MemberDefaults(model="sdxl")
     model, unused = unused_settings(
         member, flavour="v6", default_model="fluxdev", server=server, allowed_models=("fluxdev",)
     )
