@@ -19,6 +19,7 @@ from discord.ext import commands
 from bot.discord.intake import channel_is_nsfw, server_config, submit_job
 from bot.discord.texts import job_info
 from bot.errors import UserFacingError
+from bot.jobs.model import Job
 from bot.requests.flags import parse_flags
 from bot.requests.generation import (
     SEED_MAX,
@@ -30,7 +31,6 @@ from bot.requests.generation import (
     flag_layer,
     job_layer,
 )
-from bot.storage.sqlite import Job
 
 if TYPE_CHECKING:
     from bot.discord.client import ImagineBot

@@ -15,11 +15,11 @@ from discord.ext import commands
 from bot.discord.presenter import CancelJobButton, DiscordPresenter
 from bot.errors import UserFacingError
 from bot.guilds.admin import GuildAdmin
+from bot.jobs.model import Job
 from bot.jobs.service import JobService
 from bot.modelslab.catalog import ModelCatalog
 from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings
-from bot.storage.sqlite import Job
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import discord
 
 from bot.discord.texts import failure_sentence, failure_text, gallery_text, result_summary, status_text
 from bot.images.processing import ImageFile
-from bot.jobs.service import PresentationRefused, Progress
+from bot.jobs.model import Job, Progress
+from bot.jobs.service import PresentationRefused
 from bot.modelslab.client import ErrorKind
-from bot.storage.sqlite import Job
 
 log = logging.getLogger(__name__)
 

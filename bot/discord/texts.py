@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from bot.discord.markup import message_link, timestamp
 from bot.images.processing import ImageFile
+from bot.jobs.model import Job, JobStatus
 from bot.modelslab.client import ErrorKind
 from bot.requests import parameters
 from bot.requests.generation import SOURCE_NAMES, GenerationRequest
-from bot.storage.sqlite import Job, JobStatus
 
 PROMPT_PREVIEW = 180
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from bot.discord.markup import message_link, timestamp
 from bot.discord.texts import prompt_preview
+from bot.jobs.model import Job, JobStatus
 from bot.requests.flags import flags_text
 from bot.requests.generation import Choices, GenerationRequest
-from bot.storage.sqlite import Job, JobStatus
 
 PAGE_SIZE = 5
 KIND_NAMES = {"text2img": "imagine", "img2img": "remix"}

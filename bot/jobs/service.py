@@ -33,6 +33,7 @@ from bot.guilds.rules import GuildConfig, Limits, Refused, explain_refusal
 from bot.images.downloader import DownloadFailed, ImageDownloader
 from bot.images.processing import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
 from bot.jobs.fair_queue import Cancelled, FairQueue
+from bot.jobs.model import Job, JobStatus, Progress
 from bot.log import register_secret
 from bot.modelslab.client import (
     Answer,
@@ -45,7 +46,7 @@ from bot.modelslab.client import (
     Pending,
 )
 from bot.requests.generation import GenerationRequest
-from bot.storage.sqlite import Job, JobStatus, JobStore
+from bot.storage.sqlite import JobStore
 from bot.web.metrics import Metrics
 from bot.web.signing import WebhookSigner
 
@@ -97,16 +98,6 @@ class GuildDirectory(Protocol):
     async def api_key_for(self, guild_id: int | None) -> str | None: ...
 
     async def config(self, guild_id: int) -> GuildConfig: ...
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a job stands, for its status message."""
-
-    position: int | None = None  # place in the bot's queue for its key (1 = next)
-    waiting: int | None = None  # jobs waiting for that key
-    retry_in: float = 0.0  # ModelsLab sent it back (429): seconds before it is tried again
-    cancellable: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,16 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
+from bot.jobs.model import UNFINISHED, Job, JobStatus
 from bot.requests.generation import GenerationRequest
+from bot.storage.rows import job_from_row
 
 log = logging.getLogger(__name__)
 
@@ -125,109 +127,6 @@ class Database:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
-
-
-class JobStatus(enum.StrEnum):
-    QUEUED = "queued"  # stored, not yet sent to ModelsLab
-    SUBMITTING = "submitting"  # the submit call is (or was, before a crash) under way
-    PROCESSING = "processing"  # ModelsLab has it and gave us its id
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
-
-
-UNFINISHED = (JobStatus.QUEUED, JobStatus.SUBMITTING, JobStatus.PROCESSING)
-
-
-@dataclass(frozen=True)
-class Job:
-    """A generation job as stored."""
-
-    id: str
-    kind: str
-    guild_id: int | None
-    channel_id: int
-    user_id: int
-    request: GenerationRequest
-    api_flavour: str
-    status: JobStatus
-    created_at: float
-    deadline_at: float
-    updated_at: float
-    modelslab_id: str | None = None
-    fetch_url: str | None = None
-    eta_at: float | None = None
-    output_urls: tuple[str, ...] = ()
-    proxy_urls: tuple[str, ...] = ()
-    meta: Mapping[str, Any] = field(default_factory=dict)
-    seed: int | None = None
-    generation_time: float | None = None
-    image_count: int | None = None
-    error_kind: str | None = None
-    error_detail: str | None = None
-    retry_after: float | None = None
-    charged_images: int = 0
-    application_id: int | None = None
-    interaction_token: str | None = None
-    token_expires_at: float | None = None
-    message_id: int | None = None
-    attachment_size_limit: int | None = None
-    submitted_at: float | None = None
-    finished_at: float | None = None
-    posted_at: float | None = None
-    channel_nsfw: bool = False
-    nsfw_detected: bool = False
-    gallery_message_id: int | None = None
-    parent_job_id: str | None = None
-
-    @property
-    def needs_posting(self) -> bool:
-        return self.status.finished and self.posted_at is None
-
-    @classmethod
-    def from_row(cls, row: aiosqlite.Row) -> Job:
-        outputs = json.loads(row["output_json"]) if row["output_json"] else {}
-        return cls(
-            id=row["id"],
-            kind=row["kind"],
-            guild_id=row["guild_id"],
-            channel_id=row["channel_id"],
-            user_id=row["user_id"],
-            request=GenerationRequest.from_json(json.loads(row["request_json"])),
-            api_flavour=row["api_flavour"],
-            status=JobStatus(row["status"]),
-            created_at=row["created_at"],
-            deadline_at=row["deadline_at"],
-            updated_at=row["updated_at"],
-            modelslab_id=row["modelslab_id"],
-            fetch_url=row["fetch_url"],
-            eta_at=row["eta_at"],
-            output_urls=tuple(outputs.get("output", ())),
-            proxy_urls=tuple(outputs.get("proxy", ())),
-            meta=json.loads(row["meta_json"]) if row["meta_json"] else {},
-            seed=row["seed"],
-            generation_time=row["generation_time"],
-            image_count=row["image_count"],
-            error_kind=row["error_kind"],
-            error_detail=row["error_detail"],
-            retry_after=row["retry_after"],
-            charged_images=row["charged_images"],
-            application_id=row["application_id"],
-            interaction_token=row["interaction_token"],
-            token_expires_at=row["token_expires_at"],
-            message_id=row["message_id"],
-            attachment_size_limit=row["attachment_size_limit"],
-            submitted_at=row["submitted_at"],
-            finished_at=row["finished_at"],
-            posted_at=row["posted_at"],
-            channel_nsfw=bool(row["channel_nsfw"]),
-            nsfw_detected=bool(row["nsfw_detected"]),
-            gallery_message_id=row["gallery_message_id"],
-            parent_job_id=row["parent_job_id"],
-        )
 
 
 class JobStore:
@@ -336,14 +235,14 @@ class JobStore:
     async def get(self, job_id: str) -> Job | None:
         async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
             row = await cursor.fetchone()
-        return Job.from_row(row) if row else None
+        return job_from_row(row) if row else None
 
     async def needing_work(self) -> list[Job]:
         """Jobs a (re)started bot must carry on: unfinished, or finished but not yet shown."""
         # Unfinished jobs are never posted, so one condition covers both.
         async with self._db.execute("SELECT * FROM jobs WHERE posted_at IS NULL ORDER BY created_at") as cursor:
             rows = await cursor.fetchall()
-        return [Job.from_row(row) for row in rows]
+        return [job_from_row(row) for row in rows]
 
     async def last_served(self, user_ids: list[int]) -> dict[int, float]:
         """When each member's latest job was sent to ModelsLab (the fair queue's memory)."""
@@ -487,7 +386,7 @@ class JobStore:
             " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
             (user_id, guild_id, guild_id, limit, offset),
         ) as cursor:
-            return [Job.from_row(row) for row in await cursor.fetchall()]
+            return [job_from_row(row) for row in await cursor.fetchall()]
 
     async def history_count(self, user_id: int, *, guild_id: int | None) -> int:
         async with self._db.execute(

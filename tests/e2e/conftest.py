@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from bot.app import App, Timings, running_app
+from bot.jobs.model import Job
 from bot.settings import Settings
-from bot.storage.sqlite import Job, JobStore
+from bot.storage.sqlite import JobStore
 from tests.fakes.discord_server import FakeDiscord, FakeMessage
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bot.storage.sqlite import JobStatus
+from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction
 from tests.fakes.modelslab_server import ErrorAnswer, Immediate, Queued

@@ -15,7 +15,7 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot.storage.sqlite import JobStatus
+from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of, free_port
 from tests.e2e.test_process import bot_environment
 from tests.fakes.discord_server import FakeDiscord

@@ -7,7 +7,7 @@ import io
 import json
 import time
 
-from bot.storage.sqlite import JobStatus
+from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import ErrorAnswer

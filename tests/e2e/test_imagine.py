@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from bot.storage.sqlite import JobStatus
+from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord, FakeMessage
 from tests.fakes.modelslab_server import ErrorAnswer, Hang, Immediate, Queued, RawAnswer

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 
 from bot.app import running_app
+from bot.jobs.model import JobStatus
 from bot.operations import PERMISSIONS_VALUE
-from bot.storage.sqlite import JobStatus
 from tests.e2e.conftest import BOT_TOKEN, BotRunner, attachments_of, free_port
 from tests.e2e.test_process import bot_environment
 from tests.fakes.discord_server import FakeDiscord

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot.storage.sqlite import JobStatus
+from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import DEFAULT_KEY, ErrorAnswer, FakeModelsLab, Queued

@@ -8,7 +8,7 @@ import io
 import aiohttp
 from PIL import Image
 
-from bot.storage.sqlite import JobStatus
+from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import FakeModelsLab

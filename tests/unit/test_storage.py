@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from bot.jobs.model import Job, JobStatus
 from bot.requests.generation import build_generation_request
-from bot.storage.sqlite import Database, Job, JobStatus, JobStore, StorageError, available_migrations
+from bot.storage.sqlite import Database, JobStore, StorageError, available_migrations
 
 
 def new_job(job_id="a" * 32, **changes) -> Job:

@@ -1,0 +1,81 @@
+"""A generation job as the bot keeps it, and where it stands. Plain data: no storage, no Discord."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.requests.generation import GenerationRequest
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"  # stored, not yet sent to ModelsLab
+    SUBMITTING = "submitting"  # the submit call is (or was, before a crash) under way
+    PROCESSING = "processing"  # ModelsLab has it and gave us its id
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.SUBMITTING, JobStatus.PROCESSING)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A generation job as stored."""
+
+    id: str
+    kind: str
+    guild_id: int | None
+    channel_id: int
+    user_id: int
+    request: GenerationRequest
+    api_flavour: str
+    status: JobStatus
+    created_at: float
+    deadline_at: float
+    updated_at: float
+    modelslab_id: str | None = None
+    fetch_url: str | None = None
+    eta_at: float | None = None
+    output_urls: tuple[str, ...] = ()
+    proxy_urls: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    generation_time: float | None = None
+    image_count: int | None = None
+    error_kind: str | None = None
+    error_detail: str | None = None
+    retry_after: float | None = None
+    charged_images: int = 0
+    application_id: int | None = None
+    interaction_token: str | None = None
+    token_expires_at: float | None = None
+    message_id: int | None = None
+    attachment_size_limit: int | None = None
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    posted_at: float | None = None
+    channel_nsfw: bool = False
+    nsfw_detected: bool = False
+    gallery_message_id: int | None = None
+    parent_job_id: str | None = None
+
+    @property
+    def needs_posting(self) -> bool:
+        return self.status.finished and self.posted_at is None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a job stands, for its status message."""
+
+    position: int | None = None  # place in the bot's queue for its key (1 = next)
+    waiting: int | None = None  # jobs waiting for that key
+    retry_in: float = 0.0  # ModelsLab sent it back (429): seconds before it is tried again
+    cancellable: bool = False
