@@ -20,7 +20,7 @@ from bot import operations
 from bot.app import running_app
 from bot.log import setup_logging
 from bot.settings import Settings, SettingsError, load_settings
-from bot.storage.sqlite import Database, StorageError
+from bot.storage import StorageError, open_storage
 
 log = logging.getLogger("bot")
 
@@ -36,15 +36,15 @@ async def run_bot(settings: Settings) -> None:
 
 
 async def _database_command(settings: Settings, action: str) -> None:
-    async with Database.open(settings.database_path, upgrade=False) as database:
+    async with open_storage(settings, upgrade=False) as storage:
         if action == "upgrade":
-            applied = await database.upgrade()
+            applied = await storage.upgrade()
             if applied:
                 for migration in applied:
                     print(f"applied {migration.version:04d}_{migration.name}")
             else:
                 print("the database is up to date")
-        print(f"schema version {await database.current_version()} ({database.path})")
+        print(f"schema version {await storage.current_version()} ({storage.description})")
 
 
 def main(argv: list[str] | None = None) -> int:

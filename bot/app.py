@@ -26,12 +26,13 @@ from bot.images.ssrf_guard import (
     origin_of,
     parse_allowed_hosts,
 )
+from bot.jobs.member_history import MemberHistory
 from bot.jobs.service import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobPolicy, JobService
 from bot.modelslab.catalog import ModelCatalog
 from bot.modelslab.client import ModelsLabClient
 from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings, ensure_secret_key
-from bot.storage.sqlite import Database, GuildStore, JobStore, MemberDefaultsStore
+from bot.storage import Storage, open_storage
 from bot.web.receiver import create_app
 from bot.web.signing import WebhookSigner
 
@@ -55,7 +56,7 @@ class App:
     bot: ImagineBot
     jobs: JobService
     guilds: GuildAdmin
-    database: Database
+    storage: Storage
     signer: WebhookSigner
     webhook_runner: web.AppRunner
 
@@ -86,20 +87,19 @@ async def running_app(
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
         aiohttp.ClientSession(timeout=timeout, connector=guarded) as download_session,
-        Database.open(settings.database_path) as database,
+        open_storage(settings) as storage,
     ):
-        log.info("Database ready at %s (schema version %d)", database.path, await database.current_version())
+        log.info("Database ready at %s (schema version %d)", storage.description, await storage.current_version())
         client = ModelsLabClient(
             session,
             base_url=settings.modelslab_base,
             flavour=settings.modelslab_api,
             request_timeout=timings.modelslab_request_timeout,
         )
-        job_store = JobStore(database)
         keybox = KeyBox(secret_key)
         guilds = GuildAdmin(
-            guilds=GuildStore(database),
-            jobs=job_store,
+            guilds=storage.guilds,
+            jobs=storage.jobs,
             keybox=keybox,
             client=client,
             default_api_key=api_key,
@@ -112,7 +112,7 @@ async def running_app(
             )
         catalog = ModelCatalog(client)
         jobs = JobService(
-            store=job_store,
+            store=storage.jobs,
             client=client,
             guilds=guilds,
             keybox=keybox,
@@ -133,12 +133,14 @@ async def running_app(
             discord_retry_delays=timings.discord_retry_delays,
             submit_retry_delay=timings.submit_retry_delay,
         )
+        member_defaults = MemberDefaultsService(storage.member_defaults)
         bot = ImagineBot(
             settings=settings,
             jobs=jobs,
             guild_admin=guilds,
             catalog=catalog,
-            member_defaults=MemberDefaultsService(MemberDefaultsStore(database)),
+            member_defaults=member_defaults,
+            history=MemberHistory(storage, member_defaults),
             guild_ready_timeout=guild_ready_timeout,
         )
 
@@ -156,7 +158,7 @@ async def running_app(
             if settings.public_base is None:
                 log.info("PUBLIC_URL is not set: results are collected by polling ModelsLab")
             try:
-                yield App(settings, bot, jobs, guilds, database, signer, runner)
+                yield App(settings, bot, jobs, guilds, storage, signer, runner)
             finally:
                 if not bot.is_closed():
                     await bot.close()

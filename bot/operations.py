@@ -15,7 +15,7 @@ import aiohttp
 from bot.discord.texts import failure_sentence
 from bot.modelslab.client import ErrorKind, ModelsLabClient
 from bot.settings import Settings
-from bot.storage.sqlite import Database, StorageError, available_migrations
+from bot.storage import StorageError, open_storage
 
 # What the bot needs in a channel, no more: see the README's "Creating the Discord application".
 PERMISSIONS = {
@@ -100,13 +100,13 @@ async def modelslab_status(settings: Settings, session: aiohttp.ClientSession) -
 
 async def database_status(settings: Settings) -> Finding:
     try:
-        async with Database.open(settings.database_path, upgrade=False) as database:
-            current = await database.current_version()
+        async with open_storage(settings, upgrade=False) as storage:
+            current = await storage.current_version()
+            latest = await storage.latest_version()
     except StorageError as exc:
         return Finding("database", False, str(exc))
-    latest = max((m.version for m in available_migrations()), default=0)
     pending = f"; {latest - current} migration(s) will be applied at start" if current < latest else ""
-    return Finding("database", True, f"{database.path}, schema version {current} of {latest}{pending}.")
+    return Finding("database", True, f"{storage.description}, schema version {current} of {latest}{pending}.")
 
 
 def webhook_status(settings: Settings) -> Finding:

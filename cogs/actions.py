@@ -84,7 +84,7 @@ class JobAction(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], temp
             await bot.report_error(interaction, exc)
 
     async def _act(self, bot: ImagineBot, interaction: discord.Interaction) -> None:
-        job = await bot.jobs.store.get(self.job_id)
+        job = await bot.jobs.get(self.job_id)
         if job is None or (not job.request.prompt and self.action != "delete"):
             raise UserFacingError(GONE)  # gone, or forgotten (a moderator can still delete what it left)
         if self.action == "info":

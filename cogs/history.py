@@ -1,4 +1,4 @@
-"""`/history show`, `/history forget`, `/history export`: thin adapters over the job store and `bot.jobs.history`.
+"""`/history show`, `/history forget`, `/history export`: thin adapters over `bot.jobs.member_history`.
 
 Discord does not let a command with subcommands be run on its own, so the listing is `/history show`.
 """
@@ -17,7 +17,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.guilds.rules import Refused
-from bot.jobs.history import PAGE_SIZE, export_csv, export_json, history_page, page_count
+from bot.jobs.history import export_csv, export_json, history_page
 
 if TYPE_CHECKING:
     from bot.discord.client import ImagineBot
@@ -30,17 +30,15 @@ HISTORY_COLOUR = discord.Colour(0x5865F2)
 async def render_page(
     bot: ImagineBot, guild_id: int, viewer_id: int, target_id: int, page: int
 ) -> tuple[discord.Embed, discord.ui.View]:
-    store = bot.jobs.store
-    total = await store.history_count(target_id, guild_id=guild_id)
-    page = max(0, min(page, page_count(total) - 1))
-    jobs = await store.history(target_id, guild_id=guild_id, offset=page * PAGE_SIZE, limit=PAGE_SIZE)
+    found = await bot.history.page(target_id, guild_id=guild_id, page=page)
+    page, pages = found.page, found.pages
     # Embed titles do not show mentions: someone else's history names them in the description.
-    title, body = history_page(jobs, page=page, total=total, whose="Your" if target_id == viewer_id else "Member's")
+    whose = "Your" if target_id == viewer_id else "Member's"
+    title, body = history_page(found.jobs, page=page, total=found.total, whose=whose)
     if target_id != viewer_id:
         body = f"<@{target_id}>\n{body}"
     embed = discord.Embed(title=title, description=body, colour=HISTORY_COLOUR)
     view = discord.ui.View(timeout=None)
-    pages = page_count(total)
     view.add_item(HistoryPageButton(viewer_id, target_id, max(page - 1, 0), "prev", disabled=page == 0))
     view.add_item(HistoryPageButton(viewer_id, target_id, min(page + 1, pages - 1), "next", disabled=page >= pages - 1))
     return embed, view
@@ -109,8 +107,7 @@ class ForgetButton(
         if self.choice == "no":
             await interaction.response.edit_message(content="Nothing was deleted.", view=None)
             return
-        forgotten = await bot.jobs.store.forget_user(self.user_id, time.time())
-        bot.member_defaults.forget_member(self.user_id)
+        forgotten = await bot.history.forget(self.user_id, time.time())
         log.info("A member's history was forgotten at their request (%d job(s))", forgotten)
         await interaction.response.edit_message(
             content=(
@@ -164,7 +161,7 @@ class History(commands.Cog):
     @history.command(name="export", description="Your whole history as a file (only you see it)")
     @app_commands.describe(format="csv (spreadsheets) or json")
     async def export(self, interaction: discord.Interaction, format: Literal["csv", "json"] = "csv") -> None:
-        jobs = await self.bot.jobs.store.history(interaction.user.id, guild_id=None, limit=100_000)
+        jobs = await self.bot.history.everything(interaction.user.id)
         # Up to every job a member ever made: written in a thread, not on the event loop.
         data = await asyncio.to_thread(export_csv if format == "csv" else export_json, jobs)
         file = discord.File(io.BytesIO(data), filename=f"imagine-history.{format}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 from collections.abc import Callable
 
 import discord
@@ -15,11 +14,13 @@ from discord.ext import commands
 from bot.discord.presenter import CancelJobButton, DiscordPresenter
 from bot.errors import UserFacingError
 from bot.guilds.admin import GuildAdmin
+from bot.jobs.member_history import MemberHistory
 from bot.jobs.model import Job
 from bot.jobs.service import JobService
 from bot.modelslab.catalog import ModelCatalog
 from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings
+from bot.storage import StorageBusy, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,11 @@ class ImagineCommandTree(app_commands.CommandTree["ImagineBot"]):
         original = getattr(error, "original", error)
         if isinstance(original, UserFacingError):
             message = original.message
-        elif isinstance(original, sqlite3.OperationalError) and "full" in str(original):
-            log.error("The database cannot be written: the disk is full (%s)", original)
+        elif isinstance(original, StorageFull):
+            log.error("%s", original)
             message = STORAGE_FULL
-        elif isinstance(original, sqlite3.OperationalError) and "locked" in str(original):
-            log.warning("The database stayed locked too long: %s", original)
+        elif isinstance(original, StorageBusy):
+            log.warning("%s", original)
             message = STORAGE_BUSY
         elif isinstance(error, app_commands.NoPrivateMessage):
             message = "This command works only in a server, not in direct messages."
@@ -98,6 +99,7 @@ class ImagineBot(commands.Bot):
         guild_admin: GuildAdmin,
         catalog: ModelCatalog,
         member_defaults: MemberDefaultsService,
+        history: MemberHistory,
         guild_ready_timeout: float = 2.0,
     ) -> None:
         intents = discord.Intents.none()
@@ -115,6 +117,7 @@ class ImagineBot(commands.Bot):
         self.guild_admin = guild_admin
         self.catalog = catalog
         self.member_defaults = member_defaults
+        self.history = history
         # The buttons under a result belong to the actions cog, which registers them when it loads.
         self.result_view: Callable[[Job, int], discord.ui.View] | None = None
 

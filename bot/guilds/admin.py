@@ -17,7 +17,7 @@ from bot.log import register_secret
 from bot.modelslab.client import ErrorKind, ModelsLabClient
 from bot.requests.flags import parse_flags
 from bot.requests.generation import SIDE_MIN
-from bot.storage.sqlite import GuildStore, JobStore
+from bot.storage.ports import GuildRepository, JobRepository
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class GuildAdmin:
     def __init__(
         self,
         *,
-        guilds: GuildStore,
-        jobs: JobStore,
+        guilds: GuildRepository,
+        jobs: JobRepository,
         keybox: KeyBox,
         client: ModelsLabClient,
         default_api_key: str | None,

@@ -46,7 +46,7 @@ from bot.modelslab.client import (
     Pending,
 )
 from bot.requests.generation import GenerationRequest
-from bot.storage.sqlite import JobStore
+from bot.storage.ports import JobRepository
 from bot.web.metrics import Metrics
 from bot.web.signing import WebhookSigner
 
@@ -128,7 +128,7 @@ class JobService:
     def __init__(
         self,
         *,
-        store: JobStore,
+        store: JobRepository,
         client: ModelsLabClient,
         downloader: ImageDownloader,
         signer: WebhookSigner,
@@ -172,9 +172,8 @@ class JobService:
     def timeout(self) -> float:
         return self._settings.timeout
 
-    @property
-    def store(self) -> JobStore:
-        return self._store
+    async def get(self, job_id: str) -> Job | None:
+        return await self._store.get(job_id)
 
     def attach_presenter(self, presenter: JobPresenter) -> None:
         self._presenter = presenter

@@ -25,7 +25,7 @@ from bot.requests.generation import (
     step_rule,
 )
 from bot.requests.styles import ENHANCE_STYLES
-from bot.storage.sqlite import MemberDefaultsStore
+from bot.storage.ports import MemberDefaultsRepository
 
 ASPECTS = ("1:1", "4:5", "5:4", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "1:2", "2:1", "9:21", "21:9")
 # Flags with their own control in the form; --seed is left to prompts (a fixed seed makes every image alike).
@@ -165,7 +165,7 @@ class MemberDefaultsService:
 
     CACHE_SIZE = 10_000
 
-    def __init__(self, store: MemberDefaultsStore) -> None:
+    def __init__(self, store: MemberDefaultsRepository) -> None:
         self._store = store
         self._cache: OrderedDict[tuple[int, int], MemberDefaults] = OrderedDict()
 

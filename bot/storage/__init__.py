@@ -1,0 +1,21 @@
+"""Where the bot keeps its state. The services see only the Protocols of `bot.storage.ports`;
+`open_storage` picks the backend once, at start."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from bot.settings import Settings
+from bot.storage.ports import Storage, StorageBusy, StorageError, StorageFull
+
+__all__ = ["Storage", "StorageBusy", "StorageError", "StorageFull", "open_storage"]
+
+
+@asynccontextmanager
+async def open_storage(settings: Settings, *, upgrade: bool = True) -> AsyncIterator[Storage]:
+    """The database the settings name, open (and, with `upgrade`, migrated) for as long as the block runs."""
+    from bot.storage.sqlite import SqliteStorage
+
+    async with SqliteStorage.open(settings.database_path, upgrade=upgrade) as storage:
+        yield storage

@@ -55,3 +55,7 @@ def job_from_row(row: Row) -> Job:
         gallery_message_id=row["gallery_message_id"],
         parent_job_id=row["parent_job_id"],
     )
+
+
+# The columns of a member's /settings row, in the order both backends read them.
+MEMBER_DEFAULT_COLUMNS = ("model", "aspect", "steps", "guidance", "negative_prompt", "style", "flags", "remix_mode")

@@ -1,20 +1,22 @@
-"""SQLite storage: the migration runner and the job records.
+"""SQLite storage: one file, one connection, the bot's default backend.
 
-Every state change of a job is a conditional UPDATE (`... WHERE status IN (...)`), so when the
-webhook and the poller race to finish the same job, exactly one of them wins and goes on to post.
+Implements the Protocols of `bot.storage.ports`. One aiosqlite connection serves every coroutine
+(SQLite has one writer anyway); statements run in autocommit mode, each atomic, and the few changes
+that span several statements run in a transaction that other coroutines' statements wait for, so a
+transaction never takes in (or, on a rollback, undoes) what another coroutine writes meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import json
 import logging
-import re
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,58 +25,106 @@ import aiosqlite
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job, JobStatus
 from bot.requests.generation import GenerationRequest
-from bot.storage.rows import job_from_row
+from bot.storage.migrations import MIGRATIONS_ROOT, Migration, available_migrations
+from bot.storage.ports import StorageBusy, StorageError, StorageFull
+from bot.storage.rows import MEMBER_DEFAULT_COLUMNS, job_from_row
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent.parent.parent / "migrations" / "sqlite"
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+Parameters = Sequence[Any] | Mapping[str, Any]
+_IN_TRANSACTION: contextvars.ContextVar[bool] = contextvars.ContextVar("sqlite_in_transaction", default=False)
 
 
-class StorageError(Exception):
-    """The database cannot be used; the message says why in plain words."""
+def _translated(exc: sqlite3.Error) -> Exception:
+    """SQLite's own errors as the backend-neutral ones the bot explains to members."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "full" in text:
+        return StorageFull(f"The database cannot be written: the disk is full ({text}).")
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return StorageBusy(f"The database stayed locked too long ({text}).")
+    return exc
 
 
-# ---------------------------------------------------------------------------------------------- the database
+class SqliteConnection:
+    """The one aiosqlite connection, with SQLite's errors translated and transactions kept apart.
+
+    Reads take one round trip to the database thread (`execute_fetchall`), not three (execute, fetch, close).
+    """
+
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self.raw = connection
+        self._transaction_lock = asyncio.Lock()
+        self._no_transaction = asyncio.Event()
+        self._no_transaction.set()
+
+    async def execute(self, sql: str, parameters: Parameters = ()) -> int:
+        """Run one statement; returns how many rows it changed."""
+        await self._outside_others_transaction()
+        try:
+            cursor = await self.raw.execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise _translated(exc) from exc
+        return cursor.rowcount
+
+    async def fetch_all(self, sql: str, parameters: Parameters = ()) -> list[sqlite3.Row]:
+        await self._outside_others_transaction()
+        try:
+            return list(await self.raw.execute_fetchall(sql, parameters))
+        except sqlite3.Error as exc:
+            raise _translated(exc) from exc
+
+    async def fetch_one(self, sql: str, parameters: Parameters = ()) -> sqlite3.Row | None:
+        rows = await self.fetch_all(sql, parameters)
+        return rows[0] if rows else None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error). Statements of other coroutines wait until it ends;
+        those already handed to the database thread before it began run before it."""
+        async with self._transaction_lock:
+            self._no_transaction.clear()
+            token = _IN_TRANSACTION.set(True)
+            try:
+                await self.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    await self.raw.execute("ROLLBACK")
+                    raise
+                await self.execute("COMMIT")
+            finally:
+                _IN_TRANSACTION.reset(token)
+                self._no_transaction.set()
+
+    async def _outside_others_transaction(self) -> None:
+        while not self._no_transaction.is_set() and not _IN_TRANSACTION.get():
+            await self._no_transaction.wait()
 
 
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    path: Path
+class SqliteStorage:
+    """The `Storage` on one SQLite file."""
 
-
-def available_migrations(directory: Path = MIGRATIONS_DIRECTORY) -> list[Migration]:
-    if not directory.is_dir():
-        # A non-editable install leaves the migrations behind: fail loudly rather than run on no schema.
-        raise StorageError(f"The migrations folder {directory} is missing: run the bot from a full checkout.")
-    migrations = []
-    for path in sorted(directory.glob("*.sql")):
-        match = _MIGRATION_NAME.match(path.name)
-        if match is None:
-            raise StorageError(f"Migration file {path.name} is not named NNNN_reason.sql.")
-        migrations.append(Migration(int(match.group(1)), match.group(2), path))
-    versions = [m.version for m in migrations]
-    if len(set(versions)) != len(versions):
-        raise StorageError("Two migration files share a version number.")
-    return migrations
-
-
-class Database:
-    """One aiosqlite connection, in autocommit mode; multi-statement changes use explicit transactions."""
-
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
-        self.connection = connection
+    def __init__(self, connection: aiosqlite.Connection, path: Path, migrations_root: Path = MIGRATIONS_ROOT) -> None:
+        self.db = SqliteConnection(connection)
         self.path = path
+        self._migrations_root = migrations_root
+        self.jobs = SqliteJobs(self.db)
+        self.guilds = SqliteGuilds(self.db)
+        self.member_defaults = SqliteMemberDefaults(self.db)
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path, *, upgrade: bool = True) -> AsyncIterator[Database]:
+    async def open(
+        cls, path: Path, *, upgrade: bool = True, migrations_root: Path = MIGRATIONS_ROOT
+    ) -> AsyncIterator[SqliteStorage]:
         try:
             await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
             connection = await aiosqlite.connect(path, isolation_level=None)
-        except (OSError, aiosqlite.Error) as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"Cannot open the database at {path}: {exc}.") from exc
         try:
             connection.row_factory = aiosqlite.Row
@@ -84,57 +134,84 @@ class Database:
             # which matters for the job insert made before Discord's 3-second acknowledgement.
             await connection.execute("PRAGMA synchronous = NORMAL")
             await connection.execute("PRAGMA foreign_keys = ON")
-            database = cls(connection, path)
+            storage = cls(connection, path, migrations_root)
             if upgrade:
-                await database.upgrade()
-            yield database
+                await storage.upgrade()
+            yield storage
         finally:
             await connection.close()
 
     async def current_version(self) -> int:
         await self._ensure_version_table()
-        async with self.connection.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cursor:
-            row = await cursor.fetchone()
+        row = await self.db.fetch_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         return int(row[0]) if row else 0
 
-    async def upgrade(self, directory: Path = MIGRATIONS_DIRECTORY) -> list[Migration]:
+    async def latest_version(self) -> int:
+        return max((m.version for m in available_migrations("sqlite", self._migrations_root)), default=0)
+
+    async def upgrade(self) -> list[Migration]:
         """Apply every migration newer than the database, each in its own transaction."""
         current = await self.current_version()
         applied = []
-        for migration in available_migrations(directory):
+        for migration in available_migrations("sqlite", self._migrations_root):
             if migration.version <= current:
                 continue
-            script = migration.path.read_text(encoding="utf-8")
             record = (
                 "INSERT INTO schema_migrations (version, name, applied_at) "
                 f"VALUES ({migration.version}, '{migration.name}', {time.time()});"
             )
+            connection = self.db.raw
             try:
-                await self.connection.executescript(f"BEGIN IMMEDIATE;\n{script}\n;{record}\nCOMMIT;")
-            except aiosqlite.Error as exc:
-                if self.connection.in_transaction:
-                    await self.connection.execute("ROLLBACK")
+                await connection.executescript(f"BEGIN IMMEDIATE;\n{migration.script()}\n;{record}\nCOMMIT;")
+            except sqlite3.Error as exc:
+                if connection.in_transaction:
+                    await connection.execute("ROLLBACK")
                 raise StorageError(f"Migration {migration.path.name} failed and was rolled back: {exc}.") from exc
             log.info("Applied database migration %04d_%s", migration.version, migration.name)
             applied.append(migration)
         return applied
 
     async def _ensure_version_table(self) -> None:
-        await self.connection.execute(
+        await self.db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
         )
+
+    async def forget_member(self, user_id: int, now: float) -> int:
+        today = day_start(now)
+        async with self.db.transaction():
+            await self.db.execute(
+                "INSERT INTO forgotten_usage (guild_id, user_id, day_start, images, last_request_at)"
+                " SELECT guild_id, user_id, ?, SUM(CASE WHEN created_at >= ? THEN charged_images ELSE 0 END),"
+                " MAX(created_at) FROM jobs"
+                " WHERE user_id = ? AND posted_at IS NOT NULL AND guild_id IS NOT NULL GROUP BY guild_id"
+                " ON CONFLICT (guild_id, user_id, day_start) DO UPDATE SET images = images + excluded.images,"
+                " last_request_at = MAX(COALESCE(last_request_at, 0), excluded.last_request_at)",
+                (today, today, user_id),
+            )
+            forgotten = await self.db.execute(
+                "UPDATE jobs SET user_id = 0, request_json = json_remove(json_set(request_json, '$.prompt', '',"
+                " '$.negative_prompt', NULL, '$.source_url', NULL), '$.advanced.ip_adapter_image'),"
+                " output_json = NULL, meta_json = NULL,"
+                " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
+                " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
+                " WHERE user_id = ? AND posted_at IS NOT NULL",
+                (user_id,),
+            )
+            await self.db.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
+            await self.db.execute("DELETE FROM member_settings WHERE user_id = ?", (user_id,))
+            await self.db.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
+        return forgotten
 
 
 # ---------------------------------------------------------------------------------------------- jobs
 
 
-class JobStore:
-    """Reads and state changes of job rows. Methods that change state return whether they did."""
+class SqliteJobs:
+    """The `JobRepository` on SQLite."""
 
-    def __init__(self, database: Database) -> None:
-        self._db = database.connection
-        self._database = database
+    def __init__(self, db: SqliteConnection) -> None:
+        self._db = db
 
     _INSERT_COLUMNS = (
         "id, kind, guild_id, channel_id, user_id, request_json, api_flavour, status, charged_images, application_id,"
@@ -180,7 +257,7 @@ class JobStore:
         placeholders = ", ".join(f"?{index}" for index in range(1, len(values) + 1))
         today = day_start(job.created_at)
         running = ", ".join(f"'{s.value}'" for s in UNFINISHED)
-        cursor = await self._db.execute(
+        changed = await self._db.execute(
             f"INSERT INTO jobs ({self._INSERT_COLUMNS}) SELECT {placeholders} WHERE"
             " (:guild_daily = 0 OR (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
             "   WHERE guild_id IS :guild AND created_at >= :today) + :n <= :guild_daily)"
@@ -208,12 +285,12 @@ class JobStore:
                 n=job.charged_images,
             ),
         )
-        return cursor.rowcount == 1
+        return changed == 1
 
     async def usage(self, guild_id: int | None, user_id: int, now: float) -> Usage:
         today = day_start(now)
         running = ", ".join(f"'{s.value}'" for s in UNFINISHED)
-        async with self._db.execute(
+        row = await self._db.fetch_one(
             "SELECT"
             " (SELECT COALESCE(SUM(charged_images), 0) FROM jobs WHERE guild_id IS ? AND created_at >= ?),"
             " (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
@@ -227,21 +304,23 @@ class JobStore:
                 *(guild_id, today, guild_id, user_id, today, guild_id, user_id, today),
                 *(guild_id, user_id, guild_id, user_id, guild_id, user_id),
             ),
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         assert row is not None
         return Usage(guild_today=row[0], user_today=row[1], user_running=row[2], user_last_request_at=row[3])
 
     async def get(self, job_id: str) -> Job | None:
-        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._db.fetch_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return job_from_row(row) if row else None
+
+    async def ids(self, *, limit: int = 1000) -> list[str]:
+        return [
+            row[0] for row in await self._db.fetch_all("SELECT id FROM jobs ORDER BY created_at, id LIMIT ?", (limit,))
+        ]
 
     async def needing_work(self) -> list[Job]:
         """Jobs a (re)started bot must carry on: unfinished, or finished but not yet shown."""
         # Unfinished jobs are never posted, so one condition covers both.
-        async with self._db.execute("SELECT * FROM jobs WHERE posted_at IS NULL ORDER BY created_at") as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._db.fetch_all("SELECT * FROM jobs WHERE posted_at IS NULL ORDER BY created_at")
         return [job_from_row(row) for row in rows]
 
     async def last_served(self, user_ids: list[int]) -> dict[int, float]:
@@ -249,12 +328,14 @@ class JobStore:
         if not user_ids:
             return {}
         marks = ", ".join("?" for _ in user_ids)
-        async with self._db.execute(
-            f"SELECT user_id, MAX(submitted_at) FROM jobs WHERE user_id IN ({marks}) AND submitted_at IS NOT NULL"
-            " GROUP BY user_id",
-            user_ids,
-        ) as cursor:
-            return {int(row[0]): float(row[1]) for row in await cursor.fetchall()}
+        return {
+            int(row[0]): float(row[1])
+            for row in await self._db.fetch_all(
+                f"SELECT user_id, MAX(submitted_at) FROM jobs WHERE user_id IN ({marks}) AND submitted_at IS NOT NULL"
+                " GROUP BY user_id",
+                user_ids,
+            )
+        }
 
     async def set_message(self, job_id: str, message_id: int) -> None:
         await self._update(job_id, {"message_id": message_id})
@@ -300,12 +381,12 @@ class JobStore:
 
     async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> bool:
         """Learn the ModelsLab id from a webhook when the submit answer never arrived."""
-        cursor = await self._db.execute(
+        changed = await self._db.execute(
             "UPDATE jobs SET modelslab_id = ?, updated_at = ?"
             " WHERE id = ? AND modelslab_id IS NULL AND status IN (?, ?)",
             (modelslab_id, time.time(), job_id, JobStatus.SUBMITTING.value, JobStatus.PROCESSING.value),
         )
-        return cursor.rowcount == 1
+        return changed == 1
 
     async def finish_success(
         self,
@@ -381,59 +462,20 @@ class JobStore:
 
     async def history(self, user_id: int, *, guild_id: int | None, offset: int = 0, limit: int = 1000) -> list[Job]:
         """A member's jobs, newest first: in one server, or (guild_id None) everywhere."""
-        async with self._db.execute(
-            "SELECT * FROM jobs WHERE user_id = ? AND (? IS NULL OR guild_id = ?)"
-            " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
-            (user_id, guild_id, guild_id, limit, offset),
-        ) as cursor:
-            return [job_from_row(row) for row in await cursor.fetchall()]
+        return [
+            job_from_row(row)
+            for row in await self._db.fetch_all(
+                "SELECT * FROM jobs WHERE user_id = ? AND (? IS NULL OR guild_id = ?)"
+                " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                (user_id, guild_id, guild_id, limit, offset),
+            )
+        ]
 
     async def history_count(self, user_id: int, *, guild_id: int | None) -> int:
-        async with self._db.execute(
+        row = await self._db.fetch_one(
             "SELECT COUNT(*) FROM jobs WHERE user_id = ? AND (? IS NULL OR guild_id = ?)", (user_id, guild_id, guild_id)
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return int(row[0]) if row else 0
-
-    async def forget_user(self, user_id: int, now: float) -> int:
-        """Anonymise a member's finished jobs everywhere: no prompt, no results, no message, user 0. Counts stay.
-
-        Returns how many jobs were forgotten. Jobs still under way keep their member until they are shown.
-        """
-        today = day_start(now)
-        # Its own connection: a transaction on the shared one would take in (and, on a rollback, undo) whatever
-        # other coroutines write meanwhile. WAL and busy_timeout let the two connections take turns.
-        async with aiosqlite.connect(self._database.path, isolation_level=None) as own:
-            await own.execute("PRAGMA busy_timeout = 5000")
-            await own.execute("BEGIN IMMEDIATE")
-            try:
-                await own.execute(
-                    "INSERT INTO forgotten_usage (guild_id, user_id, day_start, images, last_request_at)"
-                    " SELECT guild_id, user_id, ?, SUM(CASE WHEN created_at >= ? THEN charged_images ELSE 0 END),"
-                    " MAX(created_at) FROM jobs"
-                    " WHERE user_id = ? AND posted_at IS NOT NULL AND guild_id IS NOT NULL GROUP BY guild_id"
-                    " ON CONFLICT (guild_id, user_id, day_start) DO UPDATE SET images = images + excluded.images,"
-                    " last_request_at = MAX(COALESCE(last_request_at, 0), excluded.last_request_at)",
-                    (today, today, user_id),
-                )
-                cursor = await own.execute(
-                    "UPDATE jobs SET user_id = 0, request_json = json_remove(json_set(request_json, '$.prompt', '',"
-                    " '$.negative_prompt', NULL, '$.source_url', NULL), '$.advanced.ip_adapter_image'),"
-                    " output_json = NULL, meta_json = NULL,"
-                    " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
-                    " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
-                    " WHERE user_id = ? AND posted_at IS NOT NULL",
-                    (user_id,),
-                )
-                forgotten = cursor.rowcount
-                await own.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
-                await own.execute("DELETE FROM member_settings WHERE user_id = ?", (user_id,))
-                await own.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
-                await own.execute("COMMIT")
-            except BaseException:
-                await own.execute("ROLLBACK")
-                raise
-        return forgotten
 
     async def save_input(self, job_id: str, image: bytes, width: int, height: int) -> None:
         await self._db.execute(
@@ -450,21 +492,19 @@ class JobStore:
         )
 
     async def input_image(self, job_id: str) -> bytes | None:
-        async with self._db.execute("SELECT image FROM job_inputs WHERE job_id = ?", (job_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._db.fetch_one("SELECT image FROM job_inputs WHERE job_id = ?", (job_id,))
         return bytes(row[0]) if row else None
 
     async def copy_input(self, from_job_id: str, to_job_id: str) -> bool:
-        cursor = await self._db.execute(
+        changed = await self._db.execute(
             "INSERT OR REPLACE INTO job_inputs (job_id, image, width, height, created_at)"
             " SELECT ?, image, width, height, ? FROM job_inputs WHERE job_id = ?",
             (to_job_id, time.time(), from_job_id),
         )
-        return cursor.rowcount == 1
+        return changed == 1
 
     async def sealed_key(self, job_id: str) -> bytes | None:
-        async with self._db.execute("SELECT api_key_ciphertext FROM jobs WHERE id = ?", (job_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._db.fetch_one("SELECT api_key_ciphertext FROM jobs WHERE id = ?", (job_id,))
         return bytes(row[0]) if row and row[0] is not None else None
 
     async def set_gallery_message(self, job_id: str, message_id: int) -> None:
@@ -484,8 +524,8 @@ class JobStore:
         if states:
             sql += f" AND status IN ({', '.join('?' for _ in states)})"
             values.extend(states)
-        cursor = await self._db.execute(sql, values)
-        return cursor.rowcount == 1
+        changed = await self._db.execute(sql, values)
+        return changed == 1
 
 
 def _named(values: tuple[Any, ...], **named: Any) -> dict[str, Any]:
@@ -496,23 +536,26 @@ def _named(values: tuple[Any, ...], **named: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- servers
 
 
-class GuildStore:
-    """The per-server settings of /config. The API key is stored only as the ciphertext the caller sealed."""
+class SqliteGuilds:
+    """The `GuildRepository` on SQLite."""
 
-    def __init__(self, database: Database) -> None:
-        self._db = database.connection
+    def __init__(self, db: SqliteConnection) -> None:
+        self._db = db
 
     async def config(self, guild_id: int) -> GuildConfig:
-        async with self._db.execute("SELECT * FROM guild_settings WHERE guild_id = ?", (guild_id,)) as cursor:
-            row = await cursor.fetchone()
-        async with self._db.execute(
-            "SELECT role_id, user_daily FROM role_limits WHERE guild_id = ?", (guild_id,)
-        ) as cursor:
-            role_limits = {int(r[0]): int(r[1]) for r in await cursor.fetchall()}
-        async with self._db.execute(
-            "SELECT pattern FROM blocklist WHERE guild_id = ? ORDER BY pattern", (guild_id,)
-        ) as cursor:
-            blocklist = tuple(r[0] for r in await cursor.fetchall())
+        row = await self._db.fetch_one("SELECT * FROM guild_settings WHERE guild_id = ?", (guild_id,))
+        role_limits = {
+            int(r[0]): int(r[1])
+            for r in await self._db.fetch_all(
+                "SELECT role_id, user_daily FROM role_limits WHERE guild_id = ?", (guild_id,)
+            )
+        }
+        blocklist = tuple(
+            r[0]
+            for r in await self._db.fetch_all(
+                "SELECT pattern FROM blocklist WHERE guild_id = ? ORDER BY pattern", (guild_id,)
+            )
+        )
         if row is None:
             return GuildConfig(guild_id=guild_id, role_limits=role_limits, blocklist=blocklist)
         return GuildConfig(
@@ -536,14 +579,10 @@ class GuildStore:
         )
 
     async def any_key(self) -> bool:
-        async with self._db.execute("SELECT 1 FROM guild_settings WHERE api_key_ciphertext IS NOT NULL") as cursor:
-            return await cursor.fetchone() is not None
+        return await self._db.fetch_one("SELECT 1 FROM guild_settings WHERE api_key_ciphertext IS NOT NULL") is not None
 
     async def sealed_key(self, guild_id: int) -> bytes | None:
-        async with self._db.execute(
-            "SELECT api_key_ciphertext FROM guild_settings WHERE guild_id = ?", (guild_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        row = await self._db.fetch_one("SELECT api_key_ciphertext FROM guild_settings WHERE guild_id = ?", (guild_id,))
         return bytes(row[0]) if row and row[0] is not None else None
 
     async def update(self, guild_id: int, **changes: Any) -> None:
@@ -579,18 +618,20 @@ class GuildStore:
             )
 
     async def add_blocklist_rule(self, guild_id: int, pattern: str, added_by: int) -> bool:
-        cursor = await self._db.execute(
+        changed = await self._db.execute(
             "INSERT INTO blocklist (guild_id, pattern, added_by, added_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (guild_id, pattern) DO NOTHING",
             (guild_id, pattern, added_by, time.time()),
         )
-        return cursor.rowcount == 1
+        return changed == 1
 
     async def presets(self, guild_id: int) -> dict[str, str]:
-        async with self._db.execute(
-            "SELECT name, flags FROM presets WHERE guild_id = ? ORDER BY name", (guild_id,)
-        ) as cursor:
-            return {row[0]: row[1] for row in await cursor.fetchall()}
+        return {
+            row[0]: row[1]
+            for row in await self._db.fetch_all(
+                "SELECT name, flags FROM presets WHERE guild_id = ? ORDER BY name", (guild_id,)
+            )
+        }
 
     async def save_preset(self, guild_id: int, name: str, flags: str, created_by: int) -> None:
         await self._db.execute(
@@ -600,28 +641,29 @@ class GuildStore:
         )
 
     async def remove_preset(self, guild_id: int, name: str) -> bool:
-        cursor = await self._db.execute("DELETE FROM presets WHERE guild_id = ? AND name = ?", (guild_id, name))
-        return cursor.rowcount == 1
+        changed = await self._db.execute("DELETE FROM presets WHERE guild_id = ? AND name = ?", (guild_id, name))
+        return changed == 1
 
     async def remove_blocklist_rule(self, guild_id: int, pattern: str) -> bool:
-        cursor = await self._db.execute("DELETE FROM blocklist WHERE guild_id = ? AND pattern = ?", (guild_id, pattern))
-        return cursor.rowcount == 1
+        changed = await self._db.execute(
+            "DELETE FROM blocklist WHERE guild_id = ? AND pattern = ?", (guild_id, pattern)
+        )
+        return changed == 1
 
 
-class MemberDefaultsStore:
-    """Each member's /settings in each server, one row per member and server."""
+class SqliteMemberDefaults:
+    """The `MemberDefaultsRepository` on SQLite."""
 
-    COLUMNS = ("model", "aspect", "steps", "guidance", "negative_prompt", "style", "flags", "remix_mode")
+    COLUMNS = MEMBER_DEFAULT_COLUMNS
 
-    def __init__(self, database: Database) -> None:
-        self._db = database.connection
+    def __init__(self, db: SqliteConnection) -> None:
+        self._db = db
 
     async def get(self, guild_id: int, user_id: int) -> dict[str, Any] | None:
-        async with self._db.execute(
+        row = await self._db.fetch_one(
             "SELECT " + ", ".join(self.COLUMNS) + " FROM member_settings WHERE guild_id = ? AND user_id = ?",
             (guild_id, user_id),
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return dict(zip(self.COLUMNS, row, strict=True)) if row is not None else None
 
     async def save(self, guild_id: int, user_id: int, values: dict[str, Any], now: float) -> None:

@@ -19,7 +19,8 @@ import pytest
 from bot.app import App, Timings, running_app
 from bot.jobs.model import Job
 from bot.settings import Settings
-from bot.storage.sqlite import JobStore
+from bot.storage.ports import JobRepository
+from bot.storage.sqlite import SqliteStorage
 from tests.fakes.discord_server import FakeDiscord, FakeMessage
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
 
@@ -175,24 +176,32 @@ class BotRunner:
         return self.app.guilds
 
     @property
-    def store(self) -> JobStore:
+    def store(self) -> JobRepository:
         assert self.app is not None
-        return JobStore(self.app.database)
+        return self.app.storage.jobs
 
     async def only_job(self) -> Job:
-        assert self.app is not None
-        async with self.app.database.connection.execute("SELECT id FROM jobs") as cursor:
-            rows = list(await cursor.fetchall())
-        assert len(rows) == 1, f"expected one job, found {len(rows)}"
-        job = await self.store.get(rows[0][0])
+        ids = await self.store.ids()
+        assert len(ids) == 1, f"expected one job, found {len(ids)}"
+        job = await self.store.get(ids[0])
         assert job is not None
         return job
 
     async def job_count(self) -> int:
-        assert self.app is not None
-        async with self.app.database.connection.execute("SELECT COUNT(*) FROM jobs") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        return len(await self.store.ids(limit=1_000_000))
+
+    async def sql(self, statement: str, parameters: tuple[Any, ...] = ()) -> list[Any]:
+        """Raw SQL on the bot's SQLite file, for what no repository offers: time passing, a row damaged, a count.
+        The scenario's own reads and writes go through the repositories."""
+        assert self.app is not None and isinstance(self.app.storage, SqliteStorage)
+        if statement.lstrip().upper().startswith(("SELECT", "PRAGMA")):
+            return await self.app.storage.db.fetch_all(statement, parameters)
+        await self.app.storage.db.execute(statement, parameters)
+        return []
+
+    async def sql_one(self, statement: str, parameters: tuple[Any, ...] = ()) -> Any:
+        rows = await self.sql(statement, parameters)
+        return rows[0] if rows else None
 
     async def wait_posted(self, job_id: str | None = None, timeout: float = 10) -> Job:
         """Wait until the job's outcome has been shown (and recorded as shown)."""

@@ -61,10 +61,7 @@ async def test_reroll_by_another_member_is_their_job_with_a_new_seed(runner, dis
 
 async def child_of(runner: BotRunner, parent_id: str) -> str:
     assert runner.app is not None
-    async with runner.app.database.connection.execute(
-        "SELECT id FROM jobs WHERE parent_job_id = ? ORDER BY created_at DESC", (parent_id,)
-    ) as cursor:
-        row = await cursor.fetchone()
+    row = await runner.sql_one("SELECT id FROM jobs WHERE parent_job_id = ? ORDER BY created_at DESC", (parent_id,))
     assert row is not None, "no job was made from it"
     return str(row[0])
 
@@ -143,7 +140,7 @@ async def test_buttons_work_after_a_restart_and_say_so_when_the_job_is_gone(runn
     shown = await press(discord_server, message, f"job:info:{job.id}")
     assert job.id in shown.original.content
     assert runner.app is not None
-    await runner.app.database.connection.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+    await runner.sql("DELETE FROM jobs WHERE id = ?", (job.id,))
     gone = await press(discord_server, message, f"job:reroll:{job.id}")
     assert "no longer exists" in gone.original.content and gone.original.flags & 64
 
@@ -172,10 +169,7 @@ async def test_rerolling_a_remix_reuses_its_picture_and_the_menu_remixes_the_bot
 
 async def _job_with_prompt(runner: BotRunner, prompt: str) -> str:
     assert runner.app is not None
-    async with runner.app.database.connection.execute(
-        "SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,)
-    ) as cursor:
-        row = await cursor.fetchone()
+    row = await runner.sql_one("SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,))
     assert row is not None
     return str(row[0])
 

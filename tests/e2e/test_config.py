@@ -162,8 +162,7 @@ async def test_exactly_the_quota_is_admitted_when_fifty_requests_arrive_at_once(
         assert "of its 10 images for today left (server daily limit)" in interaction.original.content
         assert "resets <t:" in interaction.original.content
     await runner.jobs.wait_idle()
-    async with runner.app.database.connection.execute("SELECT COUNT(*), SUM(charged_images) FROM jobs") as cursor:
-        assert tuple(await cursor.fetchone()) == (10, 10)
+    assert tuple(await runner.sql_one("SELECT COUNT(*), SUM(charged_images) FROM jobs")) == (10, 10)
     assert len(modelslab.submissions()) == 10
 
 
@@ -369,8 +368,7 @@ async def test_a_job_is_fetched_with_the_key_it_was_sent_with_even_after_the_key
     assert job.status is JobStatus.SUCCEEDED and job.charged_images == 1
     assert {c.json["key"] for c in modelslab.fetches(call.job_id)} == {GUILD_KEY}
     assert len(attachments_of(interaction.original)) == 1
-    async with runner.app.database.connection.execute("SELECT api_key_ciphertext FROM jobs") as cursor:
-        assert [row[0] for row in await cursor.fetchall()] == [None]  # not kept once shown
+    assert [row[0] for row in await runner.sql("SELECT api_key_ciphertext FROM jobs")] == [None]  # not kept once shown
 
 
 async def test_the_key_form_is_refused_to_a_member_who_lost_manage_server(runner, discord_server, modelslab):

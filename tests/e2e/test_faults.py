@@ -12,10 +12,12 @@ from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
 
 import aiohttp
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bot.jobs.model import JobStatus
+from bot.storage import StorageFull
 from tests.e2e.conftest import BotRunner, attachments_of, free_port
 from tests.e2e.test_process import bot_environment
 from tests.fakes.discord_server import FakeDiscord
@@ -116,28 +118,23 @@ async def test_a_full_disk_is_a_clear_error_and_leaves_no_half_written_job(runne
     logs.expected_errors.append("disk is full")
     await runner.start()
     assert runner.app is not None
-    connection = runner.app.database.connection
-    async with connection.execute("PRAGMA page_count") as cursor:
-        row = await cursor.fetchone()
+    row = await runner.sql_one("PRAGMA page_count")
     assert row is not None
     # As if the disk were full: the file may not grow past a few more pages, and those are filled up.
-    await connection.execute(f"PRAGMA max_page_count = {row[0] + 4}")
-    try:
+    await runner.sql(f"PRAGMA max_page_count = {row[0] + 4}")
+    with pytest.raises(StorageFull):
         while True:  # old, anonymous job rows fill every page the jobs table can still use
-            await connection.execute(
+            await runner.sql(
                 "INSERT INTO jobs (id, kind, channel_id, user_id, request_json, api_flavour, status, created_at,"
                 " deadline_at, updated_at, posted_at) VALUES (hex(randomblob(16)), 'text2img', 0, 0,"
                 " '{\"filler\": \"' || hex(zeroblob(300)) || '\"}', 'v6', 'failed', 0, 0, 0, 0)"
             )
-    except sqlite3.OperationalError as exc:
-        assert "full" in str(exc)
     interaction = await discord_server.invoke_slash("imagine", {"prompt": "a" + "x" * 1900})
     await interaction.wait_callback()
     assert interaction.original.flags & 64
     assert "The bot's disk is full, so nothing was stored or sent to ModelsLab" in interaction.original.content
-    await connection.execute("PRAGMA max_page_count = 1073741823")
-    async with connection.execute("SELECT COUNT(*) FROM jobs WHERE user_id != 0") as cursor:
-        row = await cursor.fetchone()
+    await runner.sql("PRAGMA max_page_count = 1073741823")
+    row = await runner.sql_one("SELECT COUNT(*) FROM jobs WHERE user_id != 0")
     assert row is not None and row[0] == 0  # no half-written job
     assert modelslab.submissions() == []
 

@@ -88,8 +88,7 @@ async def test_forget_asks_first_then_deletes_prompts_but_keeps_the_counts(runne
     assert "2 job(s) forgotten" in discord_server.messages[asked.original.id].content
     assert await runner.store.history(ALICE, guild_id=None) == []
     assert runner.app is not None
-    async with runner.app.database.connection.execute("SELECT request_json, user_id, message_id FROM jobs") as cursor:
-        rows = await cursor.fetchall()
+    rows = await runner.sql("SELECT request_json, user_id, message_id FROM jobs")
     assert len(rows) == 2 and all(r[1] == 0 and r[2] is None and "private" not in r[0] for r in rows)
 
     # The server's count and the member's daily limit still hold: forgetting is not a quota reset.

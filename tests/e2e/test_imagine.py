@@ -288,7 +288,7 @@ async def test_the_result_arrives_after_the_interaction_token_expired(runner, di
     job = await runner.generating(interaction)
     discord_server.expire_interaction(interaction)
     # The bot's own clock says the same: 15 minutes have passed.
-    await runner.app.database.connection.execute("UPDATE jobs SET token_expires_at = 0 WHERE id = ?", (job.id,))
+    await runner.sql("UPDATE jobs SET token_expires_at = 0 WHERE id = ?", (job.id,))
     modelslab.complete(job.modelslab_id)
     runner.app.jobs.wake(job.id)
     await runner.wait_posted(job.id)
@@ -352,7 +352,7 @@ async def test_a_job_finished_but_not_posted_before_a_crash_is_posted_once_after
     interaction = await imagine(discord_server)
     job = await runner.wait_posted()
     # As if the bot died between posting and recording it: the edit is simply made again.
-    await runner.app.database.connection.execute("UPDATE jobs SET posted_at = NULL WHERE id = ?", (job.id,))
+    await runner.sql("UPDATE jobs SET posted_at = NULL WHERE id = ?", (job.id,))
     await runner.restart()
     await runner.wait_posted(job.id)
     assert len([m for m in discord_server.messages.values() if m.attachments]) == 1
@@ -368,7 +368,7 @@ async def test_a_job_whose_submit_answer_was_lost_is_not_submitted_again(runner,
     await runner.stop()
     # As if the bot died during the submit call: ModelsLab's answer (and id) never recorded.
     await runner.start()
-    await runner.app.database.connection.execute(
+    await runner.sql(
         "UPDATE jobs SET status = 'submitting', modelslab_id = NULL, posted_at = NULL WHERE id = ?", (job.id,)
     )
     await runner.restart()
@@ -436,9 +436,7 @@ async def test_a_lost_submission_is_resolved_by_its_webhook(runner, discord_serv
     modelslab_id = job.modelslab_id
     await runner.stop()
     await runner.start()
-    await runner.app.database.connection.execute(
-        "UPDATE jobs SET status = 'submitting', modelslab_id = NULL WHERE id = ?", (job.id,)
-    )
+    await runner.sql("UPDATE jobs SET status = 'submitting', modelslab_id = NULL WHERE id = ?", (job.id,))
     await runner.restart()
     modelslab.complete(modelslab_id)  # its webhook names the ModelsLab id
     job = await runner.wait_posted(job.id)
@@ -613,7 +611,7 @@ async def test_a_queued_job_past_its_deadline_at_restart_is_not_sent(runner, dis
     interaction = await imagine(discord_server)
     job = await runner.wait_posted()
     # As if the bot had been down since before this job was sent, for longer than MODELSLAB_JOB_TIMEOUT.
-    await runner.app.database.connection.execute(
+    await runner.sql(
         "UPDATE jobs SET status = 'queued', posted_at = NULL, created_at = 0, deadline_at = 0, interaction_token = ?,"
         " token_expires_at = ? WHERE id = ?",
         (interaction.token, time.time() + 600, job.id),
@@ -633,7 +631,7 @@ async def test_a_job_stored_before_a_crash_finds_its_status_message_after_the_re
     await runner.start()
     interaction = await imagine(discord_server)
     job = await runner.wait_posted()
-    await runner.app.database.connection.execute(
+    await runner.sql(
         "UPDATE jobs SET status = 'queued', message_id = NULL, posted_at = NULL, error_kind = NULL,"
         " interaction_token = ?, token_expires_at = ? WHERE id = ?",
         (interaction.token, time.time() + 600, job.id),

@@ -128,10 +128,7 @@ async def runner_generating(runner: BotRunner, discord_server: FakeDiscord, inte
 
 async def _job_of(runner: BotRunner, prompt: str) -> str:
     assert runner.app is not None
-    async with runner.app.database.connection.execute(
-        "SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,)
-    ) as cursor:
-        row = await cursor.fetchone()
+    row = await runner.sql_one("SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,))
     assert row is not None
     return str(row[0])
 

@@ -45,8 +45,7 @@ async def test_the_keys_limit_at_modelslab_is_never_exceeded(runner, discord_ser
     interactions = [await imagine(discord_server, f"picture {n}", ALICE if n % 2 else BOB) for n in range(8)]
     for interaction in interactions:
         assert not interaction.original.flags & 64
-    async with runner.app.database.connection.execute("SELECT id FROM jobs") as cursor:
-        ids = [row[0] for row in await cursor.fetchall()]
+    ids = await runner.store.ids()
     for job_id in ids:
         job = await runner.wait_posted(job_id, timeout=30)
         assert job.status is JobStatus.SUCCEEDED
@@ -148,10 +147,7 @@ async def test_a_waiting_job_can_be_cancelled_by_its_member_or_a_moderator_and_i
 
 async def job_id_of(runner: BotRunner, prompt: str) -> str:
     assert runner.app is not None
-    async with runner.app.database.connection.execute(
-        "SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,)
-    ) as cursor:
-        row = await cursor.fetchone()
+    row = await runner.sql_one("SELECT id FROM jobs WHERE json_extract(request_json, '$.prompt') = ?", (prompt,))
     assert row is not None
     return str(row[0])
 

@@ -21,7 +21,7 @@ from bot.requests.member_defaults import (
     unused_settings,
 )
 from bot.requests.parameters import ParameterValue
-from bot.storage.sqlite import Database, JobStore, MemberDefaultsStore
+from bot.storage.ports import Storage
 from tests.unit.test_storage import new_job
 
 
@@ -84,42 +84,40 @@ def test_the_form_says_which_settings_the_model_in_use_will_not_take():
     assert "**Remix mode:** off" in text and "**Model:** *server default*" in text
 
 
-async def test_settings_are_stored_per_member_and_per_server_and_reset(tmp_path):
-    async with Database.open(tmp_path / "bot.sqlite3") as database:
-        service = MemberDefaultsService(MemberDefaultsStore(database))
-        await service.update(1, 10, steps=12, remix_mode=True)
-        await service.update(2, 10, model="sdxl")
-        fresh = MemberDefaultsService(MemberDefaultsStore(database))  # no cache: read back from the file
-        assert await fresh.get(1, 10) == MemberDefaults(steps=12, remix_mode=True)
-        assert await fresh.get(2, 10) == MemberDefaults(model="sdxl")
-        assert await fresh.get(1, 11) == MemberDefaults()
-        await fresh.reset(1, 10)
-        assert await MemberDefaultsService(MemberDefaultsStore(database)).get(1, 10) == MemberDefaults()
-        assert (await fresh.get(2, 10)).model == "sdxl"
+async def test_settings_are_stored_per_member_and_per_server_and_reset(storage: Storage):
+    service = MemberDefaultsService(storage.member_defaults)
+    await service.update(1, 10, steps=12, remix_mode=True)
+    await service.update(2, 10, model="sdxl")
+    fresh = MemberDefaultsService(storage.member_defaults)  # no cache: read back from the file
+    assert await fresh.get(1, 10) == MemberDefaults(steps=12, remix_mode=True)
+    assert await fresh.get(2, 10) == MemberDefaults(model="sdxl")
+    assert await fresh.get(1, 11) == MemberDefaults()
+    await fresh.reset(1, 10)
+    assert await MemberDefaultsService(storage.member_defaults).get(1, 10) == MemberDefaults()
+    assert (await fresh.get(2, 10)).model == "sdxl"
 
 
-async def test_forgetting_a_member_deletes_their_settings_everywhere(tmp_path):
-    async with Database.open(tmp_path / "bot.sqlite3") as database:
-        service = MemberDefaultsService(MemberDefaultsStore(database))
-        await service.update(1, 3, steps=12)
-        await service.update(2, 3, steps=13)
-        await service.update(1, 4, steps=14)
-        store = JobStore(database)
-        face: dict[str, ParameterValue] = {
-            "ip_adapter_id": "ip-adapter_sd15",
-            "ip_adapter_image": "https://x.io/me.png",
-            "clip_skip": 2,
-        }
-        job = new_job()
-        await store.insert(replace(job, request=replace(job.request, advanced=face)))
-        await store.mark_posted(job.id)
-        await store.forget_user(3, time.time())
-        service.forget_member(3)
-        assert await service.get(1, 3) == MemberDefaults() and await service.get(2, 3) == MemberDefaults()
-        assert (await service.get(1, 4)).steps == 14
-        forgotten = await store.get(job.id)
-        assert forgotten is not None and forgotten.user_id == 0
-        assert forgotten.request.advanced == {"ip_adapter_id": "ip-adapter_sd15", "clip_skip": 2}  # no link to a face
+async def test_forgetting_a_member_deletes_their_settings_everywhere(storage: Storage):
+    service = MemberDefaultsService(storage.member_defaults)
+    await service.update(1, 3, steps=12)
+    await service.update(2, 3, steps=13)
+    await service.update(1, 4, steps=14)
+    store = storage.jobs
+    face: dict[str, ParameterValue] = {
+        "ip_adapter_id": "ip-adapter_sd15",
+        "ip_adapter_image": "https://x.io/me.png",
+        "clip_skip": 2,
+    }
+    job = new_job()
+    await store.insert(replace(job, request=replace(job.request, advanced=face)))
+    await store.mark_posted(job.id)
+    await storage.forget_member(3, time.time())
+    service.forget_member(3)
+    assert await service.get(1, 3) == MemberDefaults() and await service.get(2, 3) == MemberDefaults()
+    assert (await service.get(1, 4)).steps == 14
+    forgotten = await store.get(job.id)
+    assert forgotten is not None and forgotten.user_id == 0
+    assert forgotten.request.advanced == {"ip_adapter_id": "ip-adapter_sd15", "clip_skip": 2}  # no link to a face
 
 
 def test_the_form_says_when_the_server_does_not_allow_the_chosen_model():

@@ -1,16 +1,21 @@
-"""The real migrations on a real SQLite file, and the job state rules."""
+"""The storage contract: what every backend must do, run against each (`tests/unit/conftest.py`), with the real
+migrations on a real database. The tests of SQLite's own migration runner are at the end."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import time
+from dataclasses import replace
 
 import pytest
 
+from bot.guilds.rules import Limits
 from bot.jobs.model import Job, JobStatus
 from bot.requests.generation import build_generation_request
-from bot.storage.sqlite import Database, JobStore, StorageError, available_migrations
+from bot.storage.migrations import available_migrations
+from bot.storage.ports import Storage, StorageError
+from bot.storage.sqlite import SqliteStorage
 
 
 def new_job(job_id="a" * 32, **changes) -> Job:
@@ -33,124 +38,225 @@ def new_job(job_id="a" * 32, **changes) -> Job:
     return Job(**values)
 
 
-async def test_every_migration_applies_to_an_empty_database_and_the_version_is_stored(tmp_path):
+async def test_every_migration_applies_to_an_empty_database_and_the_version_is_stored(storage: Storage):
+    assert await storage.current_version() == await storage.latest_version() >= 8
+    assert await storage.upgrade() == []  # idempotent
+
+
+async def test_the_sqlite_schema_has_every_table(tmp_path):
     path = tmp_path / "bot.sqlite3"
-    async with Database.open(path) as database:
-        latest = max(m.version for m in available_migrations())
-        assert await database.current_version() == latest
-        assert await database.upgrade() == []  # idempotent
+    async with SqliteStorage.open(path) as storage:
+        assert await storage.current_version() == max(m.version for m in available_migrations("sqlite"))
     with sqlite3.connect(path) as raw:
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"jobs", "schema_migrations"} <= tables
 
 
 async def test_a_failing_migration_is_rolled_back_whole(tmp_path):
-    migrations = tmp_path / "migrations"
-    migrations.mkdir()
+    migrations = tmp_path / "migrations" / "sqlite"
+    migrations.mkdir(parents=True)
     (migrations / "0001_ok.sql").write_text("CREATE TABLE a (x INTEGER);")
     (migrations / "0002_broken.sql").write_text("CREATE TABLE b (x INTEGER); INSERT INTO nowhere VALUES (1);")
-    async with Database.open(tmp_path / "db.sqlite3", upgrade=False) as database:
+    async with SqliteStorage.open(
+        tmp_path / "db.sqlite3", upgrade=False, migrations_root=migrations.parent
+    ) as database:
         with pytest.raises(StorageError, match=r"0002_broken\.sql failed and was rolled back"):
-            await database.upgrade(migrations)
+            await database.upgrade()
         assert await database.current_version() == 1
-        async with database.connection.execute("SELECT name FROM sqlite_master WHERE name = 'b'") as cursor:
-            assert await cursor.fetchone() is None
+        assert await database.db.fetch_one("SELECT name FROM sqlite_master WHERE name = 'b'") is None
 
 
-async def test_job_round_trip_and_the_state_rules(tmp_path):
-    async with Database.open(tmp_path / "bot.sqlite3") as database:
-        store = JobStore(database)
-        job = new_job()
-        await store.insert(job)
-        loaded = await store.get(job.id)
-        assert loaded is not None and loaded.request == job.request and loaded.status is JobStatus.QUEUED
+async def test_job_round_trip_and_the_state_rules(storage: Storage):
+    store = storage.jobs
+    job = new_job()
+    await store.insert(job)
+    loaded = await store.get(job.id)
+    assert loaded is not None and loaded.request == job.request and loaded.status is JobStatus.QUEUED
 
-        assert await store.mark_submitting(job.id)
-        assert not await store.mark_submitting(job.id)  # only from queued
-        assert await store.mark_processing(job.id, modelslab_id="77", eta_at=123.0, fetch_url=None, meta={"seed": 9})
+    assert await store.mark_submitting(job.id)
+    assert not await store.mark_submitting(job.id)  # only from queued
+    assert await store.mark_processing(job.id, modelslab_id="77", eta_at=123.0, fetch_url=None, meta={"seed": 9})
 
-        # The webhook path and the poller race to finish the job: exactly one wins.
-        results = await asyncio.gather(
-            *(
-                store.finish_success(
-                    job.id,
-                    modelslab_id="77",
-                    output_urls=[f"https://o/{n}.png"],
-                    proxy_urls=[],
-                    meta={},
-                    seed=9,
-                    generation_time=1.0,
-                    charged_images=1,
-                )
-                for n in range(5)
+    # The webhook path and the poller race to finish the job: exactly one wins.
+    results = await asyncio.gather(
+        *(
+            store.finish_success(
+                job.id,
+                modelslab_id="77",
+                output_urls=[f"https://o/{n}.png"],
+                proxy_urls=[],
+                meta={},
+                seed=9,
+                generation_time=1.0,
+                charged_images=1,
             )
+            for n in range(5)
         )
-        assert results.count(True) == 1
-        assert not await store.finish_failure(job.id, kind="timed_out", detail="late")  # a finished job stays so
+    )
+    assert results.count(True) == 1
+    assert not await store.finish_failure(job.id, kind="timed_out", detail="late")  # a finished job stays so
 
-        finished = await store.get(job.id)
-        assert finished is not None and finished.status is JobStatus.SUCCEEDED and finished.needs_posting
-        assert [j.id for j in await store.needing_work()] == [job.id]
-        await store.mark_posted(job.id, image_count=1)
-        assert await store.needing_work() == []
-
-
-async def test_a_failure_after_the_images_were_made_keeps_the_charge(tmp_path):
-    async with Database.open(tmp_path / "bot.sqlite3") as database:
-        store = JobStore(database)
-        await store.insert(new_job())
-        await store.mark_submitting("a" * 32)
-        await store.finish_success(
-            "a" * 32,
-            modelslab_id="1",
-            output_urls=["u"],
-            proxy_urls=[],
-            meta={},
-            seed=1,
-            generation_time=1,
-            charged_images=1,
-        )
-        assert await store.finish_failure("a" * 32, kind="download_failed", detail="404", from_succeeded=True)
-        job = await store.get("a" * 32)
-        assert job is not None and job.status is JobStatus.FAILED and job.charged_images == 1
+    finished = await store.get(job.id)
+    assert finished is not None and finished.status is JobStatus.SUCCEEDED and finished.needs_posting
+    assert [j.id for j in await store.needing_work()] == [job.id]
+    await store.mark_posted(job.id, image_count=1)
+    assert await store.needing_work() == []
 
 
-async def test_adopting_a_modelslab_id_only_fills_a_missing_one(tmp_path):
-    async with Database.open(tmp_path / "bot.sqlite3") as database:
-        store = JobStore(database)
-        await store.insert(new_job())
-        assert not await store.adopt_modelslab_id("a" * 32, "1")  # queued: never submitted
-        await store.mark_submitting("a" * 32)
-        assert await store.adopt_modelslab_id("a" * 32, "1")
-        assert not await store.adopt_modelslab_id("a" * 32, "2")
-        job = await store.get("a" * 32)
-        assert job is not None and job.modelslab_id == "1"
+async def test_a_failure_after_the_images_were_made_keeps_the_charge(storage: Storage):
+    store = storage.jobs
+    await store.insert(new_job())
+    await store.mark_submitting("a" * 32)
+    await store.finish_success(
+        "a" * 32,
+        modelslab_id="1",
+        output_urls=["u"],
+        proxy_urls=[],
+        meta={},
+        seed=1,
+        generation_time=1,
+        charged_images=1,
+    )
+    assert await store.finish_failure("a" * 32, kind="download_failed", detail="404", from_succeeded=True)
+    job = await store.get("a" * 32)
+    assert job is not None and job.status is JobStatus.FAILED and job.charged_images == 1
+
+
+async def test_adopting_a_modelslab_id_only_fills_a_missing_one(storage: Storage):
+    store = storage.jobs
+    await store.insert(new_job())
+    assert not await store.adopt_modelslab_id("a" * 32, "1")  # queued: never submitted
+    await store.mark_submitting("a" * 32)
+    assert await store.adopt_modelslab_id("a" * 32, "1")
+    assert not await store.adopt_modelslab_id("a" * 32, "2")
+    job = await store.get("a" * 32)
+    assert job is not None and job.modelslab_id == "1"
 
 
 async def test_a_missing_migrations_folder_is_a_plain_error(tmp_path):
-    async with Database.open(tmp_path / "db.sqlite3", upgrade=False) as database:
+    async with SqliteStorage.open(
+        tmp_path / "db.sqlite3", upgrade=False, migrations_root=tmp_path / "nowhere"
+    ) as database:
         with pytest.raises(StorageError, match=r"migrations folder .* is missing"):
-            await database.upgrade(tmp_path / "nowhere")
+            await database.upgrade()
 
 
-async def test_only_a_job_not_yet_sent_can_be_cancelled(tmp_path):
-    async with Database.open(tmp_path / "bot.sqlite3") as database:
-        store = JobStore(database)
-        await store.insert(new_job())
-        await store.mark_submitting("a" * 32)
-        assert not await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
-        assert await store.requeue("a" * 32)  # sent back by ModelsLab: waiting again, cancellable again
-        assert await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
+async def test_only_a_job_not_yet_sent_can_be_cancelled(storage: Storage):
+    store = storage.jobs
+    await store.insert(new_job())
+    await store.mark_submitting("a" * 32)
+    assert not await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
+    assert await store.requeue("a" * 32)  # sent back by ModelsLab: waiting again, cancellable again
+    assert await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
 
 
-async def test_input_pictures_of_shown_jobs_are_dropped_after_their_time(tmp_path):
-    async with Database.open(tmp_path / "bot.sqlite3") as database:
-        store = JobStore(database)
-        await store.insert(new_job("a" * 32))
-        await store.insert(new_job("b" * 32))
-        await store.save_input("a" * 32, b"png-a", 64, 64)
-        await store.save_input("b" * 32, b"png-b", 64, 64)
-        await store.mark_posted("a" * 32)
-        await store.drop_old_inputs(time.time() + 1)  # everything older than "now + 1 s"
-        assert await store.input_image("a" * 32) is None  # shown: dropped
-        assert await store.input_image("b" * 32) == b"png-b"  # not shown yet: kept for its job
+async def test_input_pictures_of_shown_jobs_are_dropped_after_their_time(storage: Storage):
+    store = storage.jobs
+    await store.insert(new_job("a" * 32))
+    await store.insert(new_job("b" * 32))
+    await store.save_input("a" * 32, b"png-a", 64, 64)
+    await store.save_input("b" * 32, b"png-b", 64, 64)
+    await store.mark_posted("a" * 32)
+    await store.drop_old_inputs(time.time() + 1)  # everything older than "now + 1 s"
+    assert await store.input_image("a" * 32) is None  # shown: dropped
+    assert await store.input_image("b" * 32) == b"png-b"  # not shown yet: kept for its job
+
+
+async def test_the_quota_reservation_is_exact_when_fifty_requests_race(storage: Storage):
+    limits = Limits(guild_daily=10)
+    jobs = [new_job(f"{n:032x}", user_id=100 + n) for n in range(50)]
+    admitted = await asyncio.gather(*(storage.jobs.insert_within_limits(job, limits) for job in jobs))
+    assert admitted.count(True) == 10
+    usage = await storage.jobs.usage(1, 100, time.time())
+    assert usage.guild_today == 10 and len(await storage.jobs.ids()) == 10
+
+
+async def test_each_limit_of_the_reservation(storage: Storage):
+    now = time.time()
+    first = new_job("a" * 32, created_at=now)
+    assert await storage.jobs.insert_within_limits(first, Limits(user_daily=2, user_concurrent=1))
+    # One job under way: a second one is refused by the "at once" limit, then admitted once the first failed.
+    second = new_job("b" * 32, created_at=now)
+    assert not await storage.jobs.insert_within_limits(second, Limits(user_daily=2, user_concurrent=1))
+    assert await storage.jobs.finish_failure(first.id, kind="cancelled", detail="3")
+    assert await storage.jobs.insert_within_limits(second, Limits(user_daily=2, user_concurrent=1))
+    # The cooldown counts from the member's last request, whatever became of it.
+    third = new_job("c" * 32, created_at=now + 5)
+    assert not await storage.jobs.insert_within_limits(third, Limits(cooldown_seconds=10))
+    assert await storage.jobs.insert_within_limits(replace(third, created_at=now + 11), Limits(cooldown_seconds=10))
+    usage = await storage.jobs.usage(1, 3, now + 11)
+    assert (usage.user_today, usage.user_running) == (2, 2)  # the cancelled job is not counted
+
+
+async def test_history_is_newest_first_per_server_and_everywhere(storage: Storage):
+    now = time.time()
+    for n, guild in enumerate((1, 2, 1)):
+        await storage.jobs.insert(new_job(f"{n:032x}", guild_id=guild, created_at=now + n))
+    assert [j.id for j in await storage.jobs.history(3, guild_id=1)] == [f"{2:032x}", f"{0:032x}"]
+    assert await storage.jobs.history_count(3, guild_id=None) == 3
+    assert [j.id for j in await storage.jobs.history(3, guild_id=None, offset=1, limit=1)] == [f"{1:032x}"]
+    assert await storage.jobs.ids(limit=2) == [f"{0:032x}", f"{1:032x}"]
+
+
+async def test_server_settings_round_trip(storage: Storage):
+    guilds = storage.guilds
+    assert (await guilds.config(7)).guild_daily == 0 and not await guilds.any_key()
+    await guilds.update(7, guild_daily=20, api_key_ciphertext=b"\x00sealed", api_key_last4="abcd")
+    await guilds.set_role_limit(7, 70, 50)
+    assert await guilds.add_blocklist_rule(7, "gore", added_by=1)
+    assert not await guilds.add_blocklist_rule(7, "gore", added_by=1)
+    await guilds.save_preset(7, "wide", "--ar 16:9", created_by=1)
+    await guilds.save_preset(7, "wide", "--ar 21:9", created_by=2)
+    config = await guilds.config(7)
+    assert (config.guild_daily, config.api_key_last4, config.role_limits, config.blocklist) == (
+        20,
+        "abcd",
+        {70: 50},
+        ("gore",),
+    )
+    assert await guilds.sealed_key(7) == b"\x00sealed" and await guilds.any_key()
+    assert await guilds.presets(7) == {"wide": "--ar 21:9"}
+    assert await guilds.remove_preset(7, "wide") and not await guilds.remove_preset(7, "wide")
+    assert await guilds.remove_blocklist_rule(7, "gore")
+    await guilds.set_role_limit(7, 70, None)
+    assert (await guilds.config(7)).role_limits == {}
+
+
+async def test_forgetting_a_member_is_one_change_across_the_repositories(storage: Storage):
+    now = time.time()
+    await storage.member_defaults.save(1, 3, {"steps": 12, "flags": "", "remix_mode": 0}, now)
+    shown, running = new_job("a" * 32), new_job("b" * 32)
+    await storage.jobs.insert(shown)
+    await storage.jobs.insert(running)
+    await storage.jobs.save_input(shown.id, b"png", 64, 64)
+    await storage.jobs.mark_posted(shown.id, image_count=1)
+    assert await storage.forget_member(3, now) == 1
+    forgotten = await storage.jobs.get(shown.id)
+    assert forgotten is not None and forgotten.user_id == 0 and forgotten.request.prompt == ""
+    assert await storage.jobs.input_image(shown.id) is None
+    assert await storage.member_defaults.get(1, 3) is None
+    kept = await storage.jobs.get(running.id)  # still under way: forgotten once it is shown
+    assert kept is not None and kept.user_id == 3
+    # Forgetting cannot reset today's quota: the shown job's image still counts for the member.
+    assert (await storage.jobs.usage(1, 3, now)).user_today == 2
+
+
+async def test_a_transaction_keeps_out_what_other_coroutines_write_meanwhile(tmp_path):
+    """A rolled-back transaction must not undo a statement another coroutine ran while it was open."""
+    async with SqliteStorage.open(tmp_path / "bot.sqlite3") as storage:
+        started = asyncio.Event()
+
+        async def failing_transaction() -> None:
+            async with storage.db.transaction():
+                await storage.jobs.insert(new_job("a" * 32))
+                started.set()
+                await asyncio.sleep(0)  # the other coroutine gets its turn while the transaction is open
+                raise RuntimeError("boom")
+
+        async def other_writer() -> None:
+            await started.wait()
+            await storage.jobs.insert(new_job("b" * 32))
+
+        results = await asyncio.gather(failing_transaction(), other_writer(), return_exceptions=True)
+        assert isinstance(results[0], RuntimeError) and results[1] is None
+        assert await storage.jobs.ids() == ["b" * 32]
