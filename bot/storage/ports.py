@@ -136,8 +136,9 @@ class JobRepository(Protocol):
 
     async def save_input(self, job_id: str, image: bytes, width: int, height: int) -> None: ...
 
-    async def drop_old_inputs(self, before: float) -> None:
-        """Members' pictures are not kept forever: those of finished jobs made before `before` go."""
+    async def drop_old_inputs(self, before: float, *, batch: int = 500) -> int:
+        """Members' pictures are not kept forever: those of shown jobs made before `before` go, at most `batch`
+        at a time. Returns how many went."""
         ...
 
     async def input_image(self, job_id: str) -> bytes | None: ...

@@ -483,12 +483,14 @@ class SqliteJobs:
             (job_id, image, width, height, time.time()),
         )
 
-    async def drop_old_inputs(self, before: float) -> None:
-        """Members' pictures are not kept forever: those of finished jobs made before `before` go."""
-        await self._db.execute(
-            "DELETE FROM job_inputs WHERE created_at < ?"
-            " AND job_id IN (SELECT id FROM jobs WHERE posted_at IS NOT NULL)",
-            (before,),
+    async def drop_old_inputs(self, before: float, *, batch: int = 500) -> int:
+        """Members' pictures are not kept forever: those of shown jobs made before `before` go, at most `batch` at
+        a time (each call is short, whatever the backlog). Returns how many went."""
+        return await self._db.execute(
+            "DELETE FROM job_inputs WHERE job_id IN (SELECT job_inputs.job_id FROM job_inputs"
+            " JOIN jobs ON jobs.id = job_inputs.job_id"
+            " WHERE job_inputs.created_at < ? AND jobs.posted_at IS NOT NULL LIMIT ?)",
+            (before, batch),
         )
 
     async def input_image(self, job_id: str) -> bytes | None:
