@@ -1,6 +1,7 @@
 """Fixtures shared by every test folder: a real PostgreSQL (see tests/postgres.py).
 
-A test that takes `empty_postgres_url` gets a fresh empty database of its own, dropped afterwards.
+A test that takes `postgres_url` gets a fresh database with every PostgreSQL migration applied (a copy of a
+template migrated once per session), `empty_postgres_url` a fresh empty one; both are dropped afterwards.
 Without PostgreSQL (or asyncpg) such tests are skipped with the reason; with REQUIRE_POSTGRES=1 (CI) the run
 fails at its start instead.
 """
@@ -36,6 +37,29 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: PostgresServer) -> Iterator[str]:
+    """The name of a database with every PostgreSQL migration applied, to copy; made once per session."""
+    from bot.postgres_migrations import upgrade
+
+    name = postgres_server.create_database(prefix="template")
+    try:
+        postgres_server.run(upgrade, database=name)
+        yield name
+    finally:
+        postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, postgres_template: str) -> Iterator[str]:
+    """A fresh, fully migrated database of its own for one test; dropped after it."""
+    name = postgres_server.create_database(template=postgres_template)
+    try:
+        yield postgres_server.url_of(name)
+    finally:
+        postgres_server.drop_database(name)
 
 
 @pytest.fixture
