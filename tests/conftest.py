@@ -42,7 +42,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def postgres_template(postgres_server: PostgresServer) -> Iterator[str]:
     """The name of a database with every PostgreSQL migration applied, to copy; made once per session."""
-    from bot.postgres_migrations import upgrade
+    from bot.storage.postgres_migrations import upgrade
 
     name = postgres_server.create_database(prefix="template")
     try:

@@ -25,8 +25,12 @@ class Migration:
         return self.path.read_text(encoding="utf-8")
 
 
-def available_migrations(dialect: str = "sqlite", root: Path = MIGRATIONS_ROOT) -> list[Migration]:
-    directory = root / dialect
+def migrations_directory(dialect: str) -> Path:
+    """`sqlite` or `postgresql`."""
+    return MIGRATIONS_ROOT / dialect
+
+
+def available_migrations(directory: Path) -> list[Migration]:
     if not directory.is_dir():
         # A non-editable install leaves the migrations behind: fail loudly rather than run on no schema.
         raise StorageError(f"The migrations folder {directory} is missing: run the bot from a full checkout.")
@@ -42,5 +46,5 @@ def available_migrations(dialect: str = "sqlite", root: Path = MIGRATIONS_ROOT) 
     return migrations
 
 
-def latest_version(dialect: str = "sqlite") -> int:
-    return max((m.version for m in available_migrations(dialect)), default=0)
+def latest_version(directory: Path) -> int:
+    return max((m.version for m in available_migrations(directory)), default=0)

@@ -25,13 +25,14 @@ import aiosqlite
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job, JobStatus
 from bot.requests.generation import GenerationRequest
-from bot.storage.migrations import MIGRATIONS_ROOT, Migration, available_migrations
+from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
 from bot.storage.ports import StorageBusy, StorageError, StorageFull
 from bot.storage.rows import MEMBER_DEFAULT_COLUMNS, job_from_row
 
 log = logging.getLogger(__name__)
 
 Parameters = Sequence[Any] | Mapping[str, Any]
+SQLITE_MIGRATIONS = migrations_directory("sqlite")
 _IN_TRANSACTION: contextvars.ContextVar[bool] = contextvars.ContextVar("sqlite_in_transaction", default=False)
 
 
@@ -104,10 +105,10 @@ class SqliteConnection:
 class SqliteStorage:
     """The `Storage` on one SQLite file."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path, migrations_root: Path = MIGRATIONS_ROOT) -> None:
+    def __init__(self, connection: aiosqlite.Connection, path: Path, migrations: Path = SQLITE_MIGRATIONS) -> None:
         self.db = SqliteConnection(connection)
         self.path = path
-        self._migrations_root = migrations_root
+        self._migrations = migrations
         self.jobs = SqliteJobs(self.db)
         self.guilds = SqliteGuilds(self.db)
         self.member_defaults = SqliteMemberDefaults(self.db)
@@ -119,7 +120,7 @@ class SqliteStorage:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, path: Path, *, upgrade: bool = True, migrations_root: Path = MIGRATIONS_ROOT
+        cls, path: Path, *, upgrade: bool = True, migrations: Path = SQLITE_MIGRATIONS
     ) -> AsyncIterator[SqliteStorage]:
         try:
             await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ class SqliteStorage:
             # which matters for the job insert made before Discord's 3-second acknowledgement.
             await connection.execute("PRAGMA synchronous = NORMAL")
             await connection.execute("PRAGMA foreign_keys = ON")
-            storage = cls(connection, path, migrations_root)
+            storage = cls(connection, path, migrations)
             if upgrade:
                 await storage.upgrade()
             yield storage
@@ -147,13 +148,13 @@ class SqliteStorage:
         return int(row[0]) if row else 0
 
     async def latest_version(self) -> int:
-        return max((m.version for m in available_migrations("sqlite", self._migrations_root)), default=0)
+        return latest_version(self._migrations)
 
     async def upgrade(self) -> list[Migration]:
         """Apply every migration newer than the database, each in its own transaction."""
         current = await self.current_version()
         applied = []
-        for migration in available_migrations("sqlite", self._migrations_root):
+        for migration in available_migrations(self._migrations):
             if migration.version <= current:
                 continue
             record = (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bot.storage.sqlite import available_migrations
+from bot.storage.migrations import available_migrations, migrations_directory
 from bot.web.signing import WebhookSigner
 from tests.e2e.conftest import BOT_TOKEN, free_port
 from tests.fakes.discord_server import FakeDiscord
@@ -123,7 +123,7 @@ async def test_a_missing_token_stops_the_process_with_a_plain_error(tmp_path):
 
 async def test_db_upgrade_and_current_from_the_command_line(tmp_path):
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "DATABASE_PATH": str(tmp_path / "x.sqlite3")}
-    latest = available_migrations()[-1]
+    latest = available_migrations(migrations_directory("sqlite"))[-1]
     code, output = await run_module("db", "upgrade", env=env, cwd=tmp_path)
     assert code == 0, output
     assert "applied 0001_jobs" in output and f"applied {latest.version:04d}_{latest.name}" in output

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from bot.postgres_migrations import MIGRATIONS_DIRECTORY, current_version, upgrade
-from bot.storage import StorageError, available_migrations
+from bot.storage import StorageError
+from bot.storage.migrations import available_migrations
+from bot.storage.postgres_migrations import MIGRATIONS_DIRECTORY, current_version, upgrade
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,6 +114,6 @@ async def test_a_failing_migration_is_rolled_back_whole_and_releases_the_lock(em
 
 def test_the_default_install_runs_without_asyncpg():
     # asyncpg is the optional [postgres] extra: the bot and this module must import (and the SQLite bot run) without.
-    code = "import sys; sys.modules['asyncpg'] = None; import bot.postgres_migrations, bot.__main__, bot.app"
+    code = "import sys; sys.modules['asyncpg'] = None; import bot.storage.postgres_migrations, bot.__main__, bot.app"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

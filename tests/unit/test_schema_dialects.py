@@ -13,8 +13,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from bot.postgres_migrations import MIGRATIONS_DIRECTORY as POSTGRES_MIGRATIONS
-from bot.storage import Database, available_migrations
+from bot.storage.migrations import available_migrations, migrations_directory
+from bot.storage.postgres_migrations import MIGRATIONS_DIRECTORY as POSTGRES_MIGRATIONS
+from bot.storage.sqlite import SqliteStorage
 
 ROOT = Path(__file__).resolve().parents[2]
 NEUTRAL_TYPES = {"bigint": "INTEGER", "integer": "INTEGER", "double precision": "REAL", "text": "TEXT", "bytea": "BLOB"}
@@ -22,9 +23,7 @@ BIGINT_COLUMNS = re.compile(r"^(.*_id|seed|added_by|created_by)$")
 
 
 def sqlite_migrations() -> Path:
-    """The SQLite migrations: `migrations/sqlite/` once the dialects have a folder each, `migrations/` before."""
-    folder = ROOT / "migrations" / "sqlite"
-    return folder if folder.is_dir() else ROOT / "migrations"
+    return migrations_directory("sqlite")
 
 
 def normalised_default(default: str | None) -> str | None:
@@ -56,8 +55,8 @@ def _balanced(text: str) -> bool:
 
 
 async def sqlite_schema(path: Path) -> dict[str, Any]:
-    async with Database.open(path, upgrade=False) as database:
-        await database.upgrade(sqlite_migrations())
+    async with SqliteStorage.open(path, migrations=sqlite_migrations()):
+        pass
     schema: dict[str, Any] = {}
     with sqlite3.connect(path) as raw:
         tables = [row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]

@@ -13,7 +13,7 @@ import pytest
 from bot.guilds.rules import Limits
 from bot.jobs.model import Job, JobStatus
 from bot.requests.generation import build_generation_request
-from bot.storage.migrations import available_migrations
+from bot.storage.migrations import available_migrations, migrations_directory
 from bot.storage.ports import Storage, StorageError
 from bot.storage.sqlite import SqliteStorage
 
@@ -46,7 +46,9 @@ async def test_every_migration_applies_to_an_empty_database_and_the_version_is_s
 async def test_the_sqlite_schema_has_every_table(tmp_path):
     path = tmp_path / "bot.sqlite3"
     async with SqliteStorage.open(path) as storage:
-        assert await storage.current_version() == max(m.version for m in available_migrations("sqlite"))
+        assert await storage.current_version() == max(
+            m.version for m in available_migrations(migrations_directory("sqlite"))
+        )
     with sqlite3.connect(path) as raw:
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"jobs", "schema_migrations"} <= tables
@@ -57,9 +59,7 @@ async def test_a_failing_migration_is_rolled_back_whole(tmp_path):
     migrations.mkdir(parents=True)
     (migrations / "0001_ok.sql").write_text("CREATE TABLE a (x INTEGER);")
     (migrations / "0002_broken.sql").write_text("CREATE TABLE b (x INTEGER); INSERT INTO nowhere VALUES (1);")
-    async with SqliteStorage.open(
-        tmp_path / "db.sqlite3", upgrade=False, migrations_root=migrations.parent
-    ) as database:
+    async with SqliteStorage.open(tmp_path / "db.sqlite3", upgrade=False, migrations=migrations) as database:
         with pytest.raises(StorageError, match=r"0002_broken\.sql failed and was rolled back"):
             await database.upgrade()
         assert await database.current_version() == 1
@@ -134,9 +134,7 @@ async def test_adopting_a_modelslab_id_only_fills_a_missing_one(storage: Storage
 
 
 async def test_a_missing_migrations_folder_is_a_plain_error(tmp_path):
-    async with SqliteStorage.open(
-        tmp_path / "db.sqlite3", upgrade=False, migrations_root=tmp_path / "nowhere"
-    ) as database:
+    async with SqliteStorage.open(tmp_path / "db.sqlite3", upgrade=False, migrations=tmp_path / "nowhere") as database:
         with pytest.raises(StorageError, match=r"migrations folder .* is missing"):
             await database.upgrade()
 

@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.storage import Migration, StorageError, available_migrations
+from bot.storage.migrations import Migration, available_migrations, migrations_directory
+from bot.storage.ports import StorageError
 
 if TYPE_CHECKING:
     import asyncpg
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent.parent / "migrations" / "postgresql"
+MIGRATIONS_DIRECTORY = migrations_directory("postgresql")
 
 # The advisory lock that serialises migrations: one fixed 64-bit key of this bot's own (the first 8 bytes of
 # sha256(b"modelslab-imagine-bot schema_migrations"), signed), unlikely to be another application's on a shared server.
