@@ -546,7 +546,7 @@ MODEL_RULE = Rule("model", _check_model, default=_default_model, standing=_allow
 RULES: tuple[Rule, ...] = (
     Rule("negative_prompt", _check_negative, default=lambda fit: ""),
     Rule("no", _check_negative, adds_to="negative_prompt"),  # `--no` words: added to the negative prompt that won
-    Rule("size", _refuse_size_on_remix, read=_read_size),
+    Rule("size", _refuse_size_on_remix, read=_read_size),  # chooses nothing: refuses any size in a remix
     Rule("width", _check_side, default=lambda fit: DEFAULT_SIDE),
     Rule("height", _check_side, default=lambda fit: DEFAULT_SIDE),
     Rule("samples", _check_samples, default=lambda fit: 1),
@@ -657,7 +657,8 @@ def build_request(
     safety_checker: bool = True,
     allowed_models: Sequence[str] = (),
 ) -> GenerationRequest:
-    """Check every choice of every layer and build the request, or raise `InvalidOption` for the first bad one."""
+    """Check every choice of every layer and build the request, or raise `InvalidOption` for the first bad one:
+    the model first, then each row of `RULES` checked for that model, then `NEEDS`."""
     prompt = (prompt or "").strip()
     if not prompt:
         raise InvalidOption("prompt", "must not be empty: describe the image you want.")
