@@ -10,6 +10,10 @@ prompt, the chosen server preset, the member's `/settings`, the server's `/confi
 of them sets takes the built-in default. The first three are the member's request for this one job and are
 refused when invalid; settings and server defaults are standing choices, skipped where they do not fit the
 model (a member is never refused for them). Which layer gave each value is kept for the Info button.
+
+Each parameter is one row of `RULES` (how a layer's value is read and checked for the flavour, kind of job and
+model, and its default), then `NEEDS` says which parameters only make sense together; `build_request` walks
+both. A new parameter is a new row (or, for the ModelsLab extras, an entry in `bot.requests.parameters`).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 
 from bot.errors import InvalidOption
 from bot.modelslab.client import ApiFlavour
 from bot.requests import parameters
 from bot.requests.parameters import ParameterValue
+from bot.requests.styles import ENHANCE_STYLES
 
 SCHEDULERS: tuple[str, ...] = (
     "DDPMScheduler",
@@ -316,232 +322,191 @@ class _Bad(Exception):
         self.name = name  # the option at fault, when not the one being checked
 
 
-T = TypeVar("T")
+FLUX_IGNORES = "is ignored by the flux model: leave it out, or pick another model such as fluxdev."
+REMIX_KEEPS_SIZE = "cannot be set when remixing: the result keeps the input image's size."
 
 
-def _pick(layers: Sequence[Layer], name: str, check: Callable[[Any], T]) -> tuple[T, Layer] | None:
-    """The first layer's valid value for `name` (refusing a strict layer's invalid one), or None."""
-    for layer in layers:
-        value = getattr(layer.choices, name)
-        if value is None:
-            continue
-        try:
-            return check(value), layer
-        except _Bad as bad:
-            if layer.strict:
-                raise layer.refuse(bad.name or name, str(bad)) from None
+@dataclass(frozen=True)
+class Fit:
+    """What a value is checked against: the API flavour, the kind of job and the model (the default one while the
+    model itself is chosen), and for standing choices the models the server allows."""
+
+    flavour: ApiFlavour
+    kind: str
+    model_id: str
+    allowed_models: Sequence[str] = ()
+
+    @property
+    def flux(self) -> bool:
+        return is_flux(self.model_id)
+
+    @property
+    def side_min(self) -> int:
+        return FLUX_SIDE_MIN if self.flux else SIDE_MIN
+
+    @property
+    def steps(self) -> StepRule:
+        return step_rule(self.flavour, self.model_id)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A parameter's value and the layer that chose it; no layer: built in."""
+
+    value: Any
+    layer: Layer | None = None
+
+
+def _nothing(fit: Fit) -> None:
     return None
 
 
-FLUX_IGNORES = "is ignored by the flux model: leave it out, or pick another model such as fluxdev."
+def _always(value: Any, fit: Fit) -> bool:
+    return True
 
 
-def build_request(
-    *,
-    flavour: ApiFlavour,
-    kind: str,
-    default_model: str,
-    prompt: str,
-    layers: Sequence[Layer],
-    safety_checker: bool = True,
-    allowed_models: Sequence[str] = (),
-) -> GenerationRequest:
-    """Check every choice of every layer and build the request, or raise `InvalidOption` for the first bad one."""
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise InvalidOption("prompt", "must not be empty: describe the image you want.")
-    if len(prompt) > PROMPT_MAX_LENGTH:
-        raise InvalidOption("prompt", f"must be at most {PROMPT_MAX_LENGTH} characters (yours has {len(prompt)}).")
-    sources: dict[str, str] = {}
+@dataclass(frozen=True)
+class Rule:
+    """How one parameter is chosen: the first layer whose value fits wins. A value that does not fit is refused
+    when the member asked for it this job (a strict layer) and skipped when it is a standing choice."""
 
-    def record(name: str, picked: tuple[T, Layer] | None, default: T) -> T:
-        if picked is None:
-            return default
-        value, layer = picked
-        sources[name] = layer.source
-        return value
+    name: str  # the key of `sources`; the `Choices` field read, unless `read` says otherwise
+    check: Callable[[Any, Fit], Any]  # the value to send (None: none from here), or `_Bad` saying why it does not fit
+    default: Callable[[Fit], Any] = _nothing  # when no layer sets a value that fits
+    read: Callable[[Choices], Any] | None = None  # what one layer sets; None when it sets nothing
+    standing: Callable[[Any, Fit], bool] = _always  # a standing choice is also skipped when this is false
+    adds_to: str | None = None  # every layer's value is added to that parameter's (lowest layer first) instead
 
-    def check_model(value: str) -> str:
-        value = value.strip()
-        if not is_model_id(value):
-            raise _Bad(MODEL_ID_RULE)
-        if kind == "img2img" and value.lower() in IMG2IMG_UNSUPPORTED:
-            raise _Bad(f"`{value}` cannot remix images: use fluxdev or fluxschnell.")
-        return value
-
-    def check_standing_model(layer: Layer, value: str) -> bool:
-        return layer.strict or not allowed_models or value.strip() in allowed_models
-
-    model_layers = [
-        layer for layer in layers if layer.choices.model is None or check_standing_model(layer, layer.choices.model)
-    ]
-    model_id = record("model", _pick(model_layers, "model", check_model), default_model)
-    if kind == "img2img" and model_id.lower() in IMG2IMG_UNSUPPORTED:
-        raise InvalidOption("model", f"`{model_id}` cannot remix images: use fluxdev or fluxschnell.")
-    flux = is_flux(model_id)
-
-    # The negative prompt: the first layer's, then every `--no` (preset's, then the prompt's) added to it.
-    def check_negative(value: str) -> str:
-        if flux:
-            raise _Bad(FLUX_IGNORES)
-        value = value.strip()
-        if len(value) > PROMPT_MAX_LENGTH:
-            raise _Bad(f"must be at most {PROMPT_MAX_LENGTH} characters.")
-        return value
-
-    negatives = [record("negative_prompt", _pick(layers, "negative_prompt", check_negative), "")]
-    for layer in reversed(layers):
-        words = _pick([layer], "no", check_negative)
-        if words is not None:
-            negatives.append(words[0])
-            sources["negative_prompt"] = layer.source
-    negative = ", ".join(text for text in negatives if text) or None
-    if negative is not None and len(negative) > PROMPT_MAX_LENGTH:
-        raise InvalidOption("negative_prompt", f"with the `--no` words must be at most {PROMPT_MAX_LENGTH} characters.")
-
-    side_min = FLUX_SIDE_MIN if flux else SIDE_MIN
-
-    def check_side(value: int) -> int:
-        if not side_min <= value <= SIDE_MAX or value % 8:
-            raise _Bad(
-                f"must be a multiple of 8 from {side_min} to {SIDE_MAX} pixels for this model (you gave {value})."
-            )
-        return value
-
-    width = height = DEFAULT_SIDE
-    aspect = None
-    if kind == "img2img":
-        for layer in layers:  # the output takes the input image's size
-            if layer.strict and (layer.choices.width is not None or layer.choices.height is not None):
-                raise layer.refuse("width", "cannot be set when remixing: the result keeps the input image's size.")
-    else:
-        picked_width = _pick(layers, "width", check_side)
-        picked_height = _pick(layers, "height", check_side)
-        width = record("width", picked_width, DEFAULT_SIDE)
-        height = record("height", picked_height, DEFAULT_SIDE)
-        if picked_width is not None and picked_height is not None:
-            if picked_width[1] is picked_height[1]:
-                aspect = picked_width[1].choices.aspect
-            else:
-                # One side set on its own (`width:768`) over a lower layer's ratio (`--ar 16:9`, settings): the
-                # other side follows that ratio rather than a size nobody asked for.
-                rank = {id(layer): index for index, layer in enumerate(layers)}
-                high, low = sorted((picked_width, picked_height), key=lambda picked: rank[id(picked[1])])
-                if low[1].choices.aspect and low[1].choices.width and low[1].choices.height:
-                    ratio = low[1].choices.width / low[1].choices.height
-                    if high is picked_width:
-                        height = _side(width / ratio, side_min)
-                        sources["height"] = high[1].source
-                    else:
-                        width = _side(height * ratio, side_min)
-                        sources["width"] = high[1].source
-
-    def check_samples(value: int) -> int:
-        if not 1 <= value <= SAMPLES_MAX:
-            raise _Bad(f"must be from 1 to {SAMPLES_MAX} (you gave {value}).")
-        return value
-
-    samples = record("samples", _pick(layers, "samples", check_samples), 1)
-
-    rule = step_rule(flavour, model_id)
-
-    def check_steps(value: int) -> int:
-        if not rule.accepts(value):
-            where = "on the enterprise API" if flavour == "enterprise" else f"for the {model_id} model"
-            raise _Bad(f"{rule.describe()} {where} (you gave {value}).")
-        return value
-
-    steps = record("steps", _pick(layers, "steps", check_steps), rule.default)
-
-    def check_guidance(value: float) -> float:
-        if not math.isfinite(value) or not GUIDANCE_MIN <= value <= GUIDANCE_MAX:
-            raise _Bad(f"must be from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (you gave {value:g}).")
-        return float(value)
-
-    guidance = record("guidance", _pick(layers, "guidance", check_guidance), DEFAULT_GUIDANCE)
-
-    def check_seed(value: int) -> int:
-        if not 0 <= value <= SEED_MAX:
-            raise _Bad(f"must be a whole number from 0 to {SEED_MAX}, or left out for a random one.")
-        return value
-
-    picked_seed = _pick(layers, "seed", check_seed)
-    # Chosen here rather than by ModelsLab when not given: its slim answers do not report the seed it picked,
-    # and a re-roll must never repeat an identical payload (ModelsLab's spam filter).
-    seed = record("seed", picked_seed, secrets.randbelow(SEED_MAX + 1))
-
-    def check_scheduler(value: str) -> str:
-        if value not in SCHEDULERS:
-            raise _Bad("must be one of the listed schedulers: " + ", ".join(SCHEDULERS) + ".")
-        return value
-
-    scheduler = record("scheduler", _pick(layers, "scheduler", check_scheduler), None)
-
-    def check_style(value: str) -> str:
-        from bot.requests.styles import ENHANCE_STYLES
-
-        if flux:
-            raise _Bad(FLUX_IGNORES)
-        if flavour == "enterprise":
-            raise _Bad("is not available on the enterprise API this bot uses.")
-        if kind != "text2img":
-            raise _Bad("works only when making an image from text (/imagine), not when remixing one.")
-        if value not in ENHANCE_STYLES:
-            raise _Bad("must be one of ModelsLab's styles, such as watercolor, anime or cinematic.")
-        return value
-
-    style = record("style", _pick(layers, "style", check_style), None)
-
-    lora_models, lora_strengths = _pick_loras(layers, flux, sources)
-    advanced = _pick_advanced(
-        layers, sources, flavour=flavour, model_id=model_id, kind=kind, flux=flux, scheduler=scheduler
-    )
-
-    return GenerationRequest(
-        prompt=prompt,
-        model_id=model_id,
-        width=width,
-        height=height,
-        samples=samples,
-        steps=steps,
-        guidance=guidance,
-        negative_prompt=negative,
-        seed=seed,
-        scheduler=scheduler,
-        lora_models=lora_models,
-        lora_strengths=lora_strengths,
-        safety_checker=safety_checker,
-        seed_is_random=picked_seed is None,
-        enhance_style=style,
-        preset=next((layer.label for layer in layers if layer.source == "preset"), None),
-        advanced=advanced,
-        sources=sources,
-        aspect=aspect,
-    )
-
-
-def _pick_loras(
-    layers: Sequence[Layer], flux: bool, sources: dict[str, str]
-) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """`lora` and `lora_strength` come together, from the first layer that sets either."""
-    for layer in layers:
-        if layer.choices.lora is None and layer.choices.lora_strength is None:
-            continue
+    def fitting_value(self, layer: Layer, fit: Fit) -> Any:
+        """This layer's value, checked; None when it sets none or it is a standing choice that does not fit."""
+        value = self.read(layer.choices) if self.read else getattr(layer.choices, self.name)
+        if value is None or not (layer.strict or self.standing(value, fit)):
+            return None
         try:
-            models, strengths = _check_loras(layer.choices.lora, layer.choices.lora_strength, flux)
+            return self.check(value, fit)
         except _Bad as bad:
             if layer.strict:
-                raise layer.refuse(bad.name or "lora", str(bad)) from None
-            continue
-        sources["lora"] = layer.source
-        return models, strengths
-    return (), ()
+                raise layer.refuse(bad.name or self.name, str(bad)) from None
+            return None
 
 
-def _check_loras(lora: str | None, lora_strength: str | None, flux: bool) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    models = _split_list(lora)
-    texts = _split_list(lora_strength)
-    if models and flux:
+@dataclass(frozen=True)
+class Needs:
+    """A parameter that makes sense only with another: without it, refused from a strict layer, else dropped."""
+
+    name: str
+    met: Callable[[Mapping[str, Chosen]], bool]
+    reason: str
+
+
+def _check_model(value: str, fit: Fit) -> str:
+    value = value.strip()
+    if not is_model_id(value):
+        raise _Bad(MODEL_ID_RULE)
+    if fit.kind == "img2img" and value.lower() in IMG2IMG_UNSUPPORTED:
+        raise _Bad(f"`{value}` cannot remix images: use fluxdev or fluxschnell.")
+    return value
+
+
+def _allowed_in_server(value: str, fit: Fit) -> bool:
+    return not fit.allowed_models or value.strip() in fit.allowed_models
+
+
+def _default_model(fit: Fit) -> str:
+    if fit.kind == "img2img" and fit.model_id.lower() in IMG2IMG_UNSUPPORTED:
+        raise InvalidOption("model", f"`{fit.model_id}` cannot remix images: use fluxdev or fluxschnell.")
+    return fit.model_id
+
+
+def _check_negative(value: str, fit: Fit) -> str:
+    if fit.flux:
+        raise _Bad(FLUX_IGNORES)
+    value = value.strip()
+    if len(value) > PROMPT_MAX_LENGTH:
+        raise _Bad(f"must be at most {PROMPT_MAX_LENGTH} characters.")
+    return value
+
+
+def _read_size(choices: Choices) -> tuple[int | None, int | None] | None:
+    return None if choices.width is None and choices.height is None else (choices.width, choices.height)
+
+
+def _refuse_size_on_remix(value: tuple[int | None, int | None], fit: Fit) -> None:
+    """A rule that only refuses: a remix keeps the input image's size, whichever side a layer sets."""
+    if fit.kind == "img2img":
+        raise _Bad(REMIX_KEEPS_SIZE, "width")
+
+
+def _check_side(value: int, fit: Fit) -> int:
+    if fit.kind == "img2img":  # standing sizes are skipped (strict ones were refused as the size)
+        raise _Bad(REMIX_KEEPS_SIZE, "width")
+    if not fit.side_min <= value <= SIDE_MAX or value % 8:
+        raise _Bad(
+            f"must be a multiple of 8 from {fit.side_min} to {SIDE_MAX} pixels for this model (you gave {value})."
+        )
+    return value
+
+
+def _check_samples(value: int, fit: Fit) -> int:
+    if not 1 <= value <= SAMPLES_MAX:
+        raise _Bad(f"must be from 1 to {SAMPLES_MAX} (you gave {value}).")
+    return value
+
+
+def _check_steps(value: int, fit: Fit) -> int:
+    if not fit.steps.accepts(value):
+        where = "on the enterprise API" if fit.flavour == "enterprise" else f"for the {fit.model_id} model"
+        raise _Bad(f"{fit.steps.describe()} {where} (you gave {value}).")
+    return value
+
+
+def _check_guidance(value: float, fit: Fit) -> float:
+    if not math.isfinite(value) or not GUIDANCE_MIN <= value <= GUIDANCE_MAX:
+        raise _Bad(f"must be from {GUIDANCE_MIN:g} to {GUIDANCE_MAX:g} (you gave {value:g}).")
+    return float(value)
+
+
+def _check_seed(value: int, fit: Fit) -> int:
+    if not 0 <= value <= SEED_MAX:
+        raise _Bad(f"must be a whole number from 0 to {SEED_MAX}, or left out for a random one.")
+    return value
+
+
+def _random_seed(fit: Fit) -> int:
+    """Chosen here rather than by ModelsLab: its slim answers do not report the seed it picked, and a re-roll must
+    never repeat an identical payload (ModelsLab's spam filter)."""
+    return secrets.randbelow(SEED_MAX + 1)
+
+
+def _check_scheduler(value: str, fit: Fit) -> str:
+    if value not in SCHEDULERS:
+        raise _Bad("must be one of the listed schedulers: " + ", ".join(SCHEDULERS) + ".")
+    return value
+
+
+def _check_style(value: str, fit: Fit) -> str:
+    if fit.flux:
+        raise _Bad(FLUX_IGNORES)
+    if fit.flavour == "enterprise":
+        raise _Bad("is not available on the enterprise API this bot uses.")
+    if fit.kind != "text2img":
+        raise _Bad("works only when making an image from text (/imagine), not when remixing one.")
+    if value not in ENHANCE_STYLES:
+        raise _Bad("must be one of ModelsLab's styles, such as watercolor, anime or cinematic.")
+    return value
+
+
+def _read_loras(choices: Choices) -> tuple[str | None, str | None] | None:
+    """`lora` and `lora_strength` come together, from the first layer that sets either."""
+    if choices.lora is None and choices.lora_strength is None:
+        return None
+    return choices.lora, choices.lora_strength
+
+
+def _check_loras(value: tuple[str | None, str | None], fit: Fit) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    models = _split_list(value[0])
+    texts = _split_list(value[1])
+    if models and fit.flux:
         raise _Bad("is not supported by the flux model: use fluxdev for LoRAs.")
     if len(models) > LORA_MAX:
         raise _Bad(f"takes at most {LORA_MAX} LoRA ids, separated by commas.")
@@ -559,48 +524,178 @@ def _check_loras(lora: str | None, lora_strength: str | None, flux: bool) -> tup
     return models, strengths
 
 
-def _pick_advanced(
-    layers: Sequence[Layer],
-    sources: dict[str, str],
-    *,
-    flavour: str,
-    model_id: str,
-    kind: str,
-    flux: bool,
-    scheduler: str | None,
-) -> dict[str, ParameterValue]:
-    chosen: dict[str, tuple[ParameterValue, Layer]] = {}
-    for name in parameters.PARAMETERS:
-        for layer in layers:
-            if name not in layer.choices.advanced:
-                continue
-            value = layer.choices.advanced[name]
-            reason = parameters.refusal(name, value, flavour=flavour, model_id=model_id, kind=kind, flux=flux)
-            if reason is None:
-                chosen[name] = (value, layer)
-                break
+def _read_parameter(name: str, choices: Choices) -> ParameterValue | None:
+    return choices.advanced.get(name)
+
+
+def _check_parameter(name: str, value: ParameterValue, fit: Fit) -> ParameterValue:
+    reason = parameters.refusal(name, value, flavour=fit.flavour, model_id=fit.model_id, kind=fit.kind, flux=fit.flux)
+    if reason is not None:
+        raise _Bad(reason)
+    return value
+
+
+def _parameter_rule(name: str) -> Rule:
+    """One of `bot.requests.parameters`: read from `Choices.advanced`, refused where `parameters.refusal` says."""
+    return Rule(name, partial(_check_parameter, name), read=partial(_read_parameter, name))
+
+
+# The model first: every other rule checks against it.
+MODEL_RULE = Rule("model", _check_model, default=_default_model, standing=_allowed_in_server)
+# The others in the order they are checked, which decides the refusal given for a request with several faults.
+RULES: tuple[Rule, ...] = (
+    Rule("negative_prompt", _check_negative, default=lambda fit: ""),
+    Rule("no", _check_negative, adds_to="negative_prompt"),  # `--no` words: added to the negative prompt that won
+    Rule("size", _refuse_size_on_remix, read=_read_size),  # chooses nothing: refuses any size in a remix
+    Rule("width", _check_side, default=lambda fit: DEFAULT_SIDE),
+    Rule("height", _check_side, default=lambda fit: DEFAULT_SIDE),
+    Rule("samples", _check_samples, default=lambda fit: 1),
+    Rule("steps", _check_steps, default=lambda fit: fit.steps.default),
+    Rule("guidance", _check_guidance, default=lambda fit: DEFAULT_GUIDANCE),
+    Rule("seed", _check_seed, default=_random_seed),
+    Rule("scheduler", _check_scheduler),
+    Rule("style", _check_style),
+    Rule("lora", _check_loras, default=lambda fit: ((), ()), read=_read_loras),
+    *(_parameter_rule(name) for name in parameters.PARAMETERS),
+)
+
+
+def _chosen(chosen: Mapping[str, Chosen], name: str) -> bool:
+    return chosen[name].layer is not None
+
+
+# Checked once every rule has chosen, in this order; a standing value dropped here is not replaced by a lower layer's.
+NEEDS: tuple[Needs, ...] = (
+    Needs(
+        "ip_adapter_id",
+        lambda chosen: _chosen(chosen, "ip_adapter_image"),
+        "needs `--ip_adapter_image` too: a link to the picture the adapter follows.",
+    ),
+    Needs(
+        "ip_adapter_image",
+        lambda chosen: _chosen(chosen, "ip_adapter_id"),
+        "needs `--ip_adapter_id` too: " + ", ".join(parameters.IP_ADAPTERS) + ".",
+    ),
+    Needs(
+        "ip_adapter_scale",
+        lambda chosen: _chosen(chosen, "ip_adapter_id"),
+        "needs `--ip_adapter_id` and `--ip_adapter_image` too.",
+    ),
+    Needs(
+        "algorithm_type",
+        lambda chosen: (
+            chosen["algorithm_type"].value == "none" or chosen["scheduler"].value == "DPMSolverMultistepScheduler"
+        ),
+        "works only with the DPMSolverMultistepScheduler scheduler: choose it too.",
+    ),
+)
+
+
+def _choose(rule: Rule, layers: Sequence[Layer], fit: Fit) -> Chosen:
+    for layer in layers:
+        value = rule.fitting_value(layer, fit)
+        if value is not None:
+            return Chosen(value, layer)
+    return Chosen(rule.default(fit), None)
+
+
+def _add_words(rule: Rule, layers: Sequence[Layer], fit: Fit, base: Chosen) -> Chosen:
+    """Every layer's words (the preset's, then the prompt's...) after the value that won; Info credits the highest
+    layer that added some."""
+    texts, layer_shown = [base.value], base.layer
+    for layer in reversed(layers):
+        words = rule.fitting_value(layer, fit)
+        if words is not None:
+            texts.append(words)
+            layer_shown = layer
+    joined = ", ".join(text for text in texts if text)
+    if len(joined) > PROMPT_MAX_LENGTH:
+        raise InvalidOption(
+            rule.adds_to or rule.name, f"with the `--no` words must be at most {PROMPT_MAX_LENGTH} characters."
+        )
+    return Chosen(joined, layer_shown)
+
+
+def _apply_needs(chosen: dict[str, Chosen]) -> None:
+    for need in NEEDS:
+        layer = chosen[need.name].layer
+        if layer is not None and not need.met(chosen):
             if layer.strict:
-                raise layer.refuse(name, reason)
+                raise layer.refuse(need.name, need.reason)
+            chosen[need.name] = Chosen(None)
 
-    def drop_or_refuse(name: str, reason: str) -> None:
-        _, layer = chosen[name]
-        if layer.strict:
-            raise layer.refuse(name, reason)
-        del chosen[name]
 
-    # The parameters that only make sense together.
-    if "ip_adapter_id" in chosen and "ip_adapter_image" not in chosen:
-        drop_or_refuse("ip_adapter_id", "needs `--ip_adapter_image` too: a link to the picture the adapter follows.")
-    if "ip_adapter_image" in chosen and "ip_adapter_id" not in chosen:
-        drop_or_refuse("ip_adapter_image", "needs `--ip_adapter_id` too: " + ", ".join(parameters.IP_ADAPTERS) + ".")
-    if "ip_adapter_scale" in chosen and "ip_adapter_id" not in chosen:
-        drop_or_refuse("ip_adapter_scale", "needs `--ip_adapter_id` and `--ip_adapter_image` too.")
-    algorithm = chosen.get("algorithm_type")
-    if algorithm and algorithm[0] != "none" and scheduler != "DPMSolverMultistepScheduler":
-        drop_or_refuse("algorithm_type", "works only with the DPMSolverMultistepScheduler scheduler: choose it too.")
-    for name, (_, layer) in chosen.items():
-        sources[name] = layer.source
-    return {name: value for name, (value, _) in chosen.items()}
+def _follow_ratio(
+    width: Chosen, height: Chosen, layers: Sequence[Layer], side_min: int
+) -> tuple[Chosen, Chosen, str | None]:
+    """The size and its ratio ("16:9") when one layer chose both sides. One side set on its own (`width:768`) over a
+    lower layer's ratio (`--ar 16:9`, settings): the other side follows that ratio rather than a size nobody asked
+    for, credited to the layer that set the one side."""
+    if width.layer is None or height.layer is None:
+        return width, height, None
+    if width.layer is height.layer:
+        return width, height, width.layer.choices.aspect
+    rank = {id(layer): index for index, layer in enumerate(layers)}
+    width_is_higher = rank[id(width.layer)] < rank[id(height.layer)]
+    lower = (height if width_is_higher else width).layer
+    assert lower is not None
+    if not (lower.choices.aspect and lower.choices.width and lower.choices.height):
+        return width, height, None
+    ratio = lower.choices.width / lower.choices.height
+    if width_is_higher:
+        return width, Chosen(_side(width.value / ratio, side_min), width.layer), None
+    return Chosen(_side(height.value * ratio, side_min), height.layer), height, None
+
+
+def build_request(
+    *,
+    flavour: ApiFlavour,
+    kind: str,
+    default_model: str,
+    prompt: str,
+    layers: Sequence[Layer],
+    safety_checker: bool = True,
+    allowed_models: Sequence[str] = (),
+) -> GenerationRequest:
+    """Check every choice of every layer and build the request, or raise `InvalidOption` for the first bad one:
+    the model first, then each row of `RULES` checked for that model, then `NEEDS`."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise InvalidOption("prompt", "must not be empty: describe the image you want.")
+    if len(prompt) > PROMPT_MAX_LENGTH:
+        raise InvalidOption("prompt", f"must be at most {PROMPT_MAX_LENGTH} characters (yours has {len(prompt)}).")
+    fit = Fit(flavour, kind, default_model, allowed_models)
+    chosen = {"model": _choose(MODEL_RULE, layers, fit)}
+    fit = replace(fit, model_id=chosen["model"].value)
+    for rule in RULES:
+        if rule.adds_to:
+            chosen[rule.adds_to] = _add_words(rule, layers, fit, chosen[rule.adds_to])
+        else:
+            chosen[rule.name] = _choose(rule, layers, fit)
+    _apply_needs(chosen)
+    chosen["width"], chosen["height"], aspect = _follow_ratio(chosen["width"], chosen["height"], layers, fit.side_min)
+    lora_models, lora_strengths = chosen["lora"].value
+    return GenerationRequest(
+        prompt=prompt,
+        model_id=fit.model_id,
+        width=chosen["width"].value,
+        height=chosen["height"].value,
+        samples=chosen["samples"].value,
+        steps=chosen["steps"].value,
+        guidance=chosen["guidance"].value,
+        negative_prompt=chosen["negative_prompt"].value or None,
+        seed=chosen["seed"].value,
+        scheduler=chosen["scheduler"].value,
+        lora_models=lora_models,
+        lora_strengths=lora_strengths,
+        safety_checker=safety_checker,
+        seed_is_random=chosen["seed"].layer is None,
+        enhance_style=chosen["style"].value,
+        preset=next((layer.label for layer in layers if layer.source == "preset"), None),
+        advanced={name: chosen[name].value for name in parameters.PARAMETERS if chosen[name].layer is not None},
+        sources={name: value.layer.source for name, value in chosen.items() if value.layer is not None},
+        aspect=aspect,
+    )
 
 
 def _side(length: float, side_min: int) -> int:

@@ -281,3 +281,61 @@ def test_one_side_given_alone_keeps_the_ratio_a_lower_layer_chose():
     assert (tall.width, tall.height) == (1024, 512)
     both = layered(options={"width": 512, "height": 512}, member=member)
     assert (both.width, both.height) == (512, 512)
+
+
+# ------------------------------------------------------------------------------- the rules, row by row
+
+# Every row of the request rules that the flux model refuses, typed as a flag, and the payload field it fills.
+FLUX_ROWS = {
+    "no": ("--no text", "negative_prompt"),
+    "style": ("--style anime", "enhance_style"),
+    "lora": ("--lora detail", "lora_model"),
+    **{name: (f"--{name} {VALID[name][0]}", name) for name in VALID if PARAMETERS[name].flux_ignores},
+    "ip_adapter_id": ("--ip_adapter_id ip-adapter_sdxl", "ip_adapter_id"),
+    "ip_adapter_scale": ("--ip_adapter_scale 0.6", "ip_adapter_scale"),
+    "ip_adapter_image": ("--ip_adapter_image https://example.com/face.png", "ip_adapter_image"),
+}
+
+
+def test_the_flux_rows_are_the_flux_pages_list():
+    listed = {"no", "style", "lora"} | {name for name, parameter in PARAMETERS.items() if parameter.flux_ignores}
+    assert set(FLUX_ROWS) == listed
+
+
+@pytest.mark.parametrize("name", sorted(FLUX_ROWS))
+def test_each_row_flux_ignores_is_refused_as_a_flag_and_skipped_as_a_setting(name):
+    flag, field = FLUX_ROWS[name]
+    assert f"`--{name}` is" in refused(imagine, flag, model="flux")
+    assert "flux model" in refused(imagine, flag, model="flux")
+    if name.startswith("ip_adapter"):
+        flag = IP_ADAPTER  # alone, each would be dropped for want of the others
+    member = Layer("settings", parse_flags(flag, side_min=SIDE_MIN).choices, strict=False)
+    skipped = layered(member=member, model="flux")
+    assert field not in skipped.payload_for("text2img") and "settings" not in skipped.sources.values()
+    assert field in layered(member=member, model="fluxdev").payload_for("text2img")
+
+
+def test_the_no_words_count_towards_the_negative_prompts_2000_characters():
+    with pytest.raises(InvalidOption) as caught:
+        layered(options={"negative_prompt": "a" * 1500}, flags="--no " + "b" * 600)
+    assert caught.value.option == "negative_prompt"
+    assert "with the `--no` words must be at most 2000 characters" in caught.value.message
+
+
+def test_a_remix_refuses_a_default_model_that_cannot_remix_and_ignores_a_standing_size():
+    assert "`model` `flux` cannot remix images: use fluxdev or fluxschnell" in refused(remix, "", model="flux")
+    request = build_remix_request(
+        flavour="v6",
+        default_model="fluxdev",
+        prompt="a lighthouse",
+        source_url="https://cdn.discordapp.com/a.png",
+        layers=[Layer("settings", Choices(width=1024, height=576, aspect="16:9"), strict=False)],
+    )
+    assert request.aspect is None and "width" not in request.sources and "height" not in request.sources
+
+
+def test_a_standing_algorithm_type_is_dropped_without_its_scheduler_from_any_layer():
+    algorithm = {"algorithm_type": "dpmsolver+++"}
+    assert layered(member=settings(advanced=algorithm)).advanced == {}
+    with_flag = layered(flags="--scheduler DPMSolverMultistepScheduler", member=settings(advanced=algorithm))
+    assert with_flag.advanced == algorithm and with_flag.sources["algorithm_type"] == "settings"
