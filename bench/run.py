@@ -458,6 +458,10 @@ class BotProcess:
 
     async def start(self, within: float = 60) -> None:
         log = self._open_log()
+        seed: Path | None = getattr(self.options, "seed_database", None)
+        if seed is not None:  # bench.history: the bot starts on a copy of a database with a long history
+            (self.directory / "data").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(seed, self.directory / "data" / "bot.sqlite3")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
