@@ -691,3 +691,18 @@ async def test_an_explicit_option_wins_over_a_flag_and_unknown_flags_are_refused
     assert refused.original.flags & 64 and "`--chaos` is not a flag this bot knows" in refused.original.content
     flux_style = await imagine(discord_server, prompt="a cat --style anime")
     assert "`--style` is ignored by the flux model" in flux_style.original.content
+
+
+async def test_an_ip_adapter_link_to_a_private_address_is_refused_and_nothing_is_sent(
+    runner, discord_server, modelslab
+):
+    """ModelsLab would fetch the link on the server's account: the cloud metadata address must never reach it."""
+    await runner.start()
+    adapter = "--model sdxl --ip_adapter_id ip-adapter_sdxl --ip_adapter_image"
+    for link in ("http://169.254.169.254/latest/meta-data", "https://[64:ff9b::a9fe:a9fe]/x", "https://127.1/x.png"):
+        refused = await imagine(discord_server, prompt=f"a face {adapter} {link}")
+        assert refused.original.flags & 64, "refusals are private"
+        assert "`--ip_adapter_image` must be an https link to a picture on a public site" in refused.original.content
+    assert modelslab.submissions() == [] and await runner.job_count() == 0
+    await imagine(discord_server, prompt=f"a face {adapter} https://example.com/face.png")
+    assert (await modelslab.wait_for_submission()).json["ip_adapter_image"] == "https://example.com/face.png"

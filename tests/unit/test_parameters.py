@@ -6,6 +6,8 @@ enhance_style, SD LoRAs, ip adapters, embeddings, upscale and highres_fix")."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bot.errors import InvalidOption
@@ -165,7 +167,13 @@ def test_remixing_sends_the_parameters_img2img_documents():
         ("--safety_checker_type red", "must be one of blur, sensitive_content_text, pixelate, black"),
         ("--ip_adapter_id ip-adapter_xl", "`--ip_adapter_id` must be one of ip-adapter_sdxl"),
         ("--ip_adapter_scale 1.5", "`--ip_adapter_scale` must be a number from 0 to 1"),
-        ("--ip_adapter_image ftp://x/y.png", "`--ip_adapter_image` must be an http(s) link"),
+        ("--ip_adapter_image ftp://x/y.png", "`--ip_adapter_image` must be an https link"),
+        (
+            "--ip_adapter_image http://169.254.169.254/latest/meta-data",
+            "must be an https link to a picture on a public",
+        ),
+        ("--ip_adapter_image https://[64:ff9b::a9fe:a9fe]/x.png", "not a local or private address"),
+        ("--ip_adapter_image https://localhost/x.png", "not a local or private address"),
         ("--vae bad id!", "`--vae` must be a ModelsLab model id"),
         ("--embeddings_model", "`--embeddings_model` needs a value, e.g. --embeddings_model"),
         ("--ip_adapter_id ip-adapter_sd15", "needs `--ip_adapter_image` too"),
@@ -281,3 +289,12 @@ def test_one_side_given_alone_keeps_the_ratio_a_lower_layer_chose():
     assert (tall.width, tall.height) == (1024, 512)
     both = layered(options={"width": 512, "height": 512}, member=member)
     assert (both.width, both.height) == (512, 512)
+
+
+def test_a_stored_request_with_a_private_ip_adapter_link_never_sends_it():
+    """A job saved before the link rule (re-rolled, or queued across the upgrade) leaves the adapter out."""
+    stored = dataclasses.replace(
+        imagine(IP_ADAPTER), advanced={"ip_adapter_id": "ip-adapter_sdxl", "ip_adapter_image": "http://10.0.0.5/a.png"}
+    )
+    payload = stored.payload_for("text2img")
+    assert "ip_adapter_image" not in payload and "ip_adapter_id" not in payload
