@@ -117,7 +117,6 @@ class GuildAdmin:
         api_key = api_key.strip()
         if not 8 <= len(api_key) <= 200 or any(c.isspace() for c in api_key):
             raise UserFacingError("That does not look like a ModelsLab API key: paste the key exactly as shown.")
-        register_secret(api_key)
         problem = await self._client.check_key(api_key)
         if problem is not None:
             if problem.kind is ErrorKind.INVALID_KEY:
@@ -129,6 +128,7 @@ class GuildAdmin:
         await self._guilds.update(
             guild_id, api_key_ciphertext=self._keybox.seal(guild_id, api_key), api_key_last4=last4(api_key)
         )
+        register_secret(api_key)  # accepted and stored: from now on a real secret (never before: see register_secret)
         self._forget_cached(guild_id)
         self._unreadable_reported.discard(guild_id)
         log.info("Server %s set its ModelsLab API key", guild_id)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from bot.log import SecretFilter
 from bot.storage import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction
@@ -128,6 +129,19 @@ async def test_an_invalid_key_is_refused_and_nothing_is_saved(runner, discord_se
     assert (await runner.guilds.config(discord_server.guild_id)).api_key_last4 is None
     shown = await private_text(discord_server, await config(discord_server, "show"))
     assert "the bot operator's default key" in shown
+
+
+async def test_only_a_key_that_was_accepted_and_stored_is_masked_in_the_logs(runner, discord_server, modelslab):
+    """A member's id pasted as a "key" must not vanish from every later log line; the real key must."""
+    modelslab.valid_keys.add(GUILD_KEY)
+    await runner.start()
+    member = str(discord_server.member_id)
+    assert "invalid key" in await set_key(discord_server, member)
+    assert "invalid key" in await set_key(discord_server, "ml-not-a-real-key-0000")
+    line = SecretFilter().clean(f"Request of member {member} refused; ml-not-a-real-key-0000")
+    assert member in line and "ml-not-a-real-key-0000" in line
+    await set_key(discord_server, GUILD_KEY)
+    assert SecretFilter().clean(f"key {GUILD_KEY}") == "key [redacted]"
 
 
 async def test_clearing_the_key_falls_back_to_the_operator_key_only_if_allowed(runner, discord_server, modelslab):
