@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             secrets.append(settings.modelslab_api_key.get_secret_value())
         if settings.secret_key:
             secrets.append(settings.secret_key.get_secret_value())
+        if settings.metrics_token:
+            secrets.append(settings.metrics_token.get_secret_value())
         setup_logging(settings.log_level, secrets=secrets, log_format=settings.log_format)
         asyncio.run(run_bot(settings))
         return 0

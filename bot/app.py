@@ -146,7 +146,9 @@ async def running_app(
             return bot.is_ready() and not bot.is_closed()
 
         # access_log=None: the access log would print webhook URLs, and their tokens, in full.
-        runner = web.AppRunner(create_app(jobs, signer, health=healthy, metrics=jobs.metrics.render), access_log=None)
+        metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+        receiver = create_app(jobs, signer, health=healthy, metrics=jobs.metrics.render, metrics_token=metrics_token)
+        runner = web.AppRunner(receiver, access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         "", description="Comma list of extra hosts result images may come from, with their scheme."
     )
     secret_key: SecretStr | None = Field(None, description="Signs webhook URLs; generated into the data directory.")
+    metrics_token: SecretStr | None = Field(
+        None, description="GET /metrics answers only to Authorization: Bearer <this>; unset: /metrics answers 404."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="How much the bot logs.")
     log_format: Literal["text", "json"] = Field("text", description="text, or json (one object a line).")
 
@@ -68,6 +71,7 @@ class Settings(BaseSettings):
     @field_validator(
         "modelslab_api_key",
         "secret_key",
+        "metrics_token",
         "discord_gateway_url",
         "discord_dev_guild_id",
         "public_url",
@@ -85,6 +89,13 @@ class Settings(BaseSettings):
     def _secret_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters long (or unset, to have one generated)")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (len(value.get_secret_value()) < 16 or not value.get_secret_value().isprintable()):
+            raise ValueError("must be at least 16 printable characters (or unset, to turn /metrics off)")
         return value
 
     @property

@@ -7,6 +7,7 @@ and hands the job to `JobService.on_webhook`, which confirms with a fetch before
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -101,7 +102,10 @@ def create_app(
     *,
     health: Callable[[], Awaitable[bool]] | None = None,
     metrics: Callable[[], str] | None = None,
+    metrics_token: str | None = None,
 ) -> web.Application:
+    """The receiver. `/metrics` exists only with a `metrics_token`, and answers only to `Authorization: Bearer
+    <metrics_token>`; `/healthz` is public (it says only whether the bot is up)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     handler = ModelsLabWebhookHandler(jobs, signer)
     app.router.add_post(WEBHOOK_PATH_PREFIX + "/{job_id}/{token}", handler.receive)
@@ -113,11 +117,24 @@ def create_app(
 
     app.router.add_get("/healthz", healthz)
 
-    async def metrics_page(request: web.Request) -> web.Response:
-        text = metrics() if metrics is not None else ""
-        return web.Response(
-            text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
-        )
+    if metrics_token:
+        expected = f"Bearer {metrics_token}".encode()
 
-    app.router.add_get("/metrics", metrics_page)
+        async def metrics_page(request: web.Request) -> web.Response:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):  # in constant time: the token cannot be guessed bytewise
+                return web.json_response(
+                    {"error": "send Authorization: Bearer <METRICS_TOKEN>"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
+            text = metrics() if metrics is not None else ""
+            return web.Response(
+                text=text,
+                content_type="text/plain",
+                charset="utf-8",
+                headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+            )
+
+        app.router.add_get("/metrics", metrics_page)
     return app

@@ -74,15 +74,22 @@ async def test_healthz_is_503_until_connected_then_200(runner: BotRunner, discor
         await task
 
 
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
+
+
 async def test_metrics_count_jobs_errors_queue_and_latencies(runner, discord_server, modelslab):
     port = free_port()
     modelslab.script(ErrorAnswer(message="Model not found"))
-    await runner.start(webhook_port=port)
+    await runner.start(webhook_port=port, metrics_token=METRICS_TOKEN)
     for prompt in ("first", "second"):
         interaction = await discord_server.invoke_slash("imagine", {"prompt": prompt})
         await interaction.wait_callback()
     await runner.jobs.wait_idle()
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+    bearer = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics", headers=bearer) as response,
+    ):
         assert response.status == 200 and response.content_type == "text/plain"
         text = await response.text()
     assert 'imagine_jobs_total{kind="text2img",status="succeeded"} 1' in text
@@ -92,6 +99,31 @@ async def test_metrics_count_jobs_errors_queue_and_latencies(runner, discord_ser
     assert "imagine_ready_to_posted_seconds_count 1" in text
     assert "# TYPE imagine_queue_depth gauge" in text
     assert "ml-test-key" not in text
+
+
+async def test_metrics_answer_only_to_the_metrics_token_and_healthz_to_anyone(runner, discord_server, modelslab):
+    port = free_port()
+    await runner.start(webhook_port=port, metrics_token=METRICS_TOKEN)
+    url = f"http://127.0.0.1:{port}"
+    wrong = [{}, {"Authorization": "Bearer wrong-token-0123456789ab"}, {"Authorization": METRICS_TOKEN}]
+    wrong.append({"Authorization": f"Bearer {METRICS_TOKEN}x"})
+    wrong.append({"Authorization": f"Basic {METRICS_TOKEN}"})
+    async with aiohttp.ClientSession() as session:
+        for headers in wrong:
+            async with session.get(f"{url}/metrics", headers=headers) as response:
+                assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+                assert "imagine_" not in await response.text()
+        async with session.get(f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}) as response:
+            assert response.status == 200 and "imagine_jobs_total" in await response.text()
+        async with session.get(f"{url}/healthz") as response:
+            assert response.status == 200  # public: it says only whether the bot is up
+
+    await runner.restart(metrics_token=None)  # no METRICS_TOKEN: no /metrics at all
+    [address] = runner.app.webhook_runner.addresses if runner.app else []
+    async with aiohttp.ClientSession() as session:
+        for headers in ({}, {"Authorization": f"Bearer {METRICS_TOKEN}"}):
+            async with session.get(f"http://127.0.0.1:{address[1]}/metrics", headers=headers) as response:
+                assert response.status == 404
 
 
 async def test_shutdown_finishes_posting_and_keeps_the_rest_queued(runner, discord_server, modelslab):
