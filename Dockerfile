@@ -13,7 +13,7 @@ RUN mkdir bot cogs && touch bot/__init__.py cogs/__init__.py \
 # Run stage: the virtualenv, the source, a non-root user, the database on a volume.
 FROM python:3.11-slim
 ENV PATH=/venv/bin:$PATH PYTHONUNBUFFERED=1 DATABASE_PATH=/data/bot.sqlite3 WEBHOOK_PORT=8080
-RUN useradd --create-home --uid 10001 bot && mkdir /data && chown bot /data
+RUN useradd --create-home --uid 10001 bot && install -d -m 0700 -o bot /data
 COPY --from=build /venv /venv
 WORKDIR /app
 COPY bot ./bot

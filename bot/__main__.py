@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("check", help="check the settings, the database, Discord and ModelsLab, in plain words")
     commands.add_parser("invite-url", help="print the link that adds the bot to a server")
     args = parser.parse_args(argv)
+    # Whatever the bot writes (the database, its -wal and -shm, secret.key) is for the bot's user only.
+    os.umask(0o077)
 
     try:
         if args.command == "db":

@@ -10,6 +10,7 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -22,6 +23,7 @@ import aiosqlite
 
 from bot.generation import GenerationRequest
 from bot.guild_rules import GuildConfig, Limits, Usage, day_start
+from bot.settings import private_directory, private_file
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class Database:
     @asynccontextmanager
     async def open(cls, path: Path, *, upgrade: bool = True) -> AsyncIterator[Database]:
         try:
-            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(_private_database_file, path)
             connection = await aiosqlite.connect(path, isolation_level=None)
         except (OSError, aiosqlite.Error) as exc:
             raise StorageError(f"Cannot open the database at {path}: {exc}.") from exc
@@ -122,6 +124,15 @@ class Database:
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
         )
+
+
+def _private_database_file(path: Path) -> None:
+    """The folder 0700, the database 0600 before SQLite opens it: SQLite gives the -wal and -shm files it creates
+    later the database file's own mode, whatever the umask."""
+    private_directory(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        private_file(file)
 
 
 # ---------------------------------------------------------------------------------------------- jobs

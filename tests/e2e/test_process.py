@@ -8,9 +8,11 @@ import json
 import os
 import signal
 import sqlite3
+import stat
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from bot.signing import WebhookSigner
@@ -90,6 +92,11 @@ async def test_the_bot_runs_as_a_process_from_environment_variables_only(discord
             assert image.size == (640, 512)
         delivery = await modelslab.wait_for_webhook_delivery(timeout=10)
         assert delivery.status == 200
+        # Interaction tokens, prompts, pictures, sealed keys: for the bot's user only, while it runs.
+        data = tmp_path / "data"
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        for name in ("bot.sqlite3", "bot.sqlite3-wal", "bot.sqlite3-shm", "secret.key"):
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
@@ -119,6 +126,24 @@ async def test_a_missing_token_stops_the_process_with_a_plain_error(tmp_path):
     assert code == 2
     assert "DISCORD_TOKEN is required but not set" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"", "it is empty"), (b"\n\n", "it is empty"), (b"\x00\xff" * 40, "it is not a key")],
+    ids=["empty", "blank", "binary"],
+)
+async def test_an_empty_or_damaged_secret_key_stops_the_process_with_one_plain_error(
+    discord_server, modelslab, tmp_path, content, why
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "secret.key").write_bytes(content)
+    code, output = await run_module(env=bot_environment(discord_server, modelslab, data), cwd=tmp_path)
+    assert code == 2 and "Traceback" not in output
+    [line] = [line for line in output.splitlines() if line.startswith("error:")]
+    assert f"secret.key is damaged ({why}" in line and "restore it from your backup, or set SECRET_KEY" in line
+    assert (data / "secret.key").read_bytes() == content  # never replaced: the stored server keys depend on it
 
 
 async def test_db_upgrade_and_current_from_the_command_line(tmp_path):

@@ -153,3 +153,40 @@ async def test_input_pictures_of_shown_jobs_are_dropped_after_their_time(tmp_pat
         await store.drop_old_inputs(time.time() + 1)  # everything older than "now + 1 s"
         assert await store.input_image("a" * 32) is None  # shown: dropped
         assert await store.input_image("b" * 32) == b"png-b"  # not shown yet: kept for its job
+
+
+async def test_the_database_and_its_folder_are_for_the_bots_user_only(tmp_path, monkeypatch):
+    """Even with a permissive umask, and for files an older version left readable by everyone."""
+    import os
+    import stat
+
+    monkeypatch.setattr(os, "umask", os.umask)  # restored after the test
+    os.umask(0o022)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    old = data / "bot.sqlite3"
+    sqlite3.connect(old).close()
+    old.chmod(0o644)
+    async with Database.open(old) as database:
+        await JobStore(database).insert(new_job())  # the -wal and -shm exist now
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in data.iterdir()}
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert modes == {"bot.sqlite3": 0o600, "bot.sqlite3-wal": 0o600, "bot.sqlite3-shm": 0o600}
+
+    new = tmp_path / "fresh" / "nested" / "bot.sqlite3"
+    async with Database.open(new):
+        assert stat.S_IMODE(new.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(new.stat().st_mode) == 0o600
+
+
+async def test_a_folder_shared_with_other_files_keeps_its_mode_but_the_database_is_private(tmp_path):
+    import stat
+
+    shared = tmp_path / "srv"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "notes.txt").write_text("the operator's")
+    async with Database.open(shared / "bot.sqlite3"):
+        pass
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE((shared / "bot.sqlite3").stat().st_mode) == 0o600
