@@ -6,6 +6,7 @@ import io
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -596,7 +597,14 @@ async def test_images_that_cannot_be_downloaded_are_left_out_but_still_counted(r
     job = await runner.wait_posted()
     assert attachments_of(interaction.original) == [modelslab.image_bytes(hosted)]
     assert "1 of 2 images could not be downloaded" in interaction.original.content
+    assert "ModelsLab made and billed them, so they count against the quota" in interaction.original.content
     assert job.image_count == 1 and job.charged_images == 2
+
+
+def test_the_readme_says_what_the_bot_does_with_images_that_could_not_be_downloaded():
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "only the posted ones count" not in readme and "could not be downloaded are not counted" not in readme
+    assert "ModelsLab made and billed the missing ones too, so they count against the quota" in readme
 
 
 async def test_when_no_image_can_be_downloaded_the_member_is_told(runner, discord_server, modelslab):
