@@ -104,6 +104,7 @@ async def running_app(
             client=client,
             default_api_key=api_key,
             allow_default_key=settings.allow_default_key,
+            default_key_guild_daily=settings.default_key_guild_daily,
         )
         if settings.secret_key is None and await guilds.any_server_key():
             log.warning(

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
 
     modelslab_api_key: SecretStr | None = Field(None, description="The operator's default ModelsLab API key.")
     allow_default_key: bool = Field(True, description="Servers without their own key use MODELSLAB_API_KEY.")
+    default_key_guild_daily: int = Field(
+        0, ge=0, le=100_000, description="Images a day for each server on MODELSLAB_API_KEY; 0: no cap."
+    )
     modelslab_base_url: AnyHttpUrl = Field(AnyHttpUrl("https://modelslab.com"), description="Scheme and host.")
     modelslab_api: Literal["v6", "enterprise"] = Field("v6", description="Community (v6) or enterprise endpoints.")
     modelslab_default_model: str = Field("flux", min_length=1, description="model_id used when none is given.")
@@ -61,6 +64,11 @@ class Settings(BaseSettings):
             value = value.strip()
             return value.upper() if value.lower() in ("debug", "info", "warning", "error") else value.lower()
         return value
+
+    @field_validator("default_key_guild_daily", mode="before")
+    @classmethod
+    def _blank_is_no_cap(cls, value: object) -> object:
+        return 0 if isinstance(value, str) and not value.strip() else value
 
     @field_validator("discord_token")
     @classmethod

@@ -181,6 +181,39 @@ async def test_exactly_the_quota_is_admitted_when_fifty_requests_arrive_at_once(
     assert len(modelslab.submissions()) == 10
 
 
+async def test_default_key_guild_daily_caps_servers_on_the_operators_key_exactly(runner, discord_server, modelslab):
+    """DEFAULT_KEY_GUILD_DAILY joins the server's own daily limit in the one-statement reservation: the smaller
+    applies, exactly, however many requests arrive at once; a server on its own key is not capped by it."""
+    members = [int(discord_server.add_member(1_400_000_000_000_000_000 + n, f"m{n}")["id"]) for n in range(20)]
+    await runner.start(default_key_guild_daily=4)
+    await config(discord_server, "limits", {"guild_daily": 50})  # the server's own limit is higher: the cap wins
+    interactions = await asyncio.gather(
+        *(discord_server.invoke_slash("imagine", {"prompt": f"cat {n}"}, user_id=uid) for n, uid in enumerate(members))
+    )
+    await asyncio.gather(*(i.wait_callback() for i in interactions))
+    refused = [i for i in interactions if i.original.flags & 64]
+    assert len(refused) == 16 and len(modelslab.submissions()) <= 4
+    for interaction in refused:
+        assert (
+            "This server runs on the bot operator's ModelsLab key, which makes at most 4 images a day for each "
+            "server (the operator's daily cap); 0 are left today"
+        ) in interaction.original.content
+        assert "resets <t:" in interaction.original.content and "`/config apikey`" in interaction.original.content
+    quota = await private_text(discord_server, await run(discord_server, "quota"))
+    assert "**This server:** 0 of 4 left (the bot operator's cap for servers on its key) today" in quota
+
+    await config(discord_server, "limits", {"guild_daily": 2})  # now the server's own limit is the smaller
+    await runner.jobs.wait_idle()
+    own = await imagine(discord_server)
+    assert "of its 2 images for today left (server daily limit)" in own.original.content
+
+    modelslab.valid_keys.add(GUILD_KEY)
+    await config(discord_server, "limits", {"guild_daily": 0})
+    await set_key(discord_server, GUILD_KEY)  # its own key: the operator's cap no longer applies
+    accepted = await imagine(discord_server)
+    assert not accepted.original.flags & 64
+
+
 async def test_samples_count_and_a_failed_job_gives_its_images_back(runner, discord_server, modelslab):
     await runner.start()
     await config(discord_server, "limits", {"user_daily": 3})
