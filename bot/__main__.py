@@ -18,6 +18,7 @@ import discord
 
 from bot import operations
 from bot.app import running_app
+from bot.connection_guard import raise_open_file_limit
 from bot.log import setup_logging
 from bot.settings import Settings, SettingsError, load_settings
 from bot.storage import Database, StorageError
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if settings.metrics_token:
             secrets.append(settings.metrics_token.get_secret_value())
         setup_logging(settings.log_level, secrets=secrets, log_format=settings.log_format)
+        raised = raise_open_file_limit()
+        if raised is not None:
+            log.info("Raised the limit on open files from %d to %d (the hard limit allows it)", *raised)
         asyncio.run(run_bot(settings))
         return 0
     except (SettingsError, StorageError) as exc:

@@ -10,11 +10,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
+from bot.connection_guard import ConnectionLimits, GuardedSite
 from bot.discord_bot import ImagineBot, point_discord_at
 from bot.download_policy import (
     DownloadPolicy,
@@ -47,6 +48,7 @@ class Timings:
     download_first_wait: float = 0.5
     discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS
     submit_retry_delay: float = RETRY_BASE_DELAY
+    receiver: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass
@@ -149,10 +151,11 @@ async def running_app(
         # access_log=None: the access log would print webhook URLs, and their tokens, in full.
         metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
         receiver = create_app(jobs, signer, health=healthy, metrics=jobs.metrics.render, metrics_token=metrics_token)
-        runner = web.AppRunner(receiver, access_log=None)
+        # lingering_time: after an early answer (413, 408), how long the rest of a body is read and dropped.
+        runner = web.AppRunner(receiver, access_log=None, lingering_time=2.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)
+            site = GuardedSite(runner, settings.webhook_host, settings.webhook_port, timings.receiver)
             await site.start()
             for address in runner.addresses:
                 log.info("Webhook receiver listening on %s:%s", *address[:2])

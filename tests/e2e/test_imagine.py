@@ -411,7 +411,9 @@ async def test_a_webhook_that_comes_twice_posts_once(runner, discord_server, mod
     await modelslab.wait_for_webhook_delivery(lambda d: d.attempt == 2)
     await runner.wait_posted(job.id)
     await runner.app.jobs.wait_idle()
-    assert [d.status for d in modelslab.webhook_deliveries] == [200, 200]
+    assert [d.status for d in modelslab.webhook_deliveries] == [200, 200], [
+        d.error for d in modelslab.webhook_deliveries
+    ]
     assert len([m for m in discord_server.messages.values() if m.attachments]) == 1
     assert len(attachments_of(interaction.original)) == 1
 
