@@ -242,6 +242,8 @@ def test_the_container_files_follow_the_rules():
     assert dockerfile.index("pip install") < dockerfile.index("COPY bot ")  # dependencies before the source
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.M) and 'VOLUME ["/data"]' in dockerfile
     assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
+    assert "pip install --require-hashes -r requirements.lock" in dockerfile  # the hashed pins, nothing resolved
+    assert re.search(r"install -d -m 0700 -o \w+ /data", dockerfile)  # the data folder is the bot user's only
     compose = (ROOT / "docker-compose.yml").read_text()
     assert "env_file: .env" in compose and "/data" in compose
     ignored = (ROOT / ".dockerignore").read_text().split()
