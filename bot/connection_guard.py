@@ -36,7 +36,7 @@ class ConnectionLimits:
     max_connections: int = 256
     head_timeout: float = 10.0  # from the connection to the end of its request head
     lifetime: float = 60.0  # a connection's whole life: one request, its body and the answer
-    backlog: int = 128
+    backlog: int = 512  # pending connections the kernel holds for us: a burst of webhooks is not dropped
 
 
 class ConnectionGuard:
