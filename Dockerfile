@@ -3,17 +3,16 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
-# Install the dependencies through a stub of the project, then drop the stub: the source is copied later.
-RUN mkdir bot cogs && touch bot/__init__.py cogs/__init__.py \
-    && python -m venv /venv \
-    && /venv/bin/pip install . \
-    && /venv/bin/pip uninstall -y modelslab-imagine-bot
+# Exactly the pinned, hashed versions of requirements.lock (see the README's "Supply chain"): a package whose
+# files do not match their recorded hashes, or one the lock does not pin, stops the build.
+COPY requirements.lock ./
+RUN python -m venv /venv \
+    && /venv/bin/pip install --require-hashes -r requirements.lock
 
 # Run stage: the virtualenv, the source, a non-root user, the database on a volume.
 FROM python:3.11-slim
 ENV PATH=/venv/bin:$PATH PYTHONUNBUFFERED=1 DATABASE_PATH=/data/bot.sqlite3 WEBHOOK_PORT=8080
-RUN useradd --create-home --uid 10001 bot && mkdir /data && chown bot /data
+RUN useradd --create-home --uid 10001 bot && install -d -m 0700 -o bot /data
 COPY --from=build /venv /venv
 WORKDIR /app
 COPY bot ./bot

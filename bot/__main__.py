@@ -21,6 +21,7 @@ from bot.app import running_app
 from bot.log import setup_logging
 from bot.settings import Settings, SettingsError, load_settings
 from bot.storage import StorageError, open_storage
+from bot.web.connection_guard import raise_open_file_limit
 
 log = logging.getLogger("bot")
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("check", help="check the settings, the database, Discord and ModelsLab, in plain words")
     commands.add_parser("invite-url", help="print the link that adds the bot to a server")
     args = parser.parse_args(argv)
+    # Whatever the bot writes (the database, its -wal and -shm, secret.key) is for the bot's user only.
+    os.umask(0o077)
 
     try:
         if args.command == "db":
@@ -81,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             secrets.append(settings.modelslab_api_key.get_secret_value())
         if settings.secret_key:
             secrets.append(settings.secret_key.get_secret_value())
+        if settings.metrics_token:
+            secrets.append(settings.metrics_token.get_secret_value())
         setup_logging(settings.log_level, secrets=secrets, log_format=settings.log_format)
+        raised = raise_open_file_limit()
+        if raised is not None:
+            log.info("Raised the limit on open files from %d to %d (the hard limit allows it)", *raised)
         asyncio.run(run_bot(settings))
         return 0
     except (SettingsError, StorageError) as exc:

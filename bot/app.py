@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +33,7 @@ from bot.modelslab.client import ModelsLabClient
 from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings, ensure_secret_key
 from bot.storage import Storage, open_storage
+from bot.web.connection_guard import ConnectionLimits, GuardedSite
 from bot.web.receiver import create_app
 from bot.web.signing import WebhookSigner
 
@@ -48,6 +49,7 @@ class Timings:
     download_first_wait: float = 0.5
     discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS
     submit_retry_delay: float = RETRY_BASE_DELAY
+    receiver: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass
@@ -104,6 +106,7 @@ async def running_app(
             client=client,
             default_api_key=api_key,
             allow_default_key=settings.allow_default_key,
+            default_key_guild_daily=settings.default_key_guild_daily,
         )
         if settings.secret_key is None and await guilds.any_server_key():
             log.warning(
@@ -148,10 +151,13 @@ async def running_app(
             return bot.is_ready() and not bot.is_closed()
 
         # access_log=None: the access log would print webhook URLs, and their tokens, in full.
-        runner = web.AppRunner(create_app(jobs, signer, health=healthy, metrics=jobs.metrics.render), access_log=None)
+        metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+        receiver = create_app(jobs, signer, health=healthy, metrics=jobs.metrics.render, metrics_token=metrics_token)
+        # lingering_time: after an early answer (413, 408), how long the rest of a body is read and dropped.
+        runner = web.AppRunner(receiver, access_log=None, lingering_time=2.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, settings.webhook_host, settings.webhook_port)
+            site = GuardedSite(runner, settings.webhook_host, settings.webhook_port, timings.receiver)
             await site.start()
             for address in runner.addresses:
                 log.info("Webhook receiver listening on %s:%s", *address[:2])

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 
 # Interaction tokens and our webhook tokens travel in URL paths that libraries may log.
@@ -17,13 +18,25 @@ _TOKEN_PATHS = (
     re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+"""),  # gateway payloads: interaction tokens
 )
 REDACTED = "[redacted]"
-# Secrets learnt while running (servers' keys, as they are saved or read): every filter masks them too.
-_RUNTIME_SECRETS: set[str] = set()
+# Secrets learnt while running (servers' keys, once accepted and stored, or read back): every filter masks them
+# too. Bounded, the least recently registered dropped first: each one costs every log line a replace(), and a
+# stored key is never logged anyway (this is the second line of defence).
+MAX_RUNTIME_SECRETS = 1000
+_RUNTIME_SECRETS: OrderedDict[str, None] = OrderedDict()
+_runtime_secrets_longest_first: list[str] = []
 
 
 def register_secret(value: str) -> None:
-    if value and len(value) >= 6:
-        _RUNTIME_SECRETS.add(value)
+    """Mask `value` in every later log line. Only for real secrets (a key that was accepted and stored):
+    whatever is registered disappears from the logs, so a bogus "key" must never get here."""
+    global _runtime_secrets_longest_first
+    if not value or len(value) < 6:
+        return
+    _RUNTIME_SECRETS[value] = None
+    _RUNTIME_SECRETS.move_to_end(value)
+    while len(_RUNTIME_SECRETS) > MAX_RUNTIME_SECRETS:
+        _RUNTIME_SECRETS.popitem(last=False)
+    _runtime_secrets_longest_first = sorted(_RUNTIME_SECRETS, key=len, reverse=True)
 
 
 class SecretFilter(logging.Filter):
@@ -48,7 +61,7 @@ class SecretFilter(logging.Filter):
         return True
 
     def clean(self, text: str) -> str:
-        for secret in (*self._secrets, *sorted(_RUNTIME_SECRETS, key=len, reverse=True)):
+        for secret in (*self._secrets, *_runtime_secrets_longest_first):
             text = text.replace(secret, REDACTED)
         for pattern in _TOKEN_PATHS:
             text = pattern.sub(lambda m: m.group(1) + REDACTED, text)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from bot import PROJECT_URL, __version__
 from bot.discord.texts import failure_sentence
 from bot.modelslab.client import ErrorKind, ModelsLabClient
 from bot.settings import Settings
@@ -28,6 +29,8 @@ PERMISSIONS = {
 }
 PERMISSIONS_VALUE = sum(PERMISSIONS.values())
 SCOPES = ("bot", "applications.commands")
+# What Discord asks every HTTP client to send ("User-Agent" in its API reference): `DiscordBot ($url, $version)`.
+USER_AGENT = f"DiscordBot ({PROJECT_URL}, {__version__})"
 
 
 def invite_url(application_id: int) -> str:
@@ -52,28 +55,63 @@ class Finding:
     part: str
     ok: bool
     text: str
+    warning: bool = False  # works, but at a risk the admin should know of (does not fail `check`)
 
     def line(self) -> str:
-        return f"{'✓' if self.ok else '✗'} {self.part}: {self.text}"
+        mark = "⚠" if self.warning else "✓" if self.ok else "✗"
+        return f"{mark} {self.part}: {self.text}"
 
 
-async def discord_application(settings: Settings, session: aiohttp.ClientSession) -> tuple[Finding, int | None]:
+@dataclass(frozen=True)
+class DiscordApplication:
+    finding: Finding
+    application_id: int | None = None
+    bot_public: bool | None = None  # the developer portal's "Public Bot" switch (None: not known)
+
+
+def open_to_strangers(bot_public: bool | None, settings: Settings) -> str | None:
+    """One line naming the risk when anyone may add the bot to a server and generate on the operator's key."""
+    if not bot_public or not settings.allow_default_key or settings.modelslab_api_key is None:
+        return None
+    if settings.default_key_guild_daily:
+        how_much = f"up to {settings.default_key_guild_daily} images a day per server (DEFAULT_KEY_GUILD_DAILY)"
+        fix = "or set ALLOW_DEFAULT_KEY=false"
+    else:
+        how_much = "without limit"
+        fix = "or set ALLOW_DEFAULT_KEY=false, or cap it with DEFAULT_KEY_GUILD_DAILY"
+    return (
+        "strangers can spend your ModelsLab credits: the application is a Public Bot and ALLOW_DEFAULT_KEY is true, "
+        f"so anyone who adds the bot to a server generates on MODELSLAB_API_KEY {how_much}; turn Public Bot off "
+        f"(developer portal → Bot) {fix}."
+    )
+
+
+async def discord_application(settings: Settings, session: aiohttp.ClientSession) -> DiscordApplication:
     base = settings.discord_api_base.rstrip("/")
-    headers = {"Authorization": f"Bot {settings.discord_token.get_secret_value()}"}
+    headers = {"Authorization": f"Bot {settings.discord_token.get_secret_value()}", "User-Agent": USER_AGENT}
     try:
         async with session.get(f"{base}/users/@me", headers=headers) as response:
             if response.status == 401:
-                return Finding("Discord", False, "the bot token was refused: copy it again (Bot → Reset Token)."), None
+                return DiscordApplication(
+                    Finding("Discord", False, "the bot token was refused: copy it again (Bot → Reset Token).")
+                )
             if response.status != 200:
-                return Finding("Discord", False, f"answered HTTP {response.status} to the login check."), None
+                return DiscordApplication(
+                    Finding("Discord", False, f"answered HTTP {response.status} to the login check.")
+                )
             user = await response.json(content_type=None)
         async with session.get(f"{base}/oauth2/applications/@me", headers=headers) as response:
             application = await response.json(content_type=None) if response.status == 200 else {}
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return Finding("Discord", False, f"cannot be reached at {base} ({type(exc).__name__})."), None
+        return DiscordApplication(Finding("Discord", False, f"cannot be reached at {base} ({type(exc).__name__})."))
     app_id = int(application["id"]) if application.get("id") else None
+    bot_public = application.get("bot_public")
     name = user.get("username", "?")
-    return Finding("Discord", True, f"logged in as {name} (application {app_id})."), app_id
+    return DiscordApplication(
+        Finding("Discord", True, f"logged in as {name} (application {app_id})."),
+        app_id,
+        bot_public if isinstance(bot_public, bool) else None,
+    )
 
 
 async def modelslab_status(settings: Settings, session: aiohttp.ClientSession) -> Finding:
@@ -130,15 +168,19 @@ async def check(settings: Settings) -> list[Finding]:
     findings.append(await database_status(settings))
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        findings.append((await discord_application(settings, session))[0])
+        discord_app = await discord_application(settings, session)
+        findings.append(discord_app.finding)
         findings.append(await modelslab_status(settings, session))
     findings.append(webhook_status(settings))
+    risk = open_to_strangers(discord_app.bot_public, settings)
+    if risk is not None:
+        findings.append(Finding("default key", True, risk, warning=True))
     return findings
 
 
 async def find_invite_url(settings: Settings) -> str:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
-        _, app_id = await discord_application(settings, session)
+        app_id = (await discord_application(settings, session)).application_id
     if app_id is None:
         app_id = application_id_from_token(settings.discord_token.get_secret_value())
     if app_id is None:

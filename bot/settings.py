@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -30,6 +31,9 @@ class Settings(BaseSettings):
 
     modelslab_api_key: SecretStr | None = Field(None, description="The operator's default ModelsLab API key.")
     allow_default_key: bool = Field(True, description="Servers without their own key use MODELSLAB_API_KEY.")
+    default_key_guild_daily: int = Field(
+        0, ge=0, le=100_000, description="Images a day for each server on MODELSLAB_API_KEY; 0: no cap."
+    )
     modelslab_base_url: AnyHttpUrl = Field(AnyHttpUrl("https://modelslab.com"), description="Scheme and host.")
     modelslab_api: Literal["v6", "enterprise"] = Field("v6", description="Community (v6) or enterprise endpoints.")
     modelslab_default_model: str = Field("flux", min_length=1, description="model_id used when none is given.")
@@ -47,6 +51,9 @@ class Settings(BaseSettings):
         "", description="Comma list of extra hosts result images may come from, with their scheme."
     )
     secret_key: SecretStr | None = Field(None, description="Signs webhook URLs; generated into the data directory.")
+    metrics_token: SecretStr | None = Field(
+        None, description="GET /metrics answers only to Authorization: Bearer <this>; unset: /metrics answers 404."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="How much the bot logs.")
     log_format: Literal["text", "json"] = Field("text", description="text, or json (one object a line).")
 
@@ -58,6 +65,11 @@ class Settings(BaseSettings):
             return value.upper() if value.lower() in ("debug", "info", "warning", "error") else value.lower()
         return value
 
+    @field_validator("default_key_guild_daily", mode="before")
+    @classmethod
+    def _blank_is_no_cap(cls, value: object) -> object:
+        return 0 if isinstance(value, str) and not value.strip() else value
+
     @field_validator("discord_token")
     @classmethod
     def _token_not_blank(cls, value: SecretStr) -> SecretStr:
@@ -68,6 +80,7 @@ class Settings(BaseSettings):
     @field_validator(
         "modelslab_api_key",
         "secret_key",
+        "metrics_token",
         "discord_gateway_url",
         "discord_dev_guild_id",
         "public_url",
@@ -85,6 +98,13 @@ class Settings(BaseSettings):
     def _secret_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters long (or unset, to have one generated)")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (len(value.get_secret_value()) < 16 or not value.get_secret_value().isprintable()):
+            raise ValueError("must be at least 16 printable characters (or unset, to turn /metrics off)")
         return value
 
     @property
@@ -119,23 +139,72 @@ def load_settings(**overrides: object) -> Settings:
         ) from None
 
 
+def private_directory(directory: Path) -> None:
+    """Create the data folder readable by the bot's user only (0700). A folder that already exists is tightened
+    only if it holds nothing but the bot's own files: it may be a folder the operator shares for other things."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if directory.stat().st_mode & 0o077 and _only_bot_files(directory):
+        with contextlib.suppress(PermissionError):
+            directory.chmod(0o700)
+
+
+def _only_bot_files(directory: Path) -> bool:
+    return all(
+        entry.name == SECRET_KEY_FILE_NAME or entry.name.endswith((".sqlite3", ".sqlite3-wal", ".sqlite3-shm"))
+        for entry in directory.iterdir()
+    )
+
+
+def private_file(path: Path) -> None:
+    """An existing file of the bot's (the database, its -wal and -shm, secret.key) made 0600."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+
+
 def ensure_secret_key(settings: Settings) -> bytes:
-    """The key that signs webhook URLs: `SECRET_KEY` if set, else one generated once into the data directory."""
+    """The key that signs webhook URLs: `SECRET_KEY` if set, else one generated once into the data directory.
+
+    Raises `SettingsError` (one plain sentence) when the folder cannot be used or the key file is empty or
+    damaged: running on an empty key would sign webhook URLs with nothing."""
     if settings.secret_key is not None:
         return settings.secret_key.get_secret_value().encode()
     directory = settings.data_directory
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / SECRET_KEY_FILE_NAME
     try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    key = secrets.token_urlsafe(48).encode()
-    # O_EXCL: if two processes race, one wins and the other reads the winner's key.
+        private_directory(directory)
+        try:
+            return _read_secret_key(path)
+        except FileNotFoundError:
+            pass
+        key = secrets.token_urlsafe(48).encode()
+        # O_EXCL: if two processes race, one wins and the other reads the winner's key.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return _read_secret_key(path)
+        with os.fdopen(fd, "wb") as file:
+            file.write(key + b"\n")
+        return key
+    except OSError as exc:
+        raise SettingsError(
+            f"The generated secret key {path} cannot be read or written ({exc.strerror or exc}): give the bot's "
+            "user that folder, or set SECRET_KEY."
+        ) from None
+
+
+def _read_secret_key(path: Path) -> bytes:
+    key = path.read_bytes().strip()
+    private_file(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as file:
-        file.write(key + b"\n")
+        text = key.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if len(text) < 16 or not text.isprintable():
+        why = "it is empty" if not key else "it is not a key the bot wrote"
+        raise SettingsError(
+            f"The generated secret key {path} is damaged ({why}): restore it from your backup, or set SECRET_KEY. "
+            "Deleting it makes the bot write a new one, and then the servers' stored API keys cannot be read "
+            "(each server must run /config apikey again)."
+        )
     return key

@@ -409,6 +409,11 @@ class ServerSettings(commands.Cog):
             "no daily limit"
             if status.guild_left is None
             else f"{status.guild_left} of {status.limits.guild_daily} left"
+            + (
+                " (the bot operator's cap for servers on its key)"
+                if status.limits.guild_daily_is_default_key_cap
+                else ""
+            )
         )
         lines = [
             f"**You:** {you} today ({status.usage.user_today} used)",

@@ -6,6 +6,7 @@ import logging
 import secrets
 from collections.abc import Callable
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
@@ -18,6 +19,7 @@ from bot.jobs.member_history import MemberHistory
 from bot.jobs.model import Job
 from bot.jobs.service import JobService
 from bot.modelslab.catalog import ModelCatalog
+from bot.operations import USER_AGENT, open_to_strangers
 from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings
 from bot.storage import StorageBusy, StorageFull
@@ -44,6 +46,23 @@ def point_discord_at(settings: Settings) -> None:
     discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
     if settings.discord_gateway_url:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+def user_agent_trace() -> aiohttp.TraceConfig:
+    """Discord asks every client for a `DiscordBot (url, version)` User-Agent. discord.py sends its own on REST calls
+    but none on interaction callbacks and interaction webhooks (its webhook adapter builds headers without one, so
+    aiohttp's `Python/x aiohttp/y` goes out). discord.py's `http_trace` hook sees each request's headers before they
+    are sent (aiohttp hands `on_request_start` the very mapping it then sends): the bot's agent fills the gap there,
+    and discord.py's own agent stays where it has one."""
+
+    async def add_user_agent(
+        session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        params.headers.setdefault("User-Agent", USER_AGENT)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(add_user_agent)
+    return trace
 
 
 async def reply_privately(interaction: discord.Interaction, message: str) -> None:
@@ -111,6 +130,7 @@ class ImagineBot(commands.Bot):
             tree_cls=ImagineCommandTree,
             guild_ready_timeout=guild_ready_timeout,
             allowed_mentions=discord.AllowedMentions.none(),
+            http_trace=user_agent_trace(),
         )
         self.settings = settings
         self.jobs = jobs
@@ -127,6 +147,10 @@ class ImagineBot(commands.Bot):
         await tree.report_error(interaction, error)
 
     async def setup_hook(self) -> None:
+        # discord.py read the application at login; its "Public Bot" switch decides who may spend the default key.
+        risk = open_to_strangers(self.application.bot_public if self.application else None, self.settings)
+        if risk is not None:
+            log.warning("Default key: %s", risk)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(CancelJobButton)

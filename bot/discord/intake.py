@@ -12,7 +12,7 @@ import discord
 from bot.discord.texts import status_text
 from bot.errors import MissingApiKey, UserFacingError
 from bot.guilds.admin import NO_KEY, UNREADABLE_KEY
-from bot.guilds.rules import GuildConfig, check_blocklist, check_channel, check_model, limits_for
+from bot.guilds.rules import GuildConfig, check_blocklist, check_channel, check_model
 from bot.requests.generation import GenerationRequest, Layer, ServerDefaults
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ async def submit_job(
         token_expires_at=(interaction.created_at + TOKEN_LIFETIME).timestamp(),
         attachment_size_limit=interaction.filesize_limit,
         channel_nsfw=channel_is_nsfw(interaction),
-        limits=limits_for(config, role_ids),
+        limits=bot.guild_admin.limits_for(config, role_ids),
         parent_job_id=parent_job_id,
         input_from_job=input_from_job,
     )

@@ -89,7 +89,10 @@ def result_summary(
     elif spoiler:
         content += "\n🔞 ModelsLab flagged this result as NSFW: it is hidden behind a spoiler."
     if missing > 0:
-        content += f"\n⚠️ {missing} of {len(job.output_urls)} images could not be downloaded from ModelsLab."
+        content += (
+            f"\n⚠️ {missing} of {len(job.output_urls)} images could not be downloaded from ModelsLab; ModelsLab made "
+            "and billed them, so they count against the quota."
+        )
     if withheld:
         count = len(job.output_urls)
     return ResultSummary(

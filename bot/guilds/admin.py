@@ -63,6 +63,7 @@ class GuildAdmin:
         client: ModelsLabClient,
         default_api_key: str | None,
         allow_default_key: bool,
+        default_key_guild_daily: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._guilds = guilds
@@ -71,6 +72,7 @@ class GuildAdmin:
         self._client = client
         self._default_api_key = default_api_key
         self._allow_default_key = allow_default_key
+        self._default_key_guild_daily = default_key_guild_daily
         self._clock = clock
         self._unreadable_reported: set[int] = set()
         # Read before every acknowledgement, changed only through this class: kept in memory.
@@ -117,7 +119,6 @@ class GuildAdmin:
         api_key = api_key.strip()
         if not 8 <= len(api_key) <= 200 or any(c.isspace() for c in api_key):
             raise UserFacingError("That does not look like a ModelsLab API key: paste the key exactly as shown.")
-        register_secret(api_key)
         problem = await self._client.check_key(api_key)
         if problem is not None:
             if problem.kind is ErrorKind.INVALID_KEY:
@@ -129,6 +130,7 @@ class GuildAdmin:
         await self._guilds.update(
             guild_id, api_key_ciphertext=self._keybox.seal(guild_id, api_key), api_key_last4=last4(api_key)
         )
+        register_secret(api_key)  # accepted and stored: from now on a real secret (never before: see register_secret)
         self._forget_cached(guild_id)
         self._unreadable_reported.discard(guild_id)
         log.info("Server %s set its ModelsLab API key", guild_id)
@@ -185,11 +187,17 @@ class GuildAdmin:
         await self._guilds.set_role_limit(guild_id, role_id, user_daily)
         self._forget_cached(guild_id)
 
+    def limits_for(self, config: GuildConfig, role_ids: Iterable[int]) -> Limits:
+        """The limits of a member's request: the server's, and DEFAULT_KEY_GUILD_DAILY if it runs on the operator's
+        key (the smaller daily limit applies)."""
+        operator_cap = self._default_key_guild_daily if self.uses_operator_key(config) else 0
+        return limits_for(config, role_ids, default_key_daily=operator_cap)
+
     async def quota_status(self, guild_id: int, user_id: int, role_ids: Iterable[int]) -> QuotaStatus:
         now = self._clock()
         config = await self.config(guild_id)
         usage = await self._jobs.usage(guild_id, user_id, now)
-        return QuotaStatus(limits_for(config, role_ids), usage, next_reset(now))
+        return QuotaStatus(self.limits_for(config, role_ids), usage, next_reset(now))
 
     # ------------------------------------------------------------------------------------------ channels, policy
 

@@ -60,6 +60,9 @@ class Limits:
     user_daily: int = 0
     user_concurrent: int = 0
     cooldown_seconds: int = 0
+    # The server's daily limit is the operator's DEFAULT_KEY_GUILD_DAILY (the server runs on MODELSLAB_API_KEY and
+    # its own limit is higher or none): the refusal then says so.
+    guild_daily_is_default_key_cap: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,11 @@ class Usage:
     user_last_request_at: float | None = None
 
 
-def limits_for(config: GuildConfig, member_role_ids: Iterable[int]) -> Limits:
-    """A role limit replaces the server's per-member limit when it is higher; a role limit of 0 means unlimited."""
+def limits_for(config: GuildConfig, member_role_ids: Iterable[int], *, default_key_daily: int = 0) -> Limits:
+    """A role limit replaces the server's per-member limit when it is higher; a role limit of 0 means unlimited.
+
+    `default_key_daily`: the operator's cap for a server that runs on the operator's key (0: none). The smaller of
+    it and the server's own daily limit applies, in the same one-statement reservation."""
     user_daily = config.user_daily
     role_values = [config.role_limits[r] for r in member_role_ids if r in config.role_limits]
     if role_values:
@@ -81,7 +87,10 @@ def limits_for(config: GuildConfig, member_role_ids: Iterable[int]) -> Limits:
             user_daily = 0
         elif user_daily != 0:
             user_daily = max(user_daily, *role_values)
-    return Limits(config.guild_daily, user_daily, config.user_concurrent, config.cooldown_seconds)
+    guild_daily, capped = config.guild_daily, False
+    if default_key_daily and (not guild_daily or default_key_daily < guild_daily):
+        guild_daily, capped = default_key_daily, True
+    return Limits(guild_daily, user_daily, config.user_concurrent, config.cooldown_seconds, capped)
 
 
 def day_start(now: float) -> float:
@@ -108,11 +117,23 @@ def explain_refusal(limits: Limits, usage: Usage, samples: int, now: float) -> s
             f"You already have {usage.user_running} job(s) running, the most this server allows at once "
             "(concurrent jobs): wait for one to finish."
         )
+    operator_cap = limits.guild_daily_is_default_key_cap
     for limit, who in ((limits.user_daily, "a member"), (limits.guild_daily, "this server")):
         if limit and samples > limit:
+            if operator_cap and who == "this server":
+                return (
+                    f"This server runs on the bot operator's ModelsLab key, which makes at most {limit} images a day "
+                    f"for each server (the operator's daily cap): ask for {limit} or fewer."
+                )
             return f"This server allows {who} at most {limit} images a day (daily limit): ask for {limit} or fewer."
     if limits.guild_daily and usage.guild_today + samples > limits.guild_daily:
         left = max(limits.guild_daily - usage.guild_today, 0)
+        if operator_cap:
+            return (
+                f"This server runs on the bot operator's ModelsLab key, which makes at most {limits.guild_daily} "
+                f"images a day for each server (the operator's daily cap); {left} are left today and this asks for "
+                f"{samples}: the count resets {resets}. With its own key (`/config apikey`) the server is not capped."
+            )
         return (
             f"This server has {left} of its {limits.guild_daily} images for today left (server daily limit) "
             f"and this asks for {samples}: the count resets {resets}."

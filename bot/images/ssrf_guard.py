@@ -50,10 +50,31 @@ def parse_allowed_hosts(text: str) -> tuple[Origin, ...]:
     return tuple(origins)
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the IPv4 address is the last 32 bits
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215, for local use: never a public address
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated `::a.b.c.d`, still routed by some stacks
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 spelling carries, if any: IPv4-mapped, NAT64, 6to4, IPv4-compatible.
+
+    Such an address reaches that IPv4 host (through the host's stack, a NAT64 gateway or a 6to4 relay), so it
+    is judged by the IPv4 address's own class, not by the IPv6 prefix's."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(ip.packed[-4:])
+    return None
+
+
 def is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return False
+        ip = embedded_ipv4(ip) or ip
     return ip.is_global and not ip.is_multicast
 
 
@@ -87,6 +108,40 @@ class DownloadPolicy:
             return  # a name: its addresses are checked when it is resolved (GuardedResolver)
         if not is_public(str(literal)):
             raise DownloadRefused(f"{host} is not a public address")
+
+
+# Top-level names that never lead to a public host: special-use names (RFC 6761, RFC 8375, RFC 7686) and
+# the ones networks use internally by habit.
+PRIVATE_NAME_SUFFIXES = frozenset(
+    {"localhost", "local", "internal", "intranet", "lan", "home", "corp", "localdomain", "arpa", "onion", "test"}
+    | {"invalid", "example"}
+)
+
+
+def check_public_link(url: str) -> None:
+    """A link the bot hands on for someone else to fetch (ModelsLab fetches `--ip_adapter_image` on the server's
+    account): only https, to a public host. No resolver of the bot's guards that fetch, so what can be judged
+    from the link itself is refused here: literal addresses outside the public ranges (in any spelling the C
+    library accepts: `127.1`, `2130706433`, `0x7f.0.0.1`), and names that can only be internal. Raises
+    `DownloadRefused`."""
+    DownloadPolicy(()).check(url)  # https, and a literal address must be a public one
+    host = (URL(url).raw_host or "").lower().rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return  # a literal address: judged above
+    except ValueError:
+        pass
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        packed = None
+    if packed is not None:
+        if not is_public(str(ipaddress.IPv4Address(packed))):
+            raise DownloadRefused(f"{host} is not a public address")
+        return
+    labels = host.split(".")
+    if len(labels) < 2 or labels[-1] in PRIVATE_NAME_SUFFIXES or labels[-1].isdigit():
+        raise DownloadRefused(f"{host} is not a public host name")
 
 
 class GuardedResolver(AbstractResolver):

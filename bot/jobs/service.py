@@ -784,7 +784,7 @@ class JobService:
         await self._store.set_gallery_message(job.id, message_id)
 
     async def _download_images(self, job: Job) -> list[ImageFile]:
-        """Every image that can be had; the ones that cannot are left out (and not counted)."""
+        """Every image that can be had; the ones that cannot are left out (still counted: ModelsLab billed them)."""
         downloads = []
         for index, url in enumerate(job.output_urls[: job.request.samples]):
             urls = [url]

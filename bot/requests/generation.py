@@ -185,10 +185,17 @@ class GenerationRequest:
         return payload
 
     def sent_advanced(self) -> dict[str, ParameterValue]:
-        """The `parameters` that are sent (the checker's action is not, with the checker off)."""
-        if self.safety_checker:
-            return dict(self.advanced)
-        return {name: value for name, value in self.advanced.items() if name != "safety_checker_type"}
+        """The `parameters` that are sent (the checker's action is not, with the checker off).
+
+        The IP adapter is left out if its link breaks the download rules: a job stored before the rule (a Re-roll
+        of it, or one queued across an upgrade) never has ModelsLab fetch a private address."""
+        advanced = dict(self.advanced)
+        if not self.safety_checker:
+            advanced.pop("safety_checker_type", None)
+        link = advanced.get("ip_adapter_image")
+        if isinstance(link, str) and parameters.link_problem(link) is not None:
+            advanced = {name: value for name, value in advanced.items() if not name.startswith("ip_adapter")}
+        return advanced
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bot.errors import InvalidOption
+from bot.images.ssrf_guard import DownloadRefused, check_public_link
 
 ParameterValue = bool | int | float | str
 Kind = Literal["switch", "int", "float", "choice", "id", "url", "upscale"]
@@ -125,8 +126,21 @@ def parse_value(name: str, text: str) -> ParameterValue:
             raise InvalidOption(flag, "must be a ModelsLab model id: letters, digits, dots, dashes or underscores.")
         return value
     if len(value) > URL_MAX or not _URL.match(value):
-        raise InvalidOption(flag, f"must be an http(s) link to an image, at most {URL_MAX} characters.")
+        raise InvalidOption(flag, f"must be an https link to an image, at most {URL_MAX} characters.")
+    problem = link_problem(value)
+    if problem is not None:
+        raise InvalidOption(flag, problem)
     return value
+
+
+def link_problem(url: str) -> str | None:
+    """ModelsLab fetches a link parameter on the server's account, so it is held to the download rules: https, a
+    public host, no private, loopback or link-local address."""
+    try:
+        check_public_link(url)
+    except DownloadRefused:
+        return "must be an https link to a picture on a public site (not a local or private address)."
+    return None
 
 
 def refusal(name: str, value: ParameterValue, *, flavour: str, model_id: str, kind: str, flux: bool) -> str | None:
@@ -142,6 +156,8 @@ def refusal(name: str, value: ParameterValue, *, flavour: str, model_id: str, ki
         return f"must be from {parameter.minimum:g} to {parameter.flux_maximum:g} for the flux model."
     if name == "upscale" and flavour == "enterprise" and not isinstance(value, bool):
         return "is yes or no on the enterprise API (1, 2 or 3 are v6 factors)."
+    if parameter.kind == "url" and isinstance(value, str):
+        return link_problem(value)  # a link saved in /settings or a preset before this rule is checked again
     return None
 
 

@@ -13,6 +13,7 @@ import contextvars
 import enum
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ import aiosqlite
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job, JobStatus
 from bot.requests.generation import GenerationRequest
+from bot.settings import private_directory, private_file
 from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
 from bot.storage.ports import StorageBusy, StorageError, StorageFull
 from bot.storage.rows import MEMBER_DEFAULT_COLUMNS, job_from_row
@@ -123,7 +125,7 @@ class SqliteStorage:
         cls, path: Path, *, upgrade: bool = True, migrations: Path = SQLITE_MIGRATIONS
     ) -> AsyncIterator[SqliteStorage]:
         try:
-            await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(_private_database_file, path)
             connection = await aiosqlite.connect(path, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"Cannot open the database at {path}: {exc}.") from exc
@@ -203,6 +205,15 @@ class SqliteStorage:
             await self.db.execute("DELETE FROM member_settings WHERE user_id = ?", (user_id,))
             await self.db.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
         return forgotten
+
+
+def _private_database_file(path: Path) -> None:
+    """The folder 0700, the database 0600 before SQLite opens it: SQLite gives the -wal and -shm files it creates
+    later the database file's own mode, whatever the umask."""
+    private_directory(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        private_file(file)
 
 
 # ---------------------------------------------------------------------------------------------- jobs

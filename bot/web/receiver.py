@@ -7,6 +7,8 @@ and hands the job to `JobService.on_webhook`, which confirms with a fetch before
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import re
@@ -20,6 +22,7 @@ from bot.web.signing import INPUT_PATH_PREFIX, INPUT_PURPOSE, WEBHOOK_PATH_PREFI
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+BODY_TIMEOUT = 10.0  # seconds for a webhook's whole body (at most 1 MiB of JSON) once its head has come
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -50,9 +53,12 @@ class ModelsLabWebhookHandler:
         if not await self._jobs.job_exists(job_id):
             return _error(404, "unknown job")
         try:
-            body = await request.read()  # the whole body, however it was split; client_max_size caps it
+            async with asyncio.timeout(BODY_TIMEOUT):  # a body sent a byte at a time does not hold the receiver
+                body = await request.read()  # the whole body, however it was split; client_max_size caps it
         except web.HTTPRequestEntityTooLarge:
             return _error(413, "body too large")
+        except TimeoutError:
+            return _error(408, "body too slow")
         except ConnectionError:
             return _error(400, "unreadable body")
         try:
@@ -95,14 +101,33 @@ class InputImageHandler:
         return web.Response(body=image, content_type="image/png", headers={"Cache-Control": "no-store"})
 
 
+@web.middleware
+async def one_request_per_connection(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """`Connection: close` on every answer (set before the headers are written, so the client knows): no kept-alive
+    socket to hold open, and the connection guard's deadlines (bot.web.connection_guard) cover a connection's one
+    request from its first byte to its answer."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.force_close()
+        raise
+    response.force_close()
+    return response
+
+
 def create_app(
     jobs: WebhookJobs,
     signer: WebhookSigner,
     *,
     health: Callable[[], Awaitable[bool]] | None = None,
     metrics: Callable[[], str] | None = None,
+    metrics_token: str | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    """The receiver. `/metrics` exists only with a `metrics_token`, and answers only to `Authorization: Bearer
+    <metrics_token>`; `/healthz` is public (it says only whether the bot is up)."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[one_request_per_connection])
     handler = ModelsLabWebhookHandler(jobs, signer)
     app.router.add_post(WEBHOOK_PATH_PREFIX + "/{job_id}/{token}", handler.receive)
     app.router.add_get(INPUT_PATH_PREFIX + "/{job_id}/{token}.png", InputImageHandler(jobs, signer).serve)
@@ -113,11 +138,24 @@ def create_app(
 
     app.router.add_get("/healthz", healthz)
 
-    async def metrics_page(request: web.Request) -> web.Response:
-        text = metrics() if metrics is not None else ""
-        return web.Response(
-            text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
-        )
+    if metrics_token:
+        expected = f"Bearer {metrics_token}".encode()
 
-    app.router.add_get("/metrics", metrics_page)
+        async def metrics_page(request: web.Request) -> web.Response:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):  # in constant time: the token cannot be guessed bytewise
+                return web.json_response(
+                    {"error": "send Authorization: Bearer <METRICS_TOKEN>"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
+            text = metrics() if metrics is not None else ""
+            return web.Response(
+                text=text,
+                content_type="text/plain",
+                charset="utf-8",
+                headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+            )
+
+        app.router.add_get("/metrics", metrics_page)
     return app

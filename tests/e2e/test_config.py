@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from bot.jobs.model import JobStatus
+from bot.log import SecretFilter
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction
 from tests.fakes.modelslab_server import ErrorAnswer, Immediate, Queued
@@ -130,6 +131,19 @@ async def test_an_invalid_key_is_refused_and_nothing_is_saved(runner, discord_se
     assert "the bot operator's default key" in shown
 
 
+async def test_only_a_key_that_was_accepted_and_stored_is_masked_in_the_logs(runner, discord_server, modelslab):
+    """A member's id pasted as a "key" must not vanish from every later log line; the real key must."""
+    modelslab.valid_keys.add(GUILD_KEY)
+    await runner.start()
+    member = str(discord_server.member_id)
+    assert "invalid key" in await set_key(discord_server, member)
+    assert "invalid key" in await set_key(discord_server, "ml-not-a-real-key-0000")
+    line = SecretFilter().clean(f"Request of member {member} refused; ml-not-a-real-key-0000")
+    assert member in line and "ml-not-a-real-key-0000" in line
+    await set_key(discord_server, GUILD_KEY)
+    assert SecretFilter().clean(f"key {GUILD_KEY}") == "key [redacted]"
+
+
 async def test_clearing_the_key_falls_back_to_the_operator_key_only_if_allowed(runner, discord_server, modelslab):
     modelslab.valid_keys.add(GUILD_KEY)
     await runner.start(allow_default_key=False)
@@ -164,6 +178,39 @@ async def test_exactly_the_quota_is_admitted_when_fifty_requests_arrive_at_once(
     await runner.jobs.wait_idle()
     assert tuple(await runner.sql_one("SELECT COUNT(*), SUM(charged_images) FROM jobs")) == (10, 10)
     assert len(modelslab.submissions()) == 10
+
+
+async def test_default_key_guild_daily_caps_servers_on_the_operators_key_exactly(runner, discord_server, modelslab):
+    """DEFAULT_KEY_GUILD_DAILY joins the server's own daily limit in the one-statement reservation: the smaller
+    applies, exactly, however many requests arrive at once; a server on its own key is not capped by it."""
+    members = [int(discord_server.add_member(1_400_000_000_000_000_000 + n, f"m{n}")["id"]) for n in range(20)]
+    await runner.start(default_key_guild_daily=4)
+    await config(discord_server, "limits", {"guild_daily": 50})  # the server's own limit is higher: the cap wins
+    interactions = await asyncio.gather(
+        *(discord_server.invoke_slash("imagine", {"prompt": f"cat {n}"}, user_id=uid) for n, uid in enumerate(members))
+    )
+    await asyncio.gather(*(i.wait_callback() for i in interactions))
+    refused = [i for i in interactions if i.original.flags & 64]
+    assert len(refused) == 16 and len(modelslab.submissions()) <= 4
+    for interaction in refused:
+        assert (
+            "This server runs on the bot operator's ModelsLab key, which makes at most 4 images a day for each "
+            "server (the operator's daily cap); 0 are left today"
+        ) in interaction.original.content
+        assert "resets <t:" in interaction.original.content and "`/config apikey`" in interaction.original.content
+    quota = await private_text(discord_server, await run(discord_server, "quota"))
+    assert "**This server:** 0 of 4 left (the bot operator's cap for servers on its key) today" in quota
+
+    await config(discord_server, "limits", {"guild_daily": 2})  # now the server's own limit is the smaller
+    await runner.jobs.wait_idle()
+    own = await imagine(discord_server)
+    assert "of its 2 images for today left (server daily limit)" in own.original.content
+
+    modelslab.valid_keys.add(GUILD_KEY)
+    await config(discord_server, "limits", {"guild_daily": 0})
+    await set_key(discord_server, GUILD_KEY)  # its own key: the operator's cap no longer applies
+    accepted = await imagine(discord_server)
+    assert not accepted.original.flags & 64
 
 
 async def test_samples_count_and_a_failed_job_gives_its_images_back(runner, discord_server, modelslab):

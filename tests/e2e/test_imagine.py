@@ -6,6 +6,7 @@ import io
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -410,7 +411,9 @@ async def test_a_webhook_that_comes_twice_posts_once(runner, discord_server, mod
     await modelslab.wait_for_webhook_delivery(lambda d: d.attempt == 2)
     await runner.wait_posted(job.id)
     await runner.app.jobs.wait_idle()
-    assert [d.status for d in modelslab.webhook_deliveries] == [200, 200]
+    assert [d.status for d in modelslab.webhook_deliveries] == [200, 200], [
+        d.error for d in modelslab.webhook_deliveries
+    ]
     assert len([m for m in discord_server.messages.values() if m.attachments]) == 1
     assert len(attachments_of(interaction.original)) == 1
 
@@ -594,7 +597,14 @@ async def test_images_that_cannot_be_downloaded_are_left_out_but_still_counted(r
     job = await runner.wait_posted()
     assert attachments_of(interaction.original) == [modelslab.image_bytes(hosted)]
     assert "1 of 2 images could not be downloaded" in interaction.original.content
+    assert "ModelsLab made and billed them, so they count against the quota" in interaction.original.content
     assert job.image_count == 1 and job.charged_images == 2
+
+
+def test_the_readme_says_what_the_bot_does_with_images_that_could_not_be_downloaded():
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "only the posted ones count" not in readme and "could not be downloaded are not counted" not in readme
+    assert "ModelsLab made and billed the missing ones too, so they count against the quota" in readme
 
 
 async def test_when_no_image_can_be_downloaded_the_member_is_told(runner, discord_server, modelslab):
@@ -689,3 +699,18 @@ async def test_an_explicit_option_wins_over_a_flag_and_unknown_flags_are_refused
     assert refused.original.flags & 64 and "`--chaos` is not a flag this bot knows" in refused.original.content
     flux_style = await imagine(discord_server, prompt="a cat --style anime")
     assert "`--style` is ignored by the flux model" in flux_style.original.content
+
+
+async def test_an_ip_adapter_link_to_a_private_address_is_refused_and_nothing_is_sent(
+    runner, discord_server, modelslab
+):
+    """ModelsLab would fetch the link on the server's account: the cloud metadata address must never reach it."""
+    await runner.start()
+    adapter = "--model sdxl --ip_adapter_id ip-adapter_sdxl --ip_adapter_image"
+    for link in ("http://169.254.169.254/latest/meta-data", "https://[64:ff9b::a9fe:a9fe]/x", "https://127.1/x.png"):
+        refused = await imagine(discord_server, prompt=f"a face {adapter} {link}")
+        assert refused.original.flags & 64, "refusals are private"
+        assert "`--ip_adapter_image` must be an https link to a picture on a public site" in refused.original.content
+    assert modelslab.submissions() == [] and await runner.job_count() == 0
+    await imagine(discord_server, prompt=f"a face {adapter} https://example.com/face.png")
+    assert (await modelslab.wait_for_submission()).json["ip_adapter_image"] == "https://example.com/face.png"

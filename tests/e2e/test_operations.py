@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import tomllib
 from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
 
 import aiohttp
 
+from bot import PROJECT_URL, __version__
 from bot.app import running_app
 from bot.jobs.model import JobStatus
-from bot.operations import PERMISSIONS_VALUE
+from bot.operations import PERMISSIONS_VALUE, USER_AGENT, open_to_strangers
+from bot.settings import Settings
 from tests.e2e.conftest import BOT_TOKEN, BotRunner, attachments_of, free_port
 from tests.e2e.test_process import bot_environment
 from tests.fakes.discord_server import FakeDiscord
@@ -38,6 +41,20 @@ async def test_check_says_what_works_and_what_does_not(discord_server: FakeDisco
         assert re.search(rf"^✓ {part}: ", output, re.M), output
     assert "logged in as" in output and f"application {discord_server.application_id}" in output
 
+    # The fake's application is public, as Discord's "Public Bot" switch is by default, and the default key is allowed.
+    assert "⚠ default key: strangers can spend your ModelsLab credits: the application is a Public Bot" in output
+    assert "MODELSLAB_API_KEY without limit; turn Public Bot off" in output
+    # Discord's required User-Agent on the bot's own calls to Discord: DiscordBot ($url, $version).
+    checked = [r for r in discord_server.requests if r.path in ("/users/@me", "/oauth2/applications/@me")]
+    assert checked and {r.headers.get("User-Agent") for r in checked} == {USER_AGENT}
+    assert f"DiscordBot ({PROJECT_URL}, {__version__})" == USER_AGENT
+
+    capped = {**env, "DEFAULT_KEY_GUILD_DAILY": "20"}
+    code, output = await run_cli("check", env=capped, cwd=tmp_path)
+    assert code == 0 and "up to 20 images a day per server (DEFAULT_KEY_GUILD_DAILY)" in output
+    code, output = await run_cli("check", env={**env, "ALLOW_DEFAULT_KEY": "false"}, cwd=tmp_path)
+    assert code == 0 and "⚠" not in output
+
     bad = {**env, "MODELSLAB_API_KEY": "ml-wrong-key-000000", "DISCORD_TOKEN": "not.a.token"}
     code, output = await run_cli("check", env=bad, cwd=tmp_path)
     assert code == 1
@@ -56,6 +73,48 @@ async def test_invite_url_has_exactly_the_scopes_and_permissions(discord_server,
     )
     readme = (ROOT / "README.md").read_text()
     assert f"permissions={PERMISSIONS_VALUE}" in readme  # the README's link is the same
+    assert {r.headers.get("User-Agent") for r in discord_server.requests} == {USER_AGENT}
+
+
+async def test_the_start_up_log_warns_when_strangers_can_spend_the_default_key(runner, discord_server, logs):
+    await runner.start()
+    [warning] = [r for r in logs.records if r.getMessage().startswith("Default key: strangers can spend")]
+    assert warning.levelname == "WARNING" and "Public Bot" in warning.getMessage()
+    await runner.restart(allow_default_key=False)
+    assert len([r for r in logs.records if "strangers can spend" in r.getMessage()]) == 1
+
+
+async def test_interaction_calls_carry_the_discordbot_user_agent(runner, discord_server, modelslab):
+    """discord.py sends none on interaction callbacks and webhooks; the bot's trace hook fills the gap."""
+    await runner.start()
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "a cat"})
+    await interaction.wait_callback()
+    await runner.wait_posted()
+    agents: dict[str, set[str | None]] = {}
+    for request in discord_server.requests:
+        kind = "interaction" if request.path.startswith(("/interactions/", "/webhooks/")) else "rest"
+        agents.setdefault(kind, set()).add(request.headers.get("User-Agent"))
+    assert agents["interaction"] == {USER_AGENT}  # the callback, and the result's edit of @original
+    assert all(
+        agent and agent.startswith("DiscordBot (https://github.com/Rapptz/discord.py") for agent in agents["rest"]
+    )
+
+
+def test_only_a_public_application_that_allows_the_default_key_is_a_risk():
+    settings = Settings(_env_file=None, discord_token="t", modelslab_api_key="ml-key-0123456789")  # type: ignore[call-arg,arg-type]
+    assert open_to_strangers(True, settings) is not None
+    assert open_to_strangers(False, settings) is None  # "Public Bot" off: only the owner can add it
+    assert open_to_strangers(None, settings) is None  # not known
+    no_default = settings.model_copy(update={"allow_default_key": False})
+    assert open_to_strangers(True, no_default) is None
+    assert open_to_strangers(True, settings.model_copy(update={"modelslab_api_key": None})) is None
+
+
+def test_the_project_url_and_version_are_the_ones_in_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["urls"]["Repository"] == PROJECT_URL
+    assert project["dynamic"] == ["version"]
+    assert PROJECT_URL in (ROOT / "README.md").read_text()
 
 
 async def test_healthz_is_503_until_connected_then_200(runner: BotRunner, discord_server, modelslab):
@@ -74,15 +133,22 @@ async def test_healthz_is_503_until_connected_then_200(runner: BotRunner, discor
         await task
 
 
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
+
+
 async def test_metrics_count_jobs_errors_queue_and_latencies(runner, discord_server, modelslab):
     port = free_port()
     modelslab.script(ErrorAnswer(message="Model not found"))
-    await runner.start(webhook_port=port)
+    await runner.start(webhook_port=port, metrics_token=METRICS_TOKEN)
     for prompt in ("first", "second"):
         interaction = await discord_server.invoke_slash("imagine", {"prompt": prompt})
         await interaction.wait_callback()
     await runner.jobs.wait_idle()
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+    bearer = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics", headers=bearer) as response,
+    ):
         assert response.status == 200 and response.content_type == "text/plain"
         text = await response.text()
     assert 'imagine_jobs_total{kind="text2img",status="succeeded"} 1' in text
@@ -92,6 +158,31 @@ async def test_metrics_count_jobs_errors_queue_and_latencies(runner, discord_ser
     assert "imagine_ready_to_posted_seconds_count 1" in text
     assert "# TYPE imagine_queue_depth gauge" in text
     assert "ml-test-key" not in text
+
+
+async def test_metrics_answer_only_to_the_metrics_token_and_healthz_to_anyone(runner, discord_server, modelslab):
+    port = free_port()
+    await runner.start(webhook_port=port, metrics_token=METRICS_TOKEN)
+    url = f"http://127.0.0.1:{port}"
+    wrong = [{}, {"Authorization": "Bearer wrong-token-0123456789ab"}, {"Authorization": METRICS_TOKEN}]
+    wrong.append({"Authorization": f"Bearer {METRICS_TOKEN}x"})
+    wrong.append({"Authorization": f"Basic {METRICS_TOKEN}"})
+    async with aiohttp.ClientSession() as session:
+        for headers in wrong:
+            async with session.get(f"{url}/metrics", headers=headers) as response:
+                assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+                assert "imagine_" not in await response.text()
+        async with session.get(f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}) as response:
+            assert response.status == 200 and "imagine_jobs_total" in await response.text()
+        async with session.get(f"{url}/healthz") as response:
+            assert response.status == 200  # public: it says only whether the bot is up
+
+    await runner.restart(metrics_token=None)  # no METRICS_TOKEN: no /metrics at all
+    [address] = runner.app.webhook_runner.addresses if runner.app else []
+    async with aiohttp.ClientSession() as session:
+        for headers in ({}, {"Authorization": f"Bearer {METRICS_TOKEN}"}):
+            async with session.get(f"http://127.0.0.1:{address[1]}/metrics", headers=headers) as response:
+                assert response.status == 404
 
 
 async def test_shutdown_finishes_posting_and_keeps_the_rest_queued(runner, discord_server, modelslab):
@@ -148,6 +239,8 @@ def test_the_container_files_follow_the_rules():
     assert dockerfile.index("pip install") < dockerfile.index("COPY bot ")  # dependencies before the source
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.M) and 'VOLUME ["/data"]' in dockerfile
     assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
+    assert "pip install --require-hashes -r requirements.lock" in dockerfile  # the hashed pins, nothing resolved
+    assert re.search(r"install -d -m 0700 -o \w+ /data", dockerfile)  # the data folder is the bot user's only
     compose = (ROOT / "docker-compose.yml").read_text()
     assert "env_file: .env" in compose and "/data" in compose
     ignored = (ROOT / ".dockerignore").read_text().split()

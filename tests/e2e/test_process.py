@@ -8,9 +8,11 @@ import json
 import os
 import signal
 import sqlite3
+import stat
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from bot.storage.migrations import available_migrations, migrations_directory
@@ -90,6 +92,11 @@ async def test_the_bot_runs_as_a_process_from_environment_variables_only(discord
             assert image.size == (640, 512)
         delivery = await modelslab.wait_for_webhook_delivery(timeout=10)
         assert delivery.status == 200
+        # Interaction tokens, prompts, pictures, sealed keys: for the bot's user only, while it runs.
+        data = tmp_path / "data"
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        for name in ("bot.sqlite3", "bot.sqlite3-wal", "bot.sqlite3-shm", "secret.key"):
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
@@ -121,6 +128,24 @@ async def test_a_missing_token_stops_the_process_with_a_plain_error(tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"", "it is empty"), (b"\n\n", "it is empty"), (b"\x00\xff" * 40, "it is not a key")],
+    ids=["empty", "blank", "binary"],
+)
+async def test_an_empty_or_damaged_secret_key_stops_the_process_with_one_plain_error(
+    discord_server, modelslab, tmp_path, content, why
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "secret.key").write_bytes(content)
+    code, output = await run_module(env=bot_environment(discord_server, modelslab, data), cwd=tmp_path)
+    assert code == 2 and "Traceback" not in output
+    [line] = [line for line in output.splitlines() if line.startswith("error:")]
+    assert f"secret.key is damaged ({why}" in line and "restore it from your backup, or set SECRET_KEY" in line
+    assert (data / "secret.key").read_bytes() == content  # never replaced: the stored server keys depend on it
+
+
 async def test_db_upgrade_and_current_from_the_command_line(tmp_path):
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "DATABASE_PATH": str(tmp_path / "x.sqlite3")}
     latest = available_migrations(migrations_directory("sqlite"))[-1]
@@ -129,3 +154,57 @@ async def test_db_upgrade_and_current_from_the_command_line(tmp_path):
     assert "applied 0001_jobs" in output and f"applied {latest.version:04d}_{latest.name}" in output
     code, output = await run_module("db", "current", env=env, cwd=tmp_path)
     assert code == 0 and f"schema version {latest.version}" in output
+
+
+async def test_a_thousand_idle_connections_starve_neither_the_bot_nor_its_receiver(discord_server, modelslab, tmp_path):
+    """1,100 idle sockets on the receiver of a bot held to 1,024 open files (no room to raise it): the bot's own
+    calls to Discord and ModelsLab still work, and ModelsLab's webhook still gets an answer."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:  # this test process holds the 1,100 client ends
+        if hard != resource.RLIM_INFINITY and hard < 1500:
+            pytest.skip("the test process may not open 1,500 files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1500, hard))
+    port = free_port()
+    env = bot_environment(
+        discord_server, modelslab, tmp_path / "data", WEBHOOK_PORT=str(port), PUBLIC_URL=f"http://127.0.0.1:{port}"
+    )
+    held_to_1024 = (
+        "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)); "
+        "sys.argv = ['bot']; runpy.run_module('bot', run_name='__main__', alter_sys=True)"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        held_to_1024,
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        await discord_server.wait_until_ready(timeout=30)
+        for _ in range(1100):
+            flood.append(await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=10))
+        # The receiver took them all in: the oldest ones were closed to make room (or at their deadline).
+        async with asyncio.timeout(30):
+            assert await flood[800][0].read() == b""
+
+        modelslab.script(Queued(eta=30, ready_after_seconds=0.5))
+        interaction = await discord_server.invoke_slash("imagine", {"prompt": "under siege"})
+        await interaction.wait_callback()
+        message = await discord_server.wait_for_message(
+            lambda m: m.id == (interaction.original.id if interaction.original else -1) and bool(m.attachments),
+            timeout=30,
+        )
+        assert len(message.attachments) == 1
+        delivery = await modelslab.wait_for_webhook_delivery(timeout=10)
+        assert delivery.status == 200, delivery.error
+    finally:
+        for _, writer in flood:
+            writer.close()
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert "Too many open files" not in output.decode()

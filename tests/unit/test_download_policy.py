@@ -10,7 +10,9 @@ from bot.images.ssrf_guard import (
     DownloadPolicy,
     DownloadRefused,
     GuardedResolver,
+    check_public_link,
     discord_media_policy,
+    is_public,
     origin_of,
     parse_allowed_hosts,
 )
@@ -50,6 +52,66 @@ def test_allowed(url):
 def test_refused(url, why):
     with pytest.raises(DownloadRefused, match=why.replace("(", r"\(").replace(")", r"\)")):
         POLICY.check(url)
+
+
+@pytest.mark.parametrize(
+    ("address", "carries"),
+    [
+        ("::ffff:169.254.169.254", "IPv4-mapped"),
+        ("64:ff9b::a9fe:a9fe", "NAT64 (RFC 6052)"),
+        ("64:ff9b::7f00:1", "NAT64 to loopback"),
+        ("64:ff9b::a00:5", "NAT64 to 10.0.0.5"),
+        ("2002:a9fe:a9fe::1", "6to4"),
+        ("2002:7f00:1::", "6to4 to loopback"),
+        ("2002:c0a8:101::", "6to4 to 192.168.1.1"),
+        ("::a9fe:a9fe", "IPv4-compatible"),
+        ("::7f00:1", "IPv4-compatible loopback"),
+        ("::a00:5", "IPv4-compatible 10.0.0.5"),
+        ("64:ff9b:1::808:808", "NAT64 local-use prefix (RFC 8215): never public"),
+    ],
+)
+def test_ipv6_spellings_of_private_ipv4_addresses_are_not_public(address, carries):
+    assert not is_public(address), carries
+    with pytest.raises(DownloadRefused, match="not a public address"):
+        DownloadPolicy(()).check(f"https://[{address}]/x.png")
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "2606:4700::1111"])
+def test_ipv6_spellings_of_public_addresses_stay_public(address):
+    assert is_public(address)
+    DownloadPolicy(()).check(f"https://[{address}]/x.png")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data",  # not https, and link-local
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::ffff:a9fe:a9fe]/x.png",
+        "https://[64:ff9b::a9fe:a9fe]/x.png",
+        "https://127.1/x.png",  # spellings the C library reads as addresses
+        "https://2130706433/x.png",
+        "https://0x7f.0.0.1/x.png",
+        "https://0251.0376.0251.0376/x.png",  # 169.254.169.254 in octal
+        "https://localhost/x.png",
+        "https://LOCALHOST./x.png",
+        "https://metadata.google.internal/computeMetadata/v1/",
+        "https://printer.local/x.png",
+        "https://router.lan/x.png",
+        "https://intranet/x.png",  # a single label: never a public name
+        "http://example.com/x.png",
+    ],
+)
+def test_links_handed_on_to_modelslab_must_be_https_to_a_public_host(url):
+    with pytest.raises(DownloadRefused):
+        check_public_link(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://example.com/face.png", "https://cdn.discordapp.com/a/1/x.png", "https://8.8.8.8/x"]
+)
+def test_public_links_are_handed_on(url):
+    check_public_link(url)
 
 
 def test_pictures_to_remix_come_only_from_discord():

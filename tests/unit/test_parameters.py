@@ -6,6 +6,8 @@ enhance_style, SD LoRAs, ip adapters, embeddings, upscale and highres_fix")."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bot.errors import InvalidOption
@@ -165,7 +167,13 @@ def test_remixing_sends_the_parameters_img2img_documents():
         ("--safety_checker_type red", "must be one of blur, sensitive_content_text, pixelate, black"),
         ("--ip_adapter_id ip-adapter_xl", "`--ip_adapter_id` must be one of ip-adapter_sdxl"),
         ("--ip_adapter_scale 1.5", "`--ip_adapter_scale` must be a number from 0 to 1"),
-        ("--ip_adapter_image ftp://x/y.png", "`--ip_adapter_image` must be an http(s) link"),
+        ("--ip_adapter_image ftp://x/y.png", "`--ip_adapter_image` must be an https link"),
+        (
+            "--ip_adapter_image http://169.254.169.254/latest/meta-data",
+            "must be an https link to a picture on a public",
+        ),
+        ("--ip_adapter_image https://[64:ff9b::a9fe:a9fe]/x.png", "not a local or private address"),
+        ("--ip_adapter_image https://localhost/x.png", "not a local or private address"),
         ("--vae bad id!", "`--vae` must be a ModelsLab model id"),
         ("--embeddings_model", "`--embeddings_model` needs a value, e.g. --embeddings_model"),
         ("--ip_adapter_id ip-adapter_sd15", "needs `--ip_adapter_image` too"),
@@ -339,3 +347,12 @@ def test_a_standing_algorithm_type_is_dropped_without_its_scheduler_from_any_lay
     assert layered(member=settings(advanced=algorithm)).advanced == {}
     with_flag = layered(flags="--scheduler DPMSolverMultistepScheduler", member=settings(advanced=algorithm))
     assert with_flag.advanced == algorithm and with_flag.sources["algorithm_type"] == "settings"
+
+
+def test_a_stored_request_with_a_private_ip_adapter_link_never_sends_it():
+    """A job saved before the link rule (re-rolled, or queued across the upgrade) leaves the adapter out."""
+    stored = dataclasses.replace(
+        imagine(IP_ADAPTER), advanced={"ip_adapter_id": "ip-adapter_sdxl", "ip_adapter_image": "http://10.0.0.5/a.png"}
+    )
+    payload = stored.payload_for("text2img")
+    assert "ip_adapter_image" not in payload and "ip_adapter_id" not in payload

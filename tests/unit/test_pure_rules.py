@@ -14,7 +14,7 @@ from bot.discord.markup import timestamp
 from bot.discord.texts import failure_sentence
 from bot.images.processing import NotAnImage, fit_to_limit, read_image
 from bot.jobs.service import poll_delays
-from bot.log import SecretFilter
+from bot.log import MAX_RUNTIME_SECRETS, SecretFilter, register_secret
 from bot.modelslab.client import ErrorKind
 from bot.web.signing import WebhookSigner
 
@@ -119,3 +119,17 @@ def test_fit_to_limit_reencodes_until_the_images_fit():
     assert sum(len(i.data) for i in fitted) <= limit
     assert all(read_image(i.data).format == "WEBP" for i in fitted)
     assert fit_to_limit(images, 10 * limit) == images
+
+
+def test_the_secrets_learnt_while_running_are_bounded_oldest_dropped_first():
+    """20,000 keys would make every log line pay 20,000 replace() calls: the set stays bounded."""
+    keys = [f"ml-key-{n:06d}-abcdef" for n in range(20_000)]
+    for key in keys:
+        register_secret(key)
+    cleaned = SecretFilter().clean(" ".join(keys[-MAX_RUNTIME_SECRETS:]))
+    assert set(cleaned.split()) == {"[redacted]"}  # the most recent ones are all masked
+    assert SecretFilter().clean(keys[0]) == keys[0]  # the oldest was let go
+    register_secret(keys[-MAX_RUNTIME_SECRETS])  # registered again: now the most recent, kept longest
+    for key in keys[: MAX_RUNTIME_SECRETS - 1]:
+        register_secret(key)
+    assert SecretFilter().clean(keys[-MAX_RUNTIME_SECRETS]) == "[redacted]"

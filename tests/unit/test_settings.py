@@ -57,7 +57,16 @@ def test_empty_values_in_env_file_mean_unset(monkeypatch, tmp_path):
 def test_secrets_are_not_in_the_repr(monkeypatch):
     monkeypatch.setenv("DISCORD_TOKEN", "very-secret-token")
     monkeypatch.setenv("MODELSLAB_API_KEY", "very-secret-key")
+    monkeypatch.setenv("METRICS_TOKEN", "very-secret-metrics-token")
     assert "very-secret" not in repr(load_settings())
+
+
+@pytest.mark.parametrize("token", ["short", "sixteen chars\nbut"])
+def test_a_weak_metrics_token_is_refused(monkeypatch, token):
+    monkeypatch.setenv("DISCORD_TOKEN", "t")
+    monkeypatch.setenv("METRICS_TOKEN", token)
+    with pytest.raises(SettingsError, match=r"METRICS_TOKEN: .*at least 16 printable characters"):
+        load_settings()
 
 
 def test_secret_key_is_generated_once_with_mode_0600(monkeypatch, tmp_path):

@@ -258,3 +258,40 @@ async def test_a_transaction_keeps_out_what_other_coroutines_write_meanwhile(tmp
         results = await asyncio.gather(failing_transaction(), other_writer(), return_exceptions=True)
         assert isinstance(results[0], RuntimeError) and results[1] is None
         assert await storage.jobs.ids() == ["b" * 32]
+
+
+async def test_the_database_and_its_folder_are_for_the_bots_user_only(tmp_path, monkeypatch):
+    """Even with a permissive umask, and for files an older version left readable by everyone."""
+    import os
+    import stat
+
+    monkeypatch.setattr(os, "umask", os.umask)  # restored after the test
+    os.umask(0o022)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    old = data / "bot.sqlite3"
+    sqlite3.connect(old).close()
+    old.chmod(0o644)
+    async with SqliteStorage.open(old) as database:
+        await database.jobs.insert(new_job())  # the -wal and -shm exist now
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in data.iterdir()}
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert modes == {"bot.sqlite3": 0o600, "bot.sqlite3-wal": 0o600, "bot.sqlite3-shm": 0o600}
+
+    new = tmp_path / "fresh" / "nested" / "bot.sqlite3"
+    async with SqliteStorage.open(new):
+        assert stat.S_IMODE(new.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(new.stat().st_mode) == 0o600
+
+
+async def test_a_folder_shared_with_other_files_keeps_its_mode_but_the_database_is_private(tmp_path):
+    import stat
+
+    shared = tmp_path / "srv"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "notes.txt").write_text("the operator's")
+    async with SqliteStorage.open(shared / "bot.sqlite3"):
+        pass
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE((shared / "bot.sqlite3").stat().st_mode) == 0o600
