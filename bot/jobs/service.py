@@ -26,14 +26,16 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from bot.guilds.keybox import KeyBox, KeyUnreadable
-from bot.guilds.rules import GuildConfig, Limits, Refused, explain_refusal
+from bot.guilds.rules import Limits, Refused, explain_refusal
 from bot.images.downloader import DownloadFailed, ImageDownloader
 from bot.images.processing import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
 from bot.jobs.fair_queue import Cancelled, FairQueue
-from bot.jobs.model import Job, JobStatus, Progress
+from bot.jobs.model import Job, JobStatus
+from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue, PresentationRefused
+from bot.jobs.progress import ProgressReporter
 from bot.log import register_secret
 from bot.modelslab.client import (
     Answer,
@@ -56,7 +58,6 @@ T = TypeVar("T")
 DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
 # Waits between tries when Discord is unavailable; the last one repeats for as long as it takes.
 DISCORD_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
-ETA_CHANGE_WORTH_SHOWING = 5.0  # seconds
 SHUTDOWN_GRACE = 30.0  # seconds an in-flight submit call may take to finish when the bot stops
 QUEUE_MAX_WAIT = 3600.0  # a job not sent within an hour (a long outage, a stuck key) is given up, unsent
 SUBMIT_ATTEMPTS = 3  # tries of a submit call that failed for a passing reason (5xx, no answer)
@@ -64,40 +65,6 @@ RETRY_BASE_DELAY = 2.0  # seconds, doubled each try, with jitter
 SPAM_WINDOW = 30.0  # ModelsLab refuses an identical payload repeated within this many seconds
 INPUT_KINDS = ("img2img", "upscale")  # jobs that work from an image
 INPUT_RETENTION = 86400.0  # members' pictures are kept a day (Re-roll, Edit), then deleted
-PROGRESS_MIN_INTERVAL = 2.0  # seconds between two edits of one status message (Discord rate limits)
-
-
-class PresentationRefused(Exception):
-    """Discord refused the message for good (a 4xx other than 429): retrying the same thing cannot help."""
-
-
-class JobPresenter(Protocol):
-    """Shows a job to the members: implemented for Discord in `bot.discord.presenter`."""
-
-    async def show_progress(self, job: Job, progress: Progress) -> None: ...
-
-    async def show_result(self, job: Job, images: list[ImageFile], *, spoiler: bool, withheld: bool) -> int | None:
-        """Show the images (behind spoilers, or not at all if withheld); return the id of the message that shows
-        them if it is not `job.message_id`."""
-        ...
-
-    async def post_to_gallery(self, job: Job, images: list[ImageFile], channel_id: int) -> int:
-        """Post a copy of the images, crediting their author, in the server's gallery channel."""
-        ...
-
-    async def show_failure(self, job: Job) -> int | None: ...
-
-    async def find_status_message(self, job: Job) -> int | None:
-        """The id of the job's status message; None if there is none. Raises if Discord cannot say now."""
-        ...
-
-
-class GuildDirectory(Protocol):
-    """What the job service needs to know of a server: implemented by `bot.guilds.GuildAdmin`."""
-
-    async def api_key_for(self, guild_id: int | None) -> str | None: ...
-
-    async def config(self, guild_id: int) -> GuildConfig: ...
 
 
 @dataclass(frozen=True)
@@ -157,13 +124,10 @@ class JobService:
         self._wake: dict[str, asyncio.Event] = {}
         self._posted: dict[str, asyncio.Event] = {}
         self._closing = False
-        self._queue = FairQueue(settings.max_queued, on_change=self._queue_changed)
+        self._queue: JobQueue = FairQueue(settings.max_queued, on_change=self._line_changed)
+        self._progress = ProgressReporter(store=store, queue=self._queue)
         self.metrics.queue_depths = self._queue.depths
         self._recent_payloads: dict[tuple[str, str], float] = {}
-        self._progress_timers: dict[str, asyncio.TimerHandle] = {}
-        self._progress_last: dict[str, float] = {}
-        self._progress_shown: dict[str, tuple[int | None, bool]] = {}
-        self._side_tasks: set[asyncio.Task[None]] = set()
         self._posting: set[str] = set()
         self._posting_done = asyncio.Event()
         self.draining = False
@@ -178,6 +142,7 @@ class JobService:
 
     def attach_presenter(self, presenter: JobPresenter) -> None:
         self._presenter = presenter
+        self._progress.attach_presenter(presenter)
 
     async def api_key_for(self, guild_id: int | None) -> str | None:
         """The ModelsLab key that pays for this server's jobs."""
@@ -285,8 +250,7 @@ class JobService:
     def _driver_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
         self._wake.pop(job_id, None)
-        self._progress_shown.pop(job_id, None)
-        self._progress_last.pop(job_id, None)
+        self._progress.forget(job_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("Job %s driver stopped on an unexpected error", job_id, exc_info=task.exception())
 
@@ -359,12 +323,11 @@ class JobService:
         """Stop every driver. A submit call under way is let finish (within `grace`) and its answer recorded:
         cut off, its job could be paid at ModelsLab and yet reported lost."""
         self._closing = True
-        for timer in self._progress_timers.values():
-            timer.cancel()
-        tasks = [*self._tasks.values(), *self._side_tasks]
-        for task in tasks:
+        self._progress.close()
+        drivers = list(self._tasks.values())
+        for task in drivers:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*drivers, self._progress.wait_closed(), return_exceptions=True)
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=grace)
 
@@ -431,7 +394,7 @@ class JobService:
             if job.status is not JobStatus.QUEUED:
                 return job  # cancelled (between two tries, say)
             self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
-            self._schedule_progress(job.id)
+            self._progress.show_place_in_line_soon(job.id)
             try:
                 await asyncio.wait_for(
                     self._queue.wait_turn(job.id), timeout=max(job.created_at + QUEUE_MAX_WAIT - self._clock(), 0.01)
@@ -662,8 +625,10 @@ class JobService:
                 meta=answer.meta if submitting else {},
             )
             job = await self._reload(job_id)
-            if changed and (submitting or _eta_moved(before.eta_at, eta_at)):
-                await self._show_progress(job)
+            if changed and submitting:
+                await self._progress.show(job)
+            elif changed:
+                await self._progress.show_new_eta(job, previous_eta_at=before.eta_at)
             return job
         if not submitting:
             self.metrics.modelslab_errors.inc(answer.kind.value)
@@ -825,53 +790,8 @@ class JobService:
             raise RuntimeError("no presenter attached")
         return self._presenter
 
-    def _queue_changed(self, key: str) -> None:
-        for job_id in self._queue.waiting_ids(key):
-            self._schedule_progress(job_id)
-
-    def _schedule_progress(self, job_id: str) -> None:
-        """Show the job's new place in line soon, coalescing changes: at most one edit per message per interval."""
-        if self._closing or job_id in self._progress_timers:
-            return
-        delay = max(self._progress_last.get(job_id, 0.0) + PROGRESS_MIN_INTERVAL - time.monotonic(), 0.0)
-
-        def fire() -> None:
-            self._progress_timers.pop(job_id, None)
-            task = asyncio.create_task(self._show_queue_position(job_id), name=f"progress-{job_id}")
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
-
-        self._progress_timers[job_id] = asyncio.get_running_loop().call_later(delay, fire)
-
-    async def _show_queue_position(self, job_id: str) -> None:
-        place = self._queue.position(job_id)
-        shown = (place[0] if place else None, self._queue.paused_for(job_id) > 0)
-        if self._progress_shown.get(job_id) == shown:
-            return  # the member already sees this: no edit, and no database read
-        job = await self._store.get(job_id)
-        if job is None or job.status is not JobStatus.QUEUED:
-            self._progress_shown.pop(job_id, None)
-            self._progress_last.pop(job_id, None)
-            return
-        self._progress_shown[job_id] = shown
-        self._progress_last[job_id] = time.monotonic()
-        progress = Progress(
-            position=place[0] if place else None,
-            waiting=place[1] if place else None,
-            retry_in=self._queue.paused_for(job_id),
-            cancellable=True,
-        )
-        await self._show_progress(job, progress)
-
-    async def _show_progress(self, job: Job, progress: Progress | None = None) -> None:
-        if self._presenter is None:
-            return
-        try:
-            await self._presenter.show_progress(job, progress or Progress())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # progress is a courtesy: never let it stop the job
-            log.warning("Job %s: status update failed (%s)", job.id, exc)
+    def _line_changed(self, key: str) -> None:
+        self._progress.line_changed(key)
 
 
 def _key_ref(api_key: str | None) -> str:
@@ -888,12 +808,6 @@ def _kind(kind: str) -> GenerationKind:
     if kind in ("text2img", "img2img", "upscale"):
         return kind  # type: ignore[return-value]
     raise ValueError(f"unknown job kind {kind!r}")
-
-
-def _eta_moved(before: float | None, after: float | None) -> bool:
-    if before is None or after is None:
-        return before != after
-    return abs(after - before) >= ETA_CHANGE_WORTH_SHOWING
 
 
 def _as_seed(meta: Mapping[str, Any]) -> int | None:
