@@ -18,23 +18,23 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from bot.guilds.keybox import KeyBox, KeyUnreadable
 from bot.guilds.rules import Limits, Refused, explain_refusal
 from bot.images.downloader import DownloadFailed, ImageDownloader
-from bot.images.processing import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
+from bot.images.processing import MAX_INPUT_BYTES, BadImage, normalise_input
 from bot.jobs.fair_queue import Cancelled, FairQueue
 from bot.jobs.model import Job, JobStatus
-from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue, PresentationRefused
+from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue
+from bot.jobs.posting import DISCORD_RETRY_DELAYS, INPUT_RETENTION, ResultPoster
 from bot.jobs.progress import ProgressReporter
 from bot.log import register_secret
 from bot.modelslab.client import (
@@ -53,18 +53,13 @@ from bot.web.metrics import Metrics
 from bot.web.signing import WebhookSigner
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
-# Waits between tries when Discord is unavailable; the last one repeats for as long as it takes.
-DISCORD_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 SHUTDOWN_GRACE = 30.0  # seconds an in-flight submit call may take to finish when the bot stops
 QUEUE_MAX_WAIT = 3600.0  # a job not sent within an hour (a long outage, a stuck key) is given up, unsent
 SUBMIT_ATTEMPTS = 3  # tries of a submit call that failed for a passing reason (5xx, no answer)
 RETRY_BASE_DELAY = 2.0  # seconds, doubled each try, with jitter
 SPAM_WINDOW = 30.0  # ModelsLab refuses an identical payload repeated within this many seconds
 INPUT_KINDS = ("img2img", "upscale")  # jobs that work from an image
-INPUT_RETENTION = 86400.0  # members' pictures are kept a day (Re-roll, Edit), then deleted
 
 
 @dataclass(frozen=True)
@@ -118,18 +113,22 @@ class JobService:
         self._clock = clock
         self._discord_retry_delays = discord_retry_delays
         self._submit_retry_delay = submit_retry_delay
-        self._presenter: JobPresenter | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._in_flight: set[asyncio.Task[tuple[Job, Answer | None]]] = set()
         self._wake: dict[str, asyncio.Event] = {}
-        self._posted: dict[str, asyncio.Event] = {}
         self._closing = False
         self._queue: JobQueue = FairQueue(settings.max_queued, on_change=self._line_changed)
         self._progress = ProgressReporter(store=store, queue=self._queue)
+        self._poster = ResultPoster(
+            store=store,
+            guilds=guilds,
+            downloader=downloader,
+            metrics=self.metrics,
+            clock=clock,
+            discord_retry_delays=discord_retry_delays,
+        )
         self.metrics.queue_depths = self._queue.depths
         self._recent_payloads: dict[tuple[str, str], float] = {}
-        self._posting: set[str] = set()
-        self._posting_done = asyncio.Event()
         self.draining = False
 
     @property
@@ -141,8 +140,8 @@ class JobService:
         return self._store
 
     def attach_presenter(self, presenter: JobPresenter) -> None:
-        self._presenter = presenter
         self._progress.attach_presenter(presenter)
+        self._poster.attach_presenter(presenter)
 
     async def api_key_for(self, guild_id: int | None) -> str | None:
         """The ModelsLab key that pays for this server's jobs."""
@@ -290,34 +289,12 @@ class JobService:
 
     async def wait_until_posted(self, job_id: str) -> Job:
         """Wait until the job's outcome has been shown to the member (tests, graceful shutdown)."""
-        event = self._posted.setdefault(job_id, asyncio.Event())
-        try:
-            job = await self._store.get(job_id)
-            while job is None or job.posted_at is None:
-                await event.wait()
-                event.clear()
-                job = await self._store.get(job_id)
-            return job
-        finally:
-            self._posted.pop(job_id, None)
-
-    def _announce_posted(self, job_id: str) -> None:
-        event = self._posted.get(job_id)
-        if event is not None:
-            event.set()
+        return await self._poster.wait_until_posted(job_id)
 
     async def drain(self, *, grace: float = SHUTDOWN_GRACE) -> None:
         """Before a shutdown: start nothing new, and let the results being posted finish (within `grace`)."""
         self.draining = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                while self._posting:
-                    self._posting_done.clear()
-                    await self._posting_done.wait()
-        if self._posting:
-            log.warning(
-                "Stopping with %d result(s) still being posted: they are posted at the next start", len(self._posting)
-            )
+        await self._poster.finish_posting(grace=grace)
 
     async def close(self, *, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop every driver. A submit call under way is let finish (within `grace`) and its answer recorded:
@@ -352,7 +329,7 @@ class JobService:
             # Finished (or failed, or this process stops): the job no longer counts at ModelsLab.
             self._queue.release(job_id)
         if job.needs_posting:
-            await self._post(job)
+            await self._poster.post(job)
 
     async def _reload(self, job_id: str) -> Job:
         job = await self._store.get(job_id)
@@ -369,8 +346,7 @@ class JobService:
         """Wait for the job's turn in its key's queue, then send it; sent back (429, a passing fault), try again."""
         if job.message_id is None:
             # Stored, then the bot stopped before it knew whether the member saw the status message.
-            presenter = self._presenter_or_fail()
-            found = await self._keep_trying(job, "status message lookup", lambda: presenter.find_status_message(job))
+            found = await self._poster.find_status_message(job)
             if found is None:
                 await self.abandon(job.id, "the status message was never shown")
                 return await self._reload(job.id)
@@ -674,121 +650,6 @@ class JobService:
                 await self._store.adopt_modelslab_id(job_id, text)
         log.info("Job %s: webhook received (%s)", job_id, str(payload.get("status", ""))[:20])
         self.wake(job_id)
-
-    # ------------------------------------------------------------------------------------------ posting
-
-    async def _post(self, job: Job) -> None:
-        self._posting.add(job.id)
-        try:
-            await self._post_outcome(job)
-        finally:
-            self._posting.discard(job.id)
-            self._posting_done.set()
-
-    async def _post_outcome(self, job: Job) -> None:
-        presenter = self._presenter_or_fail()
-        if job.status is JobStatus.SUCCEEDED:
-            images = await self._download_images(job)
-            if not images:
-                job = await self._fail(
-                    job.id, ErrorKind.DOWNLOAD_FAILED, "no image could be downloaded", from_succeeded=True
-                )
-            else:
-                await self._show_result(job, images)
-                return
-        try:
-            message_id = await self._keep_trying(job, "failure", lambda: presenter.show_failure(job))
-        except PresentationRefused as exc:
-            log.error("Job %s: Discord refused even the failure message (%s); giving up on showing it", job.id, exc)
-            message_id = None
-        await self._store.mark_posted(job.id, message_id=message_id)
-        self._announce_posted(job.id)
-        self.metrics.jobs.inc(job.kind, job.error_kind or "failed")
-        log.info("Job %s failure shown (%s)", job.id, job.error_kind)
-
-    async def _show_result(self, job: Job, images: list[ImageFile]) -> None:
-        presenter = self._presenter_or_fail()
-        config = await self._guilds.config(job.guild_id) if job.guild_id is not None else None
-        # Outside age-restricted channels the safety checker was on; what it still flags follows the server policy.
-        flagged = job.nsfw_detected and not job.channel_nsfw
-        withheld = flagged and config is not None and config.nsfw_policy == "withhold"
-        limit = job.attachment_size_limit or DEFAULT_ATTACHMENT_LIMIT
-        images = await asyncio.to_thread(fit_to_limit, images, limit)
-        shown = [] if withheld else images
-        try:
-            message_id = await self._keep_trying(
-                job, "result", lambda: presenter.show_result(job, shown, spoiler=flagged, withheld=withheld)
-            )
-        except PresentationRefused as exc:
-            log.warning("Job %s: Discord refused the result (%s)", job.id, exc)
-            job = await self._fail(job.id, ErrorKind.DELIVERY_REFUSED, str(exc), from_succeeded=True)
-            await self._post_outcome(job)
-            return
-        gallery = config.gallery_channel_id if config is not None else None
-        # Images made with the safety checker off (age-restricted channels) or flagged never go to the gallery.
-        shareable = not flagged and not job.channel_nsfw
-        if gallery is not None and gallery != job.channel_id and shareable and job.gallery_message_id is None:
-            await self._post_to_gallery(job, images, gallery)
-        # Images that could not be downloaded were still made and billed: the charge stays as recorded.
-        await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
-        self._announce_posted(job.id)
-        await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
-        self.metrics.jobs.inc(job.kind, "succeeded")
-        if job.finished_at is not None:
-            self.metrics.ready_to_posted.observe(max(self._clock() - job.finished_at, 0.0))
-        log.info("Job %s posted with %d image(s)%s", job.id, len(images), " (withheld)" if withheld else "")
-
-    async def _post_to_gallery(self, job: Job, images: list[ImageFile], channel_id: int) -> None:
-        presenter = self._presenter_or_fail()
-        try:
-            message_id = await self._keep_trying(
-                job, "gallery post", lambda: presenter.post_to_gallery(job, images, channel_id)
-            )
-        except PresentationRefused as exc:
-            log.warning("Job %s: the gallery channel refused the copy (%s)", job.id, exc)
-            return
-        await self._store.set_gallery_message(job.id, message_id)
-
-    async def _download_images(self, job: Job) -> list[ImageFile]:
-        """Every image that can be had; the ones that cannot are left out (and not counted)."""
-        downloads = []
-        for index, url in enumerate(job.output_urls[: job.request.samples]):
-            urls = [url]
-            if index < len(job.proxy_urls) and job.proxy_urls[index] != url:
-                urls.append(job.proxy_urls[index])
-            downloads.append(self._downloader.download(urls))
-        results = await asyncio.gather(*downloads, return_exceptions=True)
-        images = []
-        for result in results:
-            if isinstance(result, DownloadFailed):
-                log.warning("Job %s: an image could not be downloaded (%s)", job.id, result)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                images.append(result)
-        return images
-
-    async def _keep_trying(self, job: Job, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Discord can be unavailable for a while: try again, ever more patiently, until it answers.
-
-        `PresentationRefused` (Discord said no for good) is not retried.
-        """
-        delays = itertools.chain(self._discord_retry_delays, itertools.repeat(self._discord_retry_delays[-1]))
-        for attempt in itertools.count(1):
-            try:
-                return await call()
-            except (asyncio.CancelledError, PresentationRefused):
-                raise
-            except Exception as exc:
-                delay = next(delays)
-                log.warning("Job %s: the %s failed (try %d: %s); again in %.0f s", job.id, what, attempt, exc, delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _presenter_or_fail(self) -> JobPresenter:
-        if self._presenter is None:
-            raise RuntimeError("no presenter attached")
-        return self._presenter
 
     def _line_changed(self, key: str) -> None:
         self._progress.line_changed(key)
