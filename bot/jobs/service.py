@@ -23,11 +23,11 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.guilds.keybox import KeyBox, KeyUnreadable
+from bot.guilds.keybox import KeyBox
 from bot.guilds.rules import Limits, Refused, explain_refusal
 from bot.images.downloader import DownloadFailed, ImageDownloader
 from bot.images.processing import MAX_INPUT_BYTES, BadImage, normalise_input
@@ -36,16 +36,14 @@ from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue
 from bot.jobs.posting import DISCORD_RETRY_DELAYS, INPUT_RETENTION, ResultPoster
 from bot.jobs.progress import ProgressReporter
-from bot.log import register_secret
+from bot.jobs.waiting import AnswerRecorder, ResultWaiter, Wakeups, WebhookIntake
 from bot.modelslab.client import (
     Answer,
     ApiFlavour,
     ErrorKind,
     Failure,
-    Finished,
     GenerationKind,
     ModelsLabClient,
-    Pending,
 )
 from bot.requests.generation import GenerationRequest
 from bot.storage.sqlite import JobStore
@@ -68,20 +66,6 @@ class JobPolicy:
     timeout: float
     webhook_base: str | None  # PUBLIC_URL, or None for polling only
     max_queued: int = 5  # MODELSLAB_MAX_QUEUED: jobs of one key at ModelsLab at once
-
-
-def poll_delays(
-    eta: float | None, *, start: float = 1.5, factor: float = 1.5, ceiling: float = 10.0
-) -> Iterator[float]:
-    """Seconds to wait before each fetch: the first at about the ETA, then backing off to at most `ceiling`.
-
-    An ETA already past (a job resumed after a restart) means: look soon.
-    """
-    yield start if eta is None else min(max(eta, 0.5), 120.0)
-    delay = start
-    while True:
-        yield delay
-        delay = min(delay * factor, ceiling)
 
 
 class JobService:
@@ -115,10 +99,26 @@ class JobService:
         self._submit_retry_delay = submit_retry_delay
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._in_flight: set[asyncio.Task[tuple[Job, Answer | None]]] = set()
-        self._wake: dict[str, asyncio.Event] = {}
+        self._wakeups = Wakeups()
         self._closing = False
         self._queue: JobQueue = FairQueue(settings.max_queued, on_change=self._line_changed)
         self._progress = ProgressReporter(store=store, queue=self._queue)
+        self._answers = AnswerRecorder(
+            store=store, progress=self._progress, metrics=self.metrics, webhook_base=settings.webhook_base, clock=clock
+        )
+        self._waiter = ResultWaiter(
+            store=store,
+            client=client,
+            guilds=guilds,
+            keybox=keybox,
+            answers=self._answers,
+            wakeups=self._wakeups,
+            metrics=self.metrics,
+            timeout=settings.timeout,
+            webhook_base=settings.webhook_base,
+            clock=clock,
+        )
+        self._webhooks = WebhookIntake(store=store, wake=self.wake)
         self._poster = ResultPoster(
             store=store,
             guilds=guilds,
@@ -243,12 +243,12 @@ class JobService:
 
     def wake(self, job_id: str) -> None:
         """Something says the job may be done (a webhook): look at it now rather than at the next poll."""
-        self._event(job_id).set()
+        self._wakeups.set(job_id)
         self.start(job_id)
 
     def _driver_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
-        self._wake.pop(job_id, None)
+        self._wakeups.forget(job_id)
         self._progress.forget(job_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("Job %s driver stopped on an unexpected error", job_id, exc_info=task.exception())
@@ -308,12 +308,6 @@ class JobService:
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=grace)
 
-    def _event(self, job_id: str) -> asyncio.Event:
-        event = self._wake.get(job_id)
-        if event is None:
-            event = self._wake[job_id] = asyncio.Event()
-        return event
-
     async def _drive(self, job_id: str) -> None:
         job = await self._store.get(job_id)
         if job is None:
@@ -324,7 +318,7 @@ class JobService:
             if job.status is JobStatus.SUBMITTING:
                 job = await self._recover_lost_submission(job)
             if job.status is JobStatus.PROCESSING:
-                job = await self._poll_until_finished(job)
+                job = await self._waiter.wait_until_finished(job)
         finally:
             # Finished (or failed, or this process stops): the job no longer counts at ModelsLab.
             self._queue.release(job_id)
@@ -462,7 +456,7 @@ class JobService:
             if isinstance(answer, Failure) and self._send_back(answer):
                 await self._store.requeue(job.id, retry_after=answer.retry_after)
                 return await self._reload(job.id), answer
-            return await self._apply(job.id, answer, submitting=True), answer
+            return await self._answers.record(job.id, answer, submitting=True), answer
 
         call = asyncio.create_task(send(), name=f"submit-{job.id}")
         self._in_flight.add(call)
@@ -504,7 +498,7 @@ class JobService:
         """
         if self._settings.webhook_base and job.modelslab_id is None:
             log.info("Job %s: submit answer unknown; waiting for its webhook", job.id)
-            event = self._event(job.id)
+            event = self._wakeups.event(job.id)
             while job.modelslab_id is None and self._clock() < job.deadline_at:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=max(job.deadline_at - self._clock(), 0.01))
@@ -516,140 +510,21 @@ class JobService:
             return await self._fail(job.id, ErrorKind.LOST, "submit answer unknown")
         await self._store.mark_processing(job.id, modelslab_id=job.modelslab_id, eta_at=None, fetch_url=None, meta={})
         # The webhook that told us the id also said the job is done: look now.
-        self._event(job.id).set()
+        self._wakeups.event(job.id).set()
         return await self._reload(job.id)
-
-    # ------------------------------------------------------------------------------------------ waiting
-
-    async def _poll_until_finished(self, job: Job) -> Job:
-        """Fetch at about the ETA, then backing off, until finished or the deadline (with one last look at it)."""
-        eta = job.eta_at - self._clock() if job.eta_at is not None else None
-        delays = poll_delays(eta)
-        event = self._event(job.id)
-        while True:
-            if job.modelslab_id is None and not self._settings.webhook_base:
-                # Queued without an id, and no webhook can ever name it: nothing to wait for.
-                return await self._fail(job.id, ErrorKind.GENERATION_FAILED, "ModelsLab gave no request id")
-            remaining = job.deadline_at - self._clock()
-            if remaining > 0 and not event.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=min(next(delays), remaining))
-            event.clear()
-            job = await self._reload(job.id)
-            if job.status is not JobStatus.PROCESSING:
-                return job
-            if job.modelslab_id is not None:
-                job = await self._fetch_once(job)
-                if job.status is not JobStatus.PROCESSING:
-                    return job
-            if self._clock() >= job.deadline_at:
-                log.warning("Job %s timed out after %.0f s", job.id, self._settings.timeout)
-                return await self._fail(job.id, ErrorKind.TIMED_OUT, "no result before the deadline")
-
-    async def _fetch_once(self, job: Job) -> Job:
-        assert job.modelslab_id is not None
-        api_key = await self._key_sent_with(job)
-        if api_key is None:
-            return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
-        answer = await self._client.fetch(api_key, job.modelslab_id, job.fetch_url)
-        if isinstance(answer, Failure) and answer.transient:
-            self.metrics.modelslab_errors.inc(answer.kind.value)
-            log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
-            return job
-        return await self._apply(job.id, answer, submitting=False)
-
-    async def _key_sent_with(self, job: Job) -> str | None:
-        """The key the job was submitted with (the server's key may have changed since); else the current one."""
-        sealed = await self._store.sealed_key(job.id)
-        if sealed is not None:
-            try:
-                api_key = self._keybox.open_for_job(job.id, sealed)
-            except KeyUnreadable:
-                log.warning("Job %s: its key cannot be decrypted (was SECRET_KEY changed?)", job.id)
-            else:
-                register_secret(api_key)
-                return api_key
-        return await self.api_key_for(job.guild_id)
-
-    async def _apply(self, job_id: str, answer: Answer, *, submitting: bool) -> Job:
-        """Record what ModelsLab answered. Only the first finishing answer for a job is taken."""
-        before = await self._reload(job_id)
-        if isinstance(answer, Finished):
-            meta = answer.meta or before.meta
-            seed = answer.seed if answer.seed is not None else _as_seed(before.meta)
-            if await self._store.finish_success(
-                job_id,
-                modelslab_id=answer.request_id or before.modelslab_id,
-                output_urls=answer.output_urls,
-                proxy_urls=answer.proxy_urls,
-                meta=meta,
-                seed=seed if seed is not None else before.request.seed,
-                generation_time=answer.generation_time,
-                # Never more than was reserved: a surprise extra image is neither shown nor counted.
-                charged_images=min(len(answer.output_urls), before.request.samples),
-                nsfw_detected=answer.nsfw_detected,
-            ):
-                log.info("Job %s finished at ModelsLab with %d image(s)", job_id, len(answer.output_urls))
-            return await self._reload(job_id)
-        if isinstance(answer, Pending):
-            eta_at = self._clock() + answer.eta if answer.eta is not None else before.eta_at
-            changed = await self._store.mark_processing(
-                job_id,
-                modelslab_id=answer.request_id if before.modelslab_id is None else None,
-                eta_at=eta_at,
-                fetch_url=answer.fetch_url,
-                meta=answer.meta if submitting else {},
-            )
-            job = await self._reload(job_id)
-            if changed and submitting:
-                await self._progress.show(job)
-            elif changed:
-                await self._progress.show_new_eta(job, previous_eta_at=before.eta_at)
-            return job
-        if not submitting:
-            self.metrics.modelslab_errors.inc(answer.kind.value)
-        if submitting and answer.maybe_received:
-            if self._settings.webhook_base:
-                # ModelsLab may have queued it: its webhook will say (the job keeps its slot meanwhile).
-                log.warning("Job %s: the submit call got no answer (%s); waiting for a webhook", job_id, answer.detail)
-                return before
-            log.warning("Job %s: the submit call got no answer (%s); not sent again", job_id, answer.detail)
-            await self._store.finish_failure(job_id, kind=ErrorKind.LOST, detail=f"no answer ({answer.detail})")
-            return await self._reload(job_id)
-        if await self._store.finish_failure(
-            job_id, kind=answer.kind, detail=answer.detail, retry_after=answer.retry_after
-        ):
-            log.info("Job %s failed: %s (%s)", job_id, answer.kind, answer.detail)
-        return await self._reload(job_id)
 
     # ------------------------------------------------------------------------------------------ webhooks
 
     async def job_exists(self, job_id: str) -> bool:
-        return await self._store.get(job_id) is not None
+        return await self._webhooks.job_exists(job_id)
 
     async def input_image(self, job_id: str) -> bytes | None:
         """The input image ModelsLab fetches, only while the job is at ModelsLab."""
-        job = await self._store.get(job_id)
-        if job is None or job.status not in (JobStatus.SUBMITTING, JobStatus.PROCESSING):
-            return None
-        return await self._store.input_image(job_id)
+        return await self._webhooks.input_image(job_id)
 
     async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None:
-        """A callback for this job arrived (already authenticated): learn its id if needed, then look now.
-
-        The only thing taken from the body is ModelsLab's request id, and only while the job has none (its
-        submit answer was lost); the outcome itself always comes from a fetch.
-        """
-        job = await self._store.get(job_id)
-        if job is None or job.status.finished:
-            return  # a repeat delivery, or one for a job already settled
-        modelslab_id = payload.get("id")
-        if job.modelslab_id is None and isinstance(modelslab_id, str | int) and not isinstance(modelslab_id, bool):
-            text = str(modelslab_id).strip()
-            if text:
-                await self._store.adopt_modelslab_id(job_id, text)
-        log.info("Job %s: webhook received (%s)", job_id, str(payload.get("status", ""))[:20])
-        self.wake(job_id)
+        """A callback for this job arrived (already authenticated): see `WebhookIntake.on_webhook`."""
+        await self._webhooks.on_webhook(job_id, payload)
 
     def _line_changed(self, key: str) -> None:
         self._progress.line_changed(key)
@@ -669,12 +544,3 @@ def _kind(kind: str) -> GenerationKind:
     if kind in ("text2img", "img2img", "upscale"):
         return kind  # type: ignore[return-value]
     raise ValueError(f"unknown job kind {kind!r}")
-
-
-def _as_seed(meta: Mapping[str, Any]) -> int | None:
-    value = meta.get("seed")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        return int(value)
-    return None
