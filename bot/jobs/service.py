@@ -14,13 +14,7 @@ a crash between showing and recording it shows the same message again, never a s
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import dataclasses
-import hashlib
-import json
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -29,22 +23,16 @@ from typing import Any
 
 from bot.guilds.keybox import KeyBox
 from bot.guilds.rules import Limits, Refused, explain_refusal
-from bot.images.downloader import DownloadFailed, ImageDownloader
-from bot.images.processing import MAX_INPUT_BYTES, BadImage, normalise_input
-from bot.jobs.fair_queue import Cancelled, FairQueue
+from bot.images.downloader import ImageDownloader
+from bot.jobs.fair_queue import FairQueue
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue
 from bot.jobs.posting import DISCORD_RETRY_DELAYS, INPUT_RETENTION, ResultPoster
 from bot.jobs.progress import ProgressReporter
+from bot.jobs.records import reload_job
+from bot.jobs.submission import RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
 from bot.jobs.waiting import AnswerRecorder, ResultWaiter, Wakeups, WebhookIntake
-from bot.modelslab.client import (
-    Answer,
-    ApiFlavour,
-    ErrorKind,
-    Failure,
-    GenerationKind,
-    ModelsLabClient,
-)
+from bot.modelslab.client import ApiFlavour, ErrorKind, ModelsLabClient
 from bot.requests.generation import GenerationRequest
 from bot.storage.sqlite import JobStore
 from bot.web.metrics import Metrics
@@ -53,11 +41,6 @@ from bot.web.signing import WebhookSigner
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0  # seconds an in-flight submit call may take to finish when the bot stops
-QUEUE_MAX_WAIT = 3600.0  # a job not sent within an hour (a long outage, a stuck key) is given up, unsent
-SUBMIT_ATTEMPTS = 3  # tries of a submit call that failed for a passing reason (5xx, no answer)
-RETRY_BASE_DELAY = 2.0  # seconds, doubled each try, with jitter
-SPAM_WINDOW = 30.0  # ModelsLab refuses an identical payload repeated within this many seconds
-INPUT_KINDS = ("img2img", "upscale")  # jobs that work from an image
 
 
 @dataclass(frozen=True)
@@ -87,18 +70,11 @@ class JobService:
         submit_retry_delay: float = RETRY_BASE_DELAY,
     ) -> None:
         self._store = store
-        self._client = client
-        self._downloader = downloader
-        self._signer = signer
         self._settings = settings
         self._guilds = guilds
-        self._keybox = keybox
         self.metrics = metrics or Metrics()
         self._clock = clock
-        self._discord_retry_delays = discord_retry_delays
-        self._submit_retry_delay = submit_retry_delay
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._in_flight: set[asyncio.Task[tuple[Job, Answer | None]]] = set()
         self._wakeups = Wakeups()
         self._closing = False
         self._queue: JobQueue = FairQueue(settings.max_queued, on_change=self._line_changed)
@@ -119,6 +95,36 @@ class JobService:
             clock=clock,
         )
         self._webhooks = WebhookIntake(store=store, wake=self.wake)
+        payloads = PayloadBuilder(
+            store=store,
+            downloader=downloader,
+            signer=signer,
+            flavour=settings.flavour,
+            webhook_base=settings.webhook_base,
+        )
+        self._sender = Sender(
+            store=store,
+            client=client,
+            keybox=keybox,
+            payloads=payloads,
+            answers=self._answers,
+            metrics=self.metrics,
+            timeout=settings.timeout,
+            clock=clock,
+        )
+        self._submitter = Submitter(
+            store=store,
+            queue=self._queue,
+            guilds=guilds,
+            progress=self._progress,
+            payloads=payloads,
+            sender=self._sender,
+            clock=clock,
+            retry_delay=submit_retry_delay,
+        )
+        self._lost_submissions = LostSubmissions(
+            store=store, wakeups=self._wakeups, webhook_base=settings.webhook_base, clock=clock
+        )
         self._poster = ResultPoster(
             store=store,
             guilds=guilds,
@@ -128,7 +134,6 @@ class JobService:
             discord_retry_delays=discord_retry_delays,
         )
         self.metrics.queue_depths = self._queue.depths
-        self._recent_payloads: dict[tuple[str, str], float] = {}
         self.draining = False
 
     @property
@@ -256,26 +261,11 @@ class JobService:
     async def resume(self) -> int:
         """After a start-up: carry on every job that is not finished or not yet shown.
 
-        The queue is rebuilt before any driver runs: jobs already at ModelsLab hold their key's slots,
-        then the waiting ones line up in the order they were made.
+        The queue is rebuilt before any driver runs (see `Submitter.restore_line`).
         """
         await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
         jobs = await self._store.needing_work()
-        for job in jobs:
-            if job.status in (JobStatus.SUBMITTING, JobStatus.PROCESSING):
-                key = await self.api_key_for(job.guild_id)
-                self._queue.hold(_key_ref(key), job.id, job.user_id)
-        waiting: list[tuple[str, Job]] = []
-        for job in jobs:
-            if job.status is JobStatus.QUEUED and job.message_id is not None:
-                key = await self.api_key_for(job.guild_id)
-                if key is not None:
-                    waiting.append((_key_ref(key), job))
-        for key in {key for key, _ in waiting}:
-            members = sorted({job.user_id for k, job in waiting if k == key})
-            self._queue.remember_served(key, await self._store.last_served(members))
-        for key, job in waiting:
-            self._queue.enqueue(key, job.id, job.user_id)
+        await self._submitter.restore_line(jobs)
         for job in jobs:
             self.start(job.id)
         if jobs:
@@ -305,18 +295,19 @@ class JobService:
         for task in drivers:
             task.cancel()
         await asyncio.gather(*drivers, self._progress.wait_closed(), return_exceptions=True)
-        if self._in_flight:
-            await asyncio.wait(self._in_flight, timeout=grace)
+        await self._sender.wait_in_flight(grace=grace)
 
     async def _drive(self, job_id: str) -> None:
         job = await self._store.get(job_id)
         if job is None:
             return
         try:
+            if job.status is JobStatus.QUEUED and job.message_id is None:
+                job = await self._confirm_status_message(job)
             if job.status is JobStatus.QUEUED:
-                job = await self._queue_and_submit(job)
+                job = await self._submitter.queue_and_submit(job)
             if job.status is JobStatus.SUBMITTING:
-                job = await self._recover_lost_submission(job)
+                job = await self._lost_submissions.recover(job)
             if job.status is JobStatus.PROCESSING:
                 job = await self._waiter.wait_until_finished(job)
         finally:
@@ -325,193 +316,14 @@ class JobService:
         if job.needs_posting:
             await self._poster.post(job)
 
-    async def _reload(self, job_id: str) -> Job:
-        job = await self._store.get(job_id)
-        assert job is not None, "jobs are never deleted while being driven"
+    async def _confirm_status_message(self, job: Job) -> Job:
+        """Stored, then the bot stopped before it knew whether the member saw the status message: ask Discord."""
+        found = await self._poster.find_status_message(job)
+        if found is None:
+            await self.abandon(job.id, "the status message was never shown")
+            return await reload_job(self._store, job.id)
+        await self._store.set_message(job.id, found)
         return job
-
-    async def _fail(self, job_id: str, kind: ErrorKind, detail: str, **extra: Any) -> Job:
-        await self._store.finish_failure(job_id, kind=kind, detail=detail, **extra)
-        return await self._reload(job_id)
-
-    # ------------------------------------------------------------------------------------------ submitting
-
-    async def _queue_and_submit(self, job: Job) -> Job:
-        """Wait for the job's turn in its key's queue, then send it; sent back (429, a passing fault), try again."""
-        if job.message_id is None:
-            # Stored, then the bot stopped before it knew whether the member saw the status message.
-            found = await self._poster.find_status_message(job)
-            if found is None:
-                await self.abandon(job.id, "the status message was never shown")
-                return await self._reload(job.id)
-            await self._store.set_message(job.id, found)
-
-        if job.kind in INPUT_KINDS:
-            problem = await self._prepare_input(job)
-            if problem is not None:
-                return await self._fail(job.id, ErrorKind.BAD_IMAGE, problem)
-
-        failed_tries = 0
-        first_in_line = False
-        while True:
-            if self._clock() >= job.created_at + QUEUE_MAX_WAIT:
-                return await self._fail(job.id, ErrorKind.EXPIRED, "not sent within the queue's time limit")
-            api_key = await self.api_key_for(job.guild_id)
-            if api_key is None:
-                return await self._fail(job.id, ErrorKind.NO_KEY, "no API key configured")
-            key = _key_ref(api_key)
-            job = await self._reload(job.id)
-            if job.status is not JobStatus.QUEUED:
-                return job  # cancelled (between two tries, say)
-            self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
-            self._progress.show_place_in_line_soon(job.id)
-            try:
-                await asyncio.wait_for(
-                    self._queue.wait_turn(job.id), timeout=max(job.created_at + QUEUE_MAX_WAIT - self._clock(), 0.01)
-                )
-            except Cancelled:
-                return await self._reload(job.id)
-            except TimeoutError:
-                self._queue.cancel(job.id)
-                log.warning("Job %s: not sent within %.0f s of waiting; given up", job.id, QUEUE_MAX_WAIT)
-                return await self._fail(job.id, ErrorKind.EXPIRED, "not sent within the queue's time limit")
-            job = await self._reload(job.id)
-            if job.status is not JobStatus.QUEUED:
-                return job  # cancelled while it waited
-            job = await self._distinct_from_recent(job, key)
-            job, answer = await self._send(job, api_key)
-            if job.status is not JobStatus.QUEUED:
-                return job  # at ModelsLab, finished, or failed for good
-            # Sent back: it keeps its place at the head of the line. A full queue pauses the whole key first
-            # (or its slot would go straight to the next job); after a passing fault the slot is passed on.
-            first_in_line = True
-            if isinstance(answer, Failure) and answer.kind is ErrorKind.QUEUE_FULL:
-                wait = answer.retry_after or 30.0
-                log.info("Job %s: ModelsLab's queue is full; trying again in %.0f s", job.id, wait)
-                self._queue.pause(key, wait)
-                self._queue.release(job.id)
-                continue
-            self._queue.release(job.id)
-            failed_tries += 1
-            detail = answer.detail if isinstance(answer, Failure) else "no answer"
-            if failed_tries >= SUBMIT_ATTEMPTS:
-                kind = answer.kind if isinstance(answer, Failure) else ErrorKind.SERVICE_DOWN
-                return await self._fail(job.id, kind, detail)
-            delay = self._submit_retry_delay * 2 ** (failed_tries - 1) * random.uniform(0.75, 1.25)
-            log.info("Job %s: submit failed (%s); try %d in %.1f s", job.id, detail, failed_tries + 1, delay)
-            await asyncio.sleep(delay)
-
-    async def _prepare_input(self, job: Job) -> str | None:
-        """Read, check and normalise the job's input image (once: it is stored). Returns the problem, if any."""
-        if await self._store.input_image(job.id) is not None:
-            return None
-        if not job.request.source_url:
-            return "there is no image to work from"
-        try:
-            data = await self._downloader.fetch_bytes(job.request.source_url, MAX_INPUT_BYTES + 1)
-        except DownloadFailed as exc:
-            log.info("Job %s: the input image could not be downloaded (%s)", job.id, exc)
-            return "the image could not be downloaded from Discord (it may have been deleted)"
-        try:
-            image = await asyncio.to_thread(normalise_input, data)
-        except BadImage as exc:
-            return str(exc)
-        await self._store.save_input(job.id, image.data, image.width, image.height)
-        log.info("Job %s: input image ready (%dx%d)", job.id, image.width, image.height)
-        return None
-
-    async def _payload(self, job: Job) -> dict[str, Any]:
-        payload: dict[str, Any] = {**job.request.payload_for(job.kind), "track_id": job.id}
-        if job.kind in INPUT_KINDS:
-            if self._settings.webhook_base:
-                reference = self._signer.input_url(self._settings.webhook_base, job.id)
-            else:
-                # Behind NAT ModelsLab cannot fetch from the bot: the image travels in the request.
-                image = await self._store.input_image(job.id) or b""
-                reference = "data:image/png;base64," + base64.b64encode(image).decode()
-            field_name = "url" if job.kind == "upscale" and self._settings.flavour == "enterprise" else "init_image"
-            payload[field_name] = reference
-        if self._settings.webhook_base:
-            payload["webhook"] = self._signer.webhook_url(self._settings.webhook_base, job.id)
-        return payload
-
-    async def _send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
-        """One submit call, and the record of its answer, shielded: a shutdown must not cut it off between
-        ModelsLab taking the job and us writing that down."""
-        sealed = self._keybox.seal_for_job(job.id, api_key)
-        deadline = self._clock() + self._settings.timeout
-        if not await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed):
-            return await self._reload(job.id), None
-        payload = await self._payload(job)
-        # Stamped before the call (a twin sent meanwhile waits) and again once answered (see below).
-        self._recent_payloads[(_key_ref(api_key), _payload_ref(job))] = self._clock()
-        log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
-
-        async def send() -> tuple[Job, Answer | None]:
-            answer = await self._client.submit(_kind(job.kind), api_key, payload)
-            if isinstance(answer, Failure):
-                self.metrics.modelslab_errors.inc(answer.kind.value)
-            # Stamped once answered: never earlier than ModelsLab saw it, so the 30 s count errs on the safe side.
-            self._recent_payloads[(_key_ref(api_key), _payload_ref(job))] = self._clock()
-            if isinstance(answer, Failure) and self._send_back(answer):
-                await self._store.requeue(job.id, retry_after=answer.retry_after)
-                return await self._reload(job.id), answer
-            return await self._answers.record(job.id, answer, submitting=True), answer
-
-        call = asyncio.create_task(send(), name=f"submit-{job.id}")
-        self._in_flight.add(call)
-        call.add_done_callback(self._in_flight.discard)
-        return await asyncio.shield(call)
-
-    def _send_back(self, failure: Failure) -> bool:
-        """Answers after which the job goes back in line rather than failing: a full queue, a passing fault.
-
-        A call that got no answer but may have reached ModelsLab (a timeout, a connection cut after sending) is
-        never sent again: it could make, and bill, a second job and pass the key's limit. With webhooks its
-        callback will say (see `_recover_lost_submission`); without, the member is told it was lost.
-        """
-        if failure.kind is ErrorKind.QUEUE_FULL:
-            return True
-        return failure.kind is ErrorKind.SERVICE_DOWN and not failure.maybe_received
-
-    async def _distinct_from_recent(self, job: Job, key: str) -> Job:
-        """Never send a payload identical to one sent for this key in the last 30 s (ModelsLab's spam filter):
-        a seed the bot chose is chosen again; a seed the member chose is kept, and the job waits."""
-        now = self._clock()
-        for stamp in [k for k, at in self._recent_payloads.items() if now - at >= SPAM_WINDOW]:
-            del self._recent_payloads[stamp]
-        sent_at = self._recent_payloads.get((key, _payload_ref(job)))
-        if sent_at is None:
-            return job
-        if job.request.seed_is_random:
-            request = dataclasses.replace(job.request, seed=secrets.randbelow(2**32))
-            await self._store.update_request(job.id, request)
-            return await self._reload(job.id)
-        await asyncio.sleep(max(sent_at + SPAM_WINDOW - now, 0))
-        return job
-
-    async def _recover_lost_submission(self, job: Job) -> Job:
-        """Whether ModelsLab got the job is unknown (the bot stopped during the submit call, or it went unanswered).
-
-        Never submit blindly again: it could run and be paid twice. With webhooks, ModelsLab's callback
-        names the job's id: wait for it until the deadline. Without, the job is reported lost.
-        """
-        if self._settings.webhook_base and job.modelslab_id is None:
-            log.info("Job %s: submit answer unknown; waiting for its webhook", job.id)
-            event = self._wakeups.event(job.id)
-            while job.modelslab_id is None and self._clock() < job.deadline_at:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=max(job.deadline_at - self._clock(), 0.01))
-                event.clear()
-                job = await self._reload(job.id)
-                if job.status is not JobStatus.SUBMITTING:
-                    return job
-        if job.modelslab_id is None:
-            return await self._fail(job.id, ErrorKind.LOST, "submit answer unknown")
-        await self._store.mark_processing(job.id, modelslab_id=job.modelslab_id, eta_at=None, fetch_url=None, meta={})
-        # The webhook that told us the id also said the job is done: look now.
-        self._wakeups.event(job.id).set()
-        return await self._reload(job.id)
 
     # ------------------------------------------------------------------------------------------ webhooks
 
@@ -528,19 +340,3 @@ class JobService:
 
     def _line_changed(self, key: str) -> None:
         self._progress.line_changed(key)
-
-
-def _key_ref(api_key: str | None) -> str:
-    """Which queue a key's jobs share, without keeping the key itself around."""
-    return hashlib.sha256(b"modelslab-key:" + (api_key or "").encode()).hexdigest()[:16]
-
-
-def _payload_ref(job: Job) -> str:
-    payload = {**job.request.payload_for(job.kind), "source": job.request.source_url}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _kind(kind: str) -> GenerationKind:
-    if kind in ("text2img", "img2img", "upscale"):
-        return kind  # type: ignore[return-value]
-    raise ValueError(f"unknown job kind {kind!r}")
