@@ -48,8 +48,8 @@ class GuildDirectory(Protocol):
 
 
 class JobQueue(Protocol):
-    """Where jobs wait for a slot at ModelsLab: a line per API key (by `queue_key`), at most a few of a key at
-    ModelsLab at once. Implemented in memory by `bot.jobs.fair_queue.FairQueue`."""
+    """Where jobs wait for a slot at ModelsLab: a line per API key (named by `submission.queue_key`), at most
+    a few jobs of a key at ModelsLab at once. Implemented in memory by `bot.jobs.fair_queue.FairQueue`."""
 
     def hold(self, key: str, job_id: str, user_id: int) -> None:
         """A job already at ModelsLab (found at start-up) holds a slot."""

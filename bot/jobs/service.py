@@ -9,6 +9,18 @@ where it was (`JobService.resume`). A webhook never finishes a job by itself: it
 "look now", and the driver confirms with a fetch, so webhooks and polling share one code path and
 one outcome. The result is shown by editing the job's own status message, which is idempotent:
 a crash between showing and recording it shows the same message again, never a second one.
+
+`JobService` creates jobs, owns their driver tasks and walks each one through its states; the
+steps themselves are parts, each in its module of `bot.jobs`:
+
+- `submission`: the turn in the fair queue (`Submitter`), the input image and payload
+  (`PayloadBuilder`), the submit call shielded from shutdown (`Sender`), a lost submit
+  answer (`LostSubmissions`);
+- `waiting`: fetching at the ETA (`ResultWaiter`), webhooks (`WebhookIntake`, `Wakeups`), and
+  ModelsLab's answers written down (`AnswerRecorder`);
+- `posting`: the outcome shown to the member (`ResultPoster`);
+- `progress`: the status message's place in line and ETA (`ProgressReporter`);
+- `ports`: what the domain needs from outside (Discord, the servers, the queue).
 """
 
 from __future__ import annotations
@@ -72,43 +84,31 @@ class JobService:
         self._store = store
         self._settings = settings
         self._guilds = guilds
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics = metrics or Metrics()
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._wakeups = Wakeups()
         self._closing = False
+        self.draining = False
+        webhook_base = settings.webhook_base
+
+        # The parts, in the order a job meets them; each gets what it uses, and nothing else.
         self._queue: JobQueue = FairQueue(settings.max_queued, on_change=self._line_changed)
+        metrics.queue_depths = self._queue.depths
         self._progress = ProgressReporter(store=store, queue=self._queue)
-        self._answers = AnswerRecorder(
-            store=store, progress=self._progress, metrics=self.metrics, webhook_base=settings.webhook_base, clock=clock
+        self._wakeups = Wakeups()
+        answers = AnswerRecorder(
+            store=store, progress=self._progress, metrics=metrics, webhook_base=webhook_base, clock=clock
         )
-        self._waiter = ResultWaiter(
-            store=store,
-            client=client,
-            guilds=guilds,
-            keybox=keybox,
-            answers=self._answers,
-            wakeups=self._wakeups,
-            metrics=self.metrics,
-            timeout=settings.timeout,
-            webhook_base=settings.webhook_base,
-            clock=clock,
-        )
-        self._webhooks = WebhookIntake(store=store, wake=self.wake)
         payloads = PayloadBuilder(
-            store=store,
-            downloader=downloader,
-            signer=signer,
-            flavour=settings.flavour,
-            webhook_base=settings.webhook_base,
+            store=store, downloader=downloader, signer=signer, flavour=settings.flavour, webhook_base=webhook_base
         )
         self._sender = Sender(
             store=store,
             client=client,
             keybox=keybox,
             payloads=payloads,
-            answers=self._answers,
-            metrics=self.metrics,
+            answers=answers,
+            metrics=metrics,
             timeout=settings.timeout,
             clock=clock,
         )
@@ -123,18 +123,29 @@ class JobService:
             retry_delay=submit_retry_delay,
         )
         self._lost_submissions = LostSubmissions(
-            store=store, wakeups=self._wakeups, webhook_base=settings.webhook_base, clock=clock
+            store=store, wakeups=self._wakeups, webhook_base=webhook_base, clock=clock
         )
+        self._waiter = ResultWaiter(
+            store=store,
+            client=client,
+            guilds=guilds,
+            keybox=keybox,
+            answers=answers,
+            wakeups=self._wakeups,
+            metrics=metrics,
+            timeout=settings.timeout,
+            webhook_base=webhook_base,
+            clock=clock,
+        )
+        self._webhooks = WebhookIntake(store=store, wake=self.wake)
         self._poster = ResultPoster(
             store=store,
             guilds=guilds,
             downloader=downloader,
-            metrics=self.metrics,
+            metrics=metrics,
             clock=clock,
             discord_retry_delays=discord_retry_delays,
         )
-        self.metrics.queue_depths = self._queue.depths
-        self.draining = False
 
     @property
     def timeout(self) -> float:
@@ -339,4 +350,5 @@ class JobService:
         await self._webhooks.on_webhook(job_id, payload)
 
     def _line_changed(self, key: str) -> None:
+        """The queue says a key's line changed: the places shown in its status messages may be stale."""
         self._progress.line_changed(key)
