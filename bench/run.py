@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first on the 
 from aiohttp import web  # noqa: E402
 from PIL import Image, ImageChops  # noqa: E402
 
-from bot.jobs.service import poll_delays  # noqa: E402
+from bot.jobs.waiting import poll_delays  # noqa: E402
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction  # noqa: E402
 from tests.fakes.modelslab_server import DEFAULT_KEY, Behaviour, FakeJob, FakeModelsLab, Hang, Queued  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Showing jobs in Discord: the `JobPresenter` of `bot.jobs.service`, built on discord.py.
+"""Showing jobs in Discord: the `JobPresenter` of `bot.jobs.ports`, built on discord.py.
 
 A job is shown in its status message, the interaction's original response. For its first 15
 minutes that message is edited through the interaction webhook (which needs no channel
@@ -23,7 +23,7 @@ import discord
 from bot.discord.texts import failure_sentence, failure_text, gallery_text, result_summary, status_text
 from bot.images.processing import ImageFile
 from bot.jobs.model import Job, Progress
-from bot.jobs.service import PresentationRefused
+from bot.jobs.ports import PresentationRefused
 from bot.modelslab.client import ErrorKind
 
 log = logging.getLogger(__name__)

@@ -198,9 +198,9 @@ def embed_seed(interaction) -> str:
 async def test_a_members_own_seed_is_kept_and_the_retry_waits_out_the_spam_window(
     runner, discord_server, modelslab, monkeypatch
 ):
-    import bot.jobs.service
+    import bot.jobs.submission
 
-    monkeypatch.setattr(bot.jobs.service, "SPAM_WINDOW", 0.6)  # ModelsLab's is 30 s; the rule is the same
+    monkeypatch.setattr(bot.jobs.submission, "SPAM_WINDOW", 0.6)  # ModelsLab's is 30 s; the rule is the same
     modelslab.script(ErrorAnswer(http_status=503, message="Service Unavailable"))
     await runner.start()
     interaction = await discord_server.invoke_slash("imagine", {"prompt": "same seed", "seed": 42})

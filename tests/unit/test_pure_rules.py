@@ -13,7 +13,7 @@ from PIL import Image
 from bot.discord.markup import timestamp
 from bot.discord.texts import failure_sentence
 from bot.images.processing import NotAnImage, fit_to_limit, read_image
-from bot.jobs.service import poll_delays
+from bot.jobs.waiting import poll_delays
 from bot.log import MAX_RUNTIME_SECRETS, SecretFilter, register_secret
 from bot.modelslab.client import ErrorKind
 from bot.web.signing import WebhookSigner

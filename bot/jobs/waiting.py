@@ -1,0 +1,252 @@
+"""Waiting for ModelsLab's result: fetching at the ETA, webhooks that say "look now", and recording answers.
+
+A webhook never finishes a job by itself: it wakes the job's driver, which confirms with a fetch, so
+webhooks and polling share one code path and one outcome. Every answer, the submit call's and each
+fetch's, is recorded by `AnswerRecorder`, and only the first finishing answer for a job is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from bot.guilds.keybox import KeyBox, KeyUnreadable
+from bot.jobs.model import Job, JobStatus
+from bot.jobs.ports import GuildDirectory
+from bot.jobs.progress import ProgressReporter
+from bot.jobs.records import fail_job, reload_job
+from bot.log import register_secret
+from bot.modelslab.client import Answer, ErrorKind, Failure, Finished, ModelsLabClient, Pending
+from bot.storage.ports import JobRepository
+from bot.web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def poll_delays(
+    eta: float | None, *, start: float = 1.5, factor: float = 1.5, ceiling: float = 10.0
+) -> Iterator[float]:
+    """Seconds to wait before each fetch: the first at about the ETA, then backing off to at most `ceiling`.
+
+    An ETA already past (a job resumed after a restart) means: look soon.
+    """
+    yield start if eta is None else min(max(eta, 0.5), 120.0)
+    delay = start
+    while True:
+        yield delay
+        delay = min(delay * factor, ceiling)
+
+
+class Wakeups:
+    """One "look now" signal per job being driven: set by a webhook, waited for by the job's driver."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, job_id: str) -> asyncio.Event:
+        event = self._events.get(job_id)
+        if event is None:
+            event = self._events[job_id] = asyncio.Event()
+        return event
+
+    def set(self, job_id: str) -> None:
+        self.event(job_id).set()
+
+    def forget(self, job_id: str) -> None:
+        self._events.pop(job_id, None)
+
+
+class AnswerRecorder:
+    """Writes down what ModelsLab answered about a job: finished, still working (with an ETA), or failed."""
+
+    def __init__(
+        self,
+        *,
+        store: JobRepository,
+        progress: ProgressReporter,
+        metrics: Metrics,
+        webhook_base: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._progress = progress
+        self._metrics = metrics
+        self._webhook_base = webhook_base
+        self._clock = clock
+
+    async def record(self, job_id: str, answer: Answer, *, submitting: bool) -> Job:
+        """Record what ModelsLab answered. Only the first finishing answer for a job is taken."""
+        before = await reload_job(self._store, job_id)
+        if isinstance(answer, Finished):
+            meta = answer.meta or before.meta
+            seed = answer.seed if answer.seed is not None else _as_seed(before.meta)
+            if await self._store.finish_success(
+                job_id,
+                modelslab_id=answer.request_id or before.modelslab_id,
+                output_urls=answer.output_urls,
+                proxy_urls=answer.proxy_urls,
+                meta=meta,
+                seed=seed if seed is not None else before.request.seed,
+                generation_time=answer.generation_time,
+                # Never more than was reserved: a surprise extra image is neither shown nor counted.
+                charged_images=min(len(answer.output_urls), before.request.samples),
+                nsfw_detected=answer.nsfw_detected,
+            ):
+                log.info("Job %s finished at ModelsLab with %d image(s)", job_id, len(answer.output_urls))
+            return await reload_job(self._store, job_id)
+        if isinstance(answer, Pending):
+            eta_at = self._clock() + answer.eta if answer.eta is not None else before.eta_at
+            changed = await self._store.mark_processing(
+                job_id,
+                modelslab_id=answer.request_id if before.modelslab_id is None else None,
+                eta_at=eta_at,
+                fetch_url=answer.fetch_url,
+                meta=answer.meta if submitting else {},
+            )
+            job = await reload_job(self._store, job_id)
+            if changed and submitting:
+                await self._progress.show(job)
+            elif changed:
+                await self._progress.show_new_eta(job, previous_eta_at=before.eta_at)
+            return job
+        if not submitting:
+            self._metrics.modelslab_errors.inc(answer.kind.value)
+        if submitting and answer.maybe_received:
+            if self._webhook_base:
+                # ModelsLab may have queued it: its webhook will say (the job keeps its slot meanwhile).
+                log.warning("Job %s: the submit call got no answer (%s); waiting for a webhook", job_id, answer.detail)
+                return before
+            log.warning("Job %s: the submit call got no answer (%s); not sent again", job_id, answer.detail)
+            return await fail_job(self._store, job_id, ErrorKind.LOST, f"no answer ({answer.detail})")
+        if await self._store.finish_failure(
+            job_id, kind=answer.kind, detail=answer.detail, retry_after=answer.retry_after
+        ):
+            log.info("Job %s failed: %s (%s)", job_id, answer.kind, answer.detail)
+        return await reload_job(self._store, job_id)
+
+
+class ResultWaiter:
+    """Waits for a job at ModelsLab to finish: a fetch at about its ETA, then backing off, or at once when woken."""
+
+    def __init__(
+        self,
+        *,
+        store: JobRepository,
+        client: ModelsLabClient,
+        guilds: GuildDirectory,
+        keybox: KeyBox,
+        answers: AnswerRecorder,
+        wakeups: Wakeups,
+        metrics: Metrics,
+        timeout: float,
+        webhook_base: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._guilds = guilds
+        self._keybox = keybox
+        self._answers = answers
+        self._wakeups = wakeups
+        self._metrics = metrics
+        self._timeout = timeout
+        self._webhook_base = webhook_base
+        self._clock = clock
+
+    async def wait_until_finished(self, job: Job) -> Job:
+        """Fetch at about the ETA, then backing off, until finished or the deadline (with one last look at it)."""
+        eta = job.eta_at - self._clock() if job.eta_at is not None else None
+        delays = poll_delays(eta)
+        event = self._wakeups.event(job.id)
+        while True:
+            if job.modelslab_id is None and not self._webhook_base:
+                # Queued without an id, and no webhook can ever name it: nothing to wait for.
+                return await fail_job(self._store, job.id, ErrorKind.GENERATION_FAILED, "ModelsLab gave no request id")
+            remaining = job.deadline_at - self._clock()
+            if remaining > 0 and not event.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=min(next(delays), remaining))
+            event.clear()
+            job = await reload_job(self._store, job.id)
+            if job.status is not JobStatus.PROCESSING:
+                return job
+            if job.modelslab_id is not None:
+                job = await self._fetch_once(job)
+                if job.status is not JobStatus.PROCESSING:
+                    return job
+            if self._clock() >= job.deadline_at:
+                log.warning("Job %s timed out after %.0f s", job.id, self._timeout)
+                return await fail_job(self._store, job.id, ErrorKind.TIMED_OUT, "no result before the deadline")
+
+    async def _fetch_once(self, job: Job) -> Job:
+        assert job.modelslab_id is not None
+        api_key = await self._key_sent_with(job)
+        if api_key is None:
+            return await fail_job(self._store, job.id, ErrorKind.NO_KEY, "no API key configured")
+        answer = await self._client.fetch(api_key, job.modelslab_id, job.fetch_url)
+        if isinstance(answer, Failure) and answer.transient:
+            self._metrics.modelslab_errors.inc(answer.kind.value)
+            log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
+            return job
+        return await self._answers.record(job.id, answer, submitting=False)
+
+    async def _key_sent_with(self, job: Job) -> str | None:
+        """The key the job was submitted with (the server's key may have changed since); else the current one."""
+        sealed = await self._store.sealed_key(job.id)
+        if sealed is not None:
+            try:
+                api_key = self._keybox.open_for_job(job.id, sealed)
+            except KeyUnreadable:
+                log.warning("Job %s: its key cannot be decrypted (was SECRET_KEY changed?)", job.id)
+            else:
+                register_secret(api_key)
+                return api_key
+        return await self._guilds.api_key_for(job.guild_id)
+
+
+class WebhookIntake:
+    """What ModelsLab's callbacks reach, through the receiver: a job to look at now, and the input image."""
+
+    def __init__(self, *, store: JobRepository, wake: Callable[[str], None]) -> None:
+        self._store = store
+        self._wake = wake
+
+    async def job_exists(self, job_id: str) -> bool:
+        return await self._store.get(job_id) is not None
+
+    async def input_image(self, job_id: str) -> bytes | None:
+        """The input image ModelsLab fetches, only while the job is at ModelsLab."""
+        job = await self._store.get(job_id)
+        if job is None or job.status not in (JobStatus.SUBMITTING, JobStatus.PROCESSING):
+            return None
+        return await self._store.input_image(job_id)
+
+    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None:
+        """A callback for this job arrived (already authenticated): learn its id if needed, then look now.
+
+        The only thing taken from the body is ModelsLab's request id, and only while the job has none (its
+        submit answer was lost); the outcome itself always comes from a fetch.
+        """
+        job = await self._store.get(job_id)
+        if job is None or job.status.finished:
+            return  # a repeat delivery, or one for a job already settled
+        modelslab_id = payload.get("id")
+        if job.modelslab_id is None and isinstance(modelslab_id, str | int) and not isinstance(modelslab_id, bool):
+            text = str(modelslab_id).strip()
+            if text:
+                await self._store.adopt_modelslab_id(job_id, text)
+        log.info("Job %s: webhook received (%s)", job_id, str(payload.get("status", ""))[:20])
+        self._wake(job_id)
+
+
+def _as_seed(meta: Mapping[str, Any]) -> int | None:
+    value = meta.get("seed")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    return None
