@@ -12,6 +12,13 @@ Point discord.py at it with two class attributes (set before ``login()``)::
 
 Everything here was checked against discord.py 2.7.1; see ``/work/shared/docs/discord-testing.md``.
 
+Discord's rate limits are on by default (``tests/fakes/discord_rate_limits.py`` says what they are and where that
+comes from): per-route buckets with their headers, the global limit, the invalid-request limit and the Cloudflare ban
+after it. A 429 that the client earns is a violation unless ``tolerate_rate_limits`` is set; a test lowers limits
+through ``fake.rate_limits``, forces a 429 of a scope with :meth:`FakeDiscord.force_rate_limit` or the ban with
+:meth:`FakeDiscord.start_ban`, and reads :attr:`FakeDiscord.rate_limited`, :meth:`FakeDiscord.requests_by_route`,
+:meth:`FakeDiscord.invalid_requests_worst_window` and :meth:`FakeDiscord.budget`.
+
 Two things that are *not* violations, because Discord does them to a correct bot as well and the bot is expected to
 cope: webhook calls with an interaction token older than 15 minutes (401, code 50027; counted in
 :attr:`FakeDiscord.expired_token_calls`) and requests about a message that a moderator deleted (404, code 10008).
@@ -40,17 +47,37 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from tests.fakes.discord_rate_limits import (
+    BAN_SCOPE,
+    INTERACTION_WEBHOOK,
+    MESSAGE_CREATE,
+    MESSAGE_EDIT,
+    OTHER,
+    VIA,
+    DiscordBudget,
+    Limit,
+    RateLimitAnswer,
+    RateLimiter,
+    RateLimits,
+    Scope,
+    requests_by_route,
+)
+
 if TYPE_CHECKING:
     import discord
 
 __all__ = [
     "ALL_PERMISSIONS",
     "DEFAULT_UPLOAD_LIMIT",
+    "DiscordBudget",
     "DiscordErrorLog",
     "FakeDiscord",
     "FakeInteraction",
     "FakeMessage",
+    "Limit",
     "Permissions",
+    "RateLimitAnswer",
+    "RateLimits",
     "RecordedRequest",
     "UploadedFile",
     "point_discord_py_at",
@@ -241,6 +268,8 @@ class RecordedRequest:
     status: int = 0  # the status the fake answered with
     response: Any | None = None  # the JSON the fake answered with (None for bytes and 204)
     injected: bool = False  # answered by a fail_next() rule
+    route: str = ""  # the route template ("PATCH /channels/{channel_id}/messages/{message_id}"); "" if unknown
+    interaction_id: int | None = None  # the interaction whose callback or webhook token the request used
 
 
 @dataclass
@@ -385,6 +414,18 @@ class _Reply:
     body: Any = None  # JSON-able, bytes, or None (no body)
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = JSON_CONTENT_TYPE
+    # A 429 (or the ban answer): (scope, retry_after, forced by the test, what was exceeded)
+    rate_limit: tuple[str, float | None, bool, str] | None = None
+
+
+@dataclass(frozen=True)
+class _Route:
+    method: str
+    pattern: re.Pattern[str]
+    template: str  # "POST /channels/{channel_id}/messages"
+    auth: bool  # authenticated by the bot token (and so bound to the global limit)
+    kind: str  # which limit of RateLimits applies
+    handler: Callable[[RecordedRequest, re.Match[str]], _Reply]
 
 
 @dataclass
@@ -651,6 +692,7 @@ class FakeDiscord:
         interaction_deadline: float = 3.0,
         token_lifetime: float = 15 * 60.0,
         heartbeat_interval: int = 41250,
+        rate_limits: RateLimits | None = None,
     ) -> None:
         self.token = token
         self.application_id = application_id
@@ -691,6 +733,11 @@ class FakeDiscord:
         self.identify_count = 0
         self.resume_count = 0
         self.ready_count = 0  # READY or RESUMED sent
+        #: Every 429 the fake gave (and every Cloudflare ban answer, scope "ban"), in order.
+        self.rate_limited: list[RateLimitAnswer] = []
+        #: True: a 429 (or the ban) that the test did not force is recorded but is not a violation.
+        self.tolerate_rate_limits = False
+        self._limiter = RateLimiter(rate_limits or RateLimits())
 
         # Guild model.
         self.users: dict[int, Payload] = {}
@@ -1114,6 +1161,62 @@ class FakeDiscord:
         elif body is None:
             body = {"message": f"{status}: fake failure", "code": 0}
         self._failures.append(_FailureRule(method.upper(), re.compile(path_regex), status, body, headers, times))
+
+    # Rate limits (see tests/fakes/discord_rate_limits.py)
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        """The limits in force; change their fields (or assign new ones) at any time."""
+        return self._limiter.limits
+
+    @rate_limits.setter
+    def rate_limits(self, limits: RateLimits) -> None:
+        self._limiter.limits = limits
+
+    def force_rate_limit(
+        self, method: str, path_regex: str, scope: Scope = "user", *, retry_after: float = 0.05, times: int = 1
+    ) -> None:
+        """Answer the next ``times`` matching requests (of a known route, with a valid token) with a 429 of ``scope``.
+
+        As Discord answers it: the bucket's headers (``user``, ``shared``; ``shared`` keeps the bucket's real
+        remaining count) or ``X-RateLimit-Global`` (``global``), ``X-RateLimit-Scope``, ``Retry-After``, ``Via`` and
+        ``{"message", "retry_after", "global"}``. Not a violation; counted as invalid unless ``shared``.
+        """
+        self._limiter.force(method, path_regex, scope, retry_after, times)
+
+    def start_ban(self) -> None:
+        """Cloudflare bans the bot from now on (as if it had passed the invalid-request limit); not a violation."""
+        self._limiter.ban(time.monotonic(), by_test=True)
+
+    def lift_ban(self) -> None:
+        """The ban ends (as it does after about an hour): requests are answered again."""
+        self._limiter.lift_ban()
+
+    @property
+    def banned_at(self) -> float | None:
+        """When the last Cloudflare ban started (time.monotonic()), or None if there was none."""
+        return self._limiter.banned_at
+
+    def is_banned(self) -> bool:
+        return self._limiter.is_banned(time.monotonic())
+
+    @property
+    def invalid_requests(self) -> list[float]:
+        """When each invalid answer (401, 403, 429 except scope shared) was given, in order (time.monotonic())."""
+        return self._limiter.invalid_at
+
+    def invalid_requests_worst_window(self, per: float | None = None) -> int:
+        """The most invalid answers within any window of ``per`` seconds (default: the limit's 10 minutes)."""
+        return self._limiter.worst_invalid_window(per)
+
+    def requests_by_route(self) -> dict[str, int]:
+        """How many requests each route template received ("PATCH /channels/{channel_id}/messages/{message_id}")."""
+        return dict(requests_by_route(self.requests))
+
+    def budget(self, interactions: Iterable[FakeInteraction] | None = None) -> DiscordBudget:
+        """A summary of what was spent: requests per interaction by route, 429s by scope, invalid requests."""
+        jobs = self.interactions.values() if interactions is None else interactions
+        return DiscordBudget.measure([(self, jobs)])
 
     def expire_interaction(self, interaction: FakeInteraction) -> None:
         """From now on the interaction's token behaves as if 15 minutes had passed."""
@@ -1887,8 +1990,38 @@ class FakeDiscord:
             reply = _error(400, 0, f"fake crashed: {exc!r}")
         rec.status = reply.status
         rec.response = None if isinstance(reply.body, bytes) else reply.body
+        if is_api:
+            self._account(rec, reply)
+            if reply.rate_limit is None or reply.rate_limit[0] != BAN_SCOPE:
+                reply.headers.setdefault("Via", VIA)
         self._notify()
         return self._to_web(reply)
+
+    def _account(self, rec: RecordedRequest, reply: _Reply) -> None:
+        """Record a 429, count an invalid answer, and start the Cloudflare ban when the threshold is reached."""
+        if reply.rate_limit is None and reply.status == 429:  # a fail_next() rule without the details
+            scope = reply.headers.get("X-RateLimit-Scope", "user")
+            retry_after = reply.body.get("retry_after") if isinstance(reply.body, dict) else None
+            reply.rate_limit = (scope, retry_after, True, "fail_next()")
+        if reply.rate_limit is not None:
+            scope, retry_after, forced, exceeded = reply.rate_limit
+            self.rate_limited.append(
+                RateLimitAnswer(rec.at, rec.method, rec.path, rec.route, scope, retry_after, forced)
+            )
+            if not forced and scope != BAN_SCOPE and not self.tolerate_rate_limits:
+                self._violate(
+                    f"{rec.method} {rec.path}: over {exceeded}: answered 429 (scope {scope}, retry after "
+                    f"{retry_after:.3f} s)"
+                )
+            if scope == BAN_SCOPE:
+                return  # the ban's own answers are not counted again
+        if reply.status in (401, 403) or (reply.status == 429 and reply.headers.get("X-RateLimit-Scope") != "shared"):
+            limits = self.rate_limits.invalid_requests
+            if self._limiter.count_invalid(time.monotonic()) and not self.tolerate_rate_limits:
+                self._violate(
+                    f"{limits.requests} invalid requests (401, 403, 429) within {limits.per:g} s: Cloudflare bans "
+                    f"the bot for {self.rate_limits.ban_seconds:g} s, every request is answered 429 without Via"
+                )
 
     @staticmethod
     def _to_web(reply: _Reply) -> web.Response:
@@ -1944,6 +2077,12 @@ class FakeDiscord:
         except ValueError:
             return None, [], "the body is not valid JSON"
 
+    def _ban_reply(self) -> _Reply:
+        # Cloudflare's static page: no Via, no rate-limit headers, no Retry-After, not JSON (discord.py raises).
+        reply = _Reply(429, b"error code: 1015", content_type="text/plain; charset=UTF-8")
+        reply.rate_limit = (BAN_SCOPE, None, self._limiter.banned_by_test, "the invalid-request limit")
+        return reply
+
     def _take_failure(self, rec: RecordedRequest) -> _Reply | None:
         for rule in self._failures:
             if rule.remaining > 0 and rule.method in ("*", rec.method) and rule.pattern.search(rec.path):
@@ -1954,47 +2093,140 @@ class FakeDiscord:
                 return _Reply(rule.status, rule.body, dict(rule.headers))
         return None
 
-    def _build_routes(
-        self,
-    ) -> list[tuple[str, re.Pattern[str], bool, Callable[[RecordedRequest, re.Match[str]], _Reply]]]:
+    def _build_routes(self) -> list[_Route]:
         snowflake = r"(?P<{}>\d+)"
         app = snowflake.format("app")
         guild = snowflake.format("guild")
         channel = snowflake.format("channel")
         message = snowflake.format("message")
+        user = snowflake.format("user")
         token = r"(?P<token>[^/]+)"
-        table: list[tuple[str, str, bool, Callable[[RecordedRequest, re.Match[str]], _Reply]]] = [
-            ("GET", r"/users/@me", True, self._r_get_me),
-            ("POST", r"/users/@me/channels", True, self._r_create_dm),
-            ("GET", r"/users/" + snowflake.format("user"), True, self._r_get_user),
-            ("GET", r"/oauth2/applications/@me", True, self._r_application),
-            ("GET", r"/applications/@me", True, self._r_application),
-            ("GET", r"/gateway", False, self._r_gateway),
-            ("GET", r"/gateway/bot", True, self._r_gateway_bot),
-            ("GET", rf"/applications/{app}/commands", True, self._r_get_commands),
-            ("PUT", rf"/applications/{app}/commands", True, self._r_put_commands),
-            ("GET", rf"/applications/{app}/guilds/{guild}/commands", True, self._r_get_commands),
-            ("PUT", rf"/applications/{app}/guilds/{guild}/commands", True, self._r_put_commands),
-            ("POST", rf"/interactions/(?P<interaction>\d+)/{token}/callback", False, self._r_callback),
-            ("POST", rf"/webhooks/{app}/{token}", False, self._r_followup),
-            ("GET", rf"/webhooks/{app}/{token}/messages/(?P<message>\d+|@original)", False, self._r_webhook_get),
-            ("PATCH", rf"/webhooks/{app}/{token}/messages/(?P<message>\d+|@original)", False, self._r_webhook_edit),
-            ("DELETE", rf"/webhooks/{app}/{token}/messages/(?P<message>\d+|@original)", False, self._r_webhook_delete),
-            ("GET", rf"/channels/{channel}", True, self._r_get_channel),
-            ("POST", rf"/channels/{channel}/typing", True, self._r_typing),
-            ("GET", rf"/channels/{channel}/messages", True, self._r_history),
-            ("POST", rf"/channels/{channel}/messages", True, self._r_channel_post),
-            ("GET", rf"/channels/{channel}/messages/{message}", True, self._r_channel_get),
-            ("PATCH", rf"/channels/{channel}/messages/{message}", True, self._r_channel_edit),
-            ("DELETE", rf"/channels/{channel}/messages/{message}", True, self._r_channel_delete),
-            ("GET", rf"/guilds/{guild}", True, self._r_get_guild),
-            ("GET", rf"/guilds/{guild}/channels", True, self._r_guild_channels),
-            ("GET", rf"/guilds/{guild}/roles", True, self._r_guild_roles),
-            ("GET", rf"/guilds/{guild}/members/" + snowflake.format("user"), True, self._r_guild_member),
+        webhook_message = r"(?P<message>\d+|@original)"
+        commands = "/applications/{application_id}/commands"
+        guild_commands = "/applications/{application_id}/guilds/{guild_id}/commands"
+        webhook = "/webhooks/{application_id}/{interaction_token}"
+        messages = "/channels/{channel_id}/messages"
+        Handler = Callable[[RecordedRequest, re.Match[str]], _Reply]
+        # (method, path pattern, route template, bot token, limit kind, handler)
+        table: list[tuple[str, str, str, bool, str, Handler]] = [
+            ("GET", r"/users/@me", "/users/@me", True, OTHER, self._r_get_me),
+            ("POST", r"/users/@me/channels", "/users/@me/channels", True, OTHER, self._r_create_dm),
+            ("GET", rf"/users/{user}", "/users/{user_id}", True, OTHER, self._r_get_user),
+            ("GET", r"/oauth2/applications/@me", "/oauth2/applications/@me", True, OTHER, self._r_application),
+            ("GET", r"/applications/@me", "/applications/@me", True, OTHER, self._r_application),
+            ("GET", r"/gateway", "/gateway", False, OTHER, self._r_gateway),
+            ("GET", r"/gateway/bot", "/gateway/bot", True, OTHER, self._r_gateway_bot),
+            ("GET", rf"/applications/{app}/commands", commands, True, OTHER, self._r_get_commands),
+            ("PUT", rf"/applications/{app}/commands", commands, True, OTHER, self._r_put_commands),
+            ("GET", rf"/applications/{app}/guilds/{guild}/commands", guild_commands, True, OTHER, self._r_get_commands),
+            ("PUT", rf"/applications/{app}/guilds/{guild}/commands", guild_commands, True, OTHER, self._r_put_commands),
+            (
+                "POST",
+                rf"/interactions/(?P<interaction>\d+)/{token}/callback",
+                "/interactions/{interaction_id}/{interaction_token}/callback",
+                False,
+                OTHER,
+                self._r_callback,
+            ),
+            ("POST", rf"/webhooks/{app}/{token}", webhook, False, INTERACTION_WEBHOOK, self._r_followup),
+            (
+                "GET",
+                rf"/webhooks/{app}/{token}/messages/{webhook_message}",
+                webhook + "/messages/{message_id}",
+                False,
+                INTERACTION_WEBHOOK,
+                self._r_webhook_get,
+            ),
+            (
+                "PATCH",
+                rf"/webhooks/{app}/{token}/messages/{webhook_message}",
+                webhook + "/messages/{message_id}",
+                False,
+                INTERACTION_WEBHOOK,
+                self._r_webhook_edit,
+            ),
+            (
+                "DELETE",
+                rf"/webhooks/{app}/{token}/messages/{webhook_message}",
+                webhook + "/messages/{message_id}",
+                False,
+                INTERACTION_WEBHOOK,
+                self._r_webhook_delete,
+            ),
+            ("GET", rf"/channels/{channel}", "/channels/{channel_id}", True, OTHER, self._r_get_channel),
+            ("POST", rf"/channels/{channel}/typing", "/channels/{channel_id}/typing", True, OTHER, self._r_typing),
+            ("GET", rf"/channels/{channel}/messages", messages, True, OTHER, self._r_history),
+            ("POST", rf"/channels/{channel}/messages", messages, True, MESSAGE_CREATE, self._r_channel_post),
+            (
+                "GET",
+                rf"/channels/{channel}/messages/{message}",
+                messages + "/{message_id}",
+                True,
+                OTHER,
+                self._r_channel_get,
+            ),
+            (
+                "PATCH",
+                rf"/channels/{channel}/messages/{message}",
+                messages + "/{message_id}",
+                True,
+                MESSAGE_EDIT,
+                self._r_channel_edit,
+            ),
+            (
+                "DELETE",
+                rf"/channels/{channel}/messages/{message}",
+                messages + "/{message_id}",
+                True,
+                OTHER,
+                self._r_channel_delete,
+            ),
+            ("GET", rf"/guilds/{guild}", "/guilds/{guild_id}", True, OTHER, self._r_get_guild),
+            ("GET", rf"/guilds/{guild}/channels", "/guilds/{guild_id}/channels", True, OTHER, self._r_guild_channels),
+            ("GET", rf"/guilds/{guild}/roles", "/guilds/{guild_id}/roles", True, OTHER, self._r_guild_roles),
+            (
+                "GET",
+                rf"/guilds/{guild}/members/{user}",
+                "/guilds/{guild_id}/members/{user_id}",
+                True,
+                OTHER,
+                self._r_guild_member,
+            ),
         ]
-        return [(method, re.compile(pattern + r"/?"), auth, handler) for method, pattern, auth, handler in table]
+        return [
+            _Route(method, re.compile(pattern + r"/?"), f"{method} {template}", auth, kind, handler)
+            for method, pattern, template, auth, kind, handler in table
+        ]
+
+    def _match_route(self, rec: RecordedRequest) -> tuple[_Route, re.Match[str]] | None:
+        for route in self._routes:
+            match = route.pattern.fullmatch(rec.path)
+            if match is not None and route.method == rec.method:
+                rec.route = route.template
+                groups = match.groupdict()
+                if groups.get("interaction") is not None:
+                    rec.interaction_id = int(groups["interaction"])
+                elif groups.get("token") is not None:
+                    known = self._by_token.get(groups["token"])
+                    rec.interaction_id = known.id if known is not None else None
+                return route, match
+        return None
+
+    @staticmethod
+    def _bucket_of(route: _Route, match: re.Match[str]) -> tuple[str, str]:
+        """The bucket's name (shared by the routes of one bucket) and the request's top-level resource."""
+        groups = match.groupdict()
+        if route.kind == INTERACTION_WEBHOOK:
+            return "interaction webhook", f"{groups['app']}+{groups['token']}"
+        if groups.get("interaction") is not None:
+            return route.template, f"{groups['interaction']}+{groups['token']}"
+        major = groups.get("channel") or groups.get("guild") or ""
+        return route.template, major
 
     def _route(self, rec: RecordedRequest, *, is_api: bool, body_error: str | None) -> _Reply:
+        if is_api and self._limiter.is_banned(time.monotonic()):
+            return self._ban_reply()
+        found = self._match_route(rec) if is_api else None
         injected = self._take_failure(rec)
         if injected is not None:
             return injected
@@ -2003,16 +2235,38 @@ class FakeDiscord:
         if body_error is not None:
             self._violate(f"{rec.method} {rec.path}: {body_error}")
             return _error(400, 50109, "The request body contains invalid JSON.")
-        for method, pattern, auth, handler in self._routes:
-            match = pattern.fullmatch(rec.path)
-            if match is None or method != rec.method:
-                continue
-            if auth and rec.headers.get("Authorization") != f"Bot {self.token}":
-                self.unauthorized_calls += 1
-                return _error(401, 0, "401: Unauthorized")
-            return handler(rec, match)
-        self._violate(f"{rec.method} {rec.path} is not a route the fake knows (unknown route): answered 404")
-        return _error(404, 0, "404: Not Found")
+        if found is None:
+            self._violate(f"{rec.method} {rec.path} is not a route the fake knows (unknown route): answered 404")
+            return _error(404, 0, "404: Not Found")
+        route, match = found
+        if route.auth and rec.headers.get("Authorization") != f"Bot {self.token}":
+            self.unauthorized_calls += 1
+            return _error(401, 0, "401: Unauthorized")
+        bucket, major = self._bucket_of(route, match)
+        verdict = self._limiter.check(
+            method=rec.method,
+            path=rec.path,
+            kind=route.kind,
+            bucket=bucket,
+            major=major,
+            bot_token_route=route.auth,
+            now=time.monotonic(),
+        )
+        if verdict.refusal is not None:
+            scope, retry_after, body = verdict.refusal
+            limit = self.rate_limits.for_kind(route.kind)
+            if scope == "global":
+                glob = self.rate_limits.global_requests
+                exceeded = f"the global limit of {glob.requests} per {glob.per:g} s"
+            else:
+                exceeded = f"{limit.requests} per {limit.per:g} s on bucket {bucket!r} for {major or 'the bot'}"
+            reply = _Reply(429, body, verdict.headers)
+            reply.rate_limit = (scope, retry_after, verdict.forced, exceeded)
+            return reply
+        reply = route.handler(rec, match)
+        for name, value in verdict.headers.items():
+            reply.headers.setdefault(name, value)
+        return reply
 
     # ----------------------------------------------------------------------------------------------------------------
     # Simple routes
@@ -2357,23 +2611,32 @@ class FakeDiscord:
             return [], errors
         referenced = {id(f) for f, _ in chosen}
         chosen.extend((f, None) for _, f in sorted(files.items()) if id(f) not in referenced)
+        if len(chosen) > MAX_FILES_PER_MESSAGE:
+            return [], [f"a message has at most {MAX_FILES_PER_MESSAGE} attachments, got {len(chosen)}"]
         return [self._store_attachment(channel_id, f, e) for f, e in chosen], []
 
     def _edited_attachments(
-        self, message: FakeMessage, payload: Payload, files: dict[int, UploadedFile]
+        self, rec: RecordedRequest, message: FakeMessage, payload: Payload, files: dict[int, UploadedFile]
     ) -> tuple[list[UploadedFile] | None, list[str]]:
         """Attachments after an edit (None: unchanged), and errors if ``attachments`` is inconsistent.
 
-        Discord keeps exactly the existing attachments whose ids are listed in ``attachments`` and adds the new
-        files listed there by their ``files[N]`` index (discord.py sends ``{"id": N, "filename": ...}`` for a new
-        File and the full attachment dict for a kept Attachment).
+        API v10 (Discord's "Edit Message" and "Edit Webhook Message"): "the attachments array must contain all
+        attachments that should be present after edit, including retained and new attachments provided in the
+        request body". So Discord keeps exactly the existing attachments whose ids are listed and adds the new files
+        listed there by their ``files[N]`` index (discord.py sends ``{"id": N, "filename": ...}`` for a new File and
+        the full attachment dict for a kept Attachment); an uploaded file that is not listed is dropped, which no
+        bot means to do (a violation). Without ``attachments`` the message keeps the ones it has.
         """
         entries = payload.get("attachments")
+        listed = {_as_int(e.get("id")) for e in entries if isinstance(e, dict)} if isinstance(entries, list) else set()
+        dropped = sorted(f.filename for index, f in files.items() if index not in listed)
+        if dropped:
+            self._violate(
+                f"{rec.method} {rec.path} uploads {dropped} without listing them in attachments: Discord (API v10) "
+                "drops them from the edited message"
+            )
         if entries is None:
-            if not files:
-                return None, []
-            added = [self._store_attachment(message.channel_id, f, None) for _, f in sorted(files.items())]
-            return message.attachments + added, []
+            return None, []
         existing = {a.id: a for a in message.attachments}
         result: list[UploadedFile] = []
         errors: list[str] = []
@@ -2387,6 +2650,8 @@ class FakeDiscord:
                 errors.append(
                     f"attachments entry {entry!r} is neither an attachment of the message nor an uploaded files[N]"
                 )
+        if len(result) > MAX_FILES_PER_MESSAGE:
+            errors.append(f"a message has at most {MAX_FILES_PER_MESSAGE} attachments, got {len(result)}")
         return (None, errors) if errors else (result, [])
 
     def _create_message(
@@ -2449,7 +2714,7 @@ class FakeDiscord:
     ) -> _Reply | None:
         """Apply an edit (PATCH semantics: absent fields are kept). Returns an error reply or None."""
         errors = self._content_errors(payload, allowed_flags)
-        attachments, attachment_errors = self._edited_attachments(message, payload, self._files_by_index(rec))
+        attachments, attachment_errors = self._edited_attachments(rec, message, payload, self._files_by_index(rec))
         errors.extend(attachment_errors)
         if errors:
             return self._invalid(rec, errors)
@@ -2678,13 +2943,23 @@ class FakeDiscord:
             return _error(404, 10015, "Unknown Webhook")
         return interaction
 
-    def _webhook_message(self, interaction: FakeInteraction, message_ref: str) -> FakeMessage | None:
+    def _webhook_message(
+        self, rec: RecordedRequest, interaction: FakeInteraction, message_ref: str
+    ) -> FakeMessage | None:
+        """The message an interaction webhook may read, edit or delete: its response or one of its followups.
+
+        (For a component, the response of a type 6 or 7 callback is the message the component is on.) Another
+        message is not that webhook's: 404 Unknown Message, and a violation, as the bot asked for it.
+        """
         message_id = interaction.original_message_id if message_ref == "@original" else int(message_ref)
         message = self.messages.get(message_id) if message_id is not None else None
         if message is None or message.deleted:
             return None
-        own = message.interaction_id == interaction.id or message.id == interaction.original_message_id
-        if not own and (message.webhook_id != self.application_id or message.ephemeral):
+        if message.interaction_id != interaction.id and message.id != interaction.original_message_id:
+            self._violate(
+                f"{rec.method} {rec.path}: message {message.id} is not a message of interaction {interaction.id} "
+                "(an interaction webhook reaches only its response and followups): answered 404 (10008)"
+            )
             return None
         return message
 
@@ -2741,7 +3016,7 @@ class FakeDiscord:
         interaction = self._webhook_interaction(rec, m)
         if isinstance(interaction, _Reply):
             return interaction
-        message = self._webhook_message(interaction, m["message"])
+        message = self._webhook_message(rec, interaction, m["message"])
         if message is None:
             return _error(404, 10008, "Unknown Message")
         return _ok(self._message_payload(message))
@@ -2750,7 +3025,7 @@ class FakeDiscord:
         interaction = self._webhook_interaction(rec, m)
         if isinstance(interaction, _Reply):
             return interaction
-        message = self._webhook_message(interaction, m["message"])
+        message = self._webhook_message(rec, interaction, m["message"])
         if message is None:
             return _error(404, 10008, "Unknown Message")
         refused = self._size_refusal(rec, interaction.attachment_size_limit, "the interaction's attachment_size_limit")
@@ -2766,7 +3041,7 @@ class FakeDiscord:
         interaction = self._webhook_interaction(rec, m)
         if isinstance(interaction, _Reply):
             return interaction
-        message = self._webhook_message(interaction, m["message"])
+        message = self._webhook_message(rec, interaction, m["message"])
         if message is None:
             return _error(404, 10008, "Unknown Message")
         message.deleted = True
