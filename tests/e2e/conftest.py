@@ -153,6 +153,9 @@ class BotRunner:
             discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
         )
         identified = self.discord.identify_count
+        # A restarted bot process takes seconds where this takes milliseconds: let Discord's 5 s between two
+        # IDENTIFYs (max_concurrency 1) pass, as the real restart would.
+        self.discord.let_identify_window_pass()
         self._context = running_app(self.settings(**overrides), guild_ready_timeout=0.05, timings=timings or FAST)
         self.app = await self._context.__aenter__()
         self._task = asyncio.create_task(self.app.bot.start(BOT_TOKEN))

@@ -19,6 +19,15 @@ through ``fake.rate_limits``, forces a 429 of a scope with :meth:`FakeDiscord.fo
 :meth:`FakeDiscord.start_ban`, and reads :attr:`FakeDiscord.rate_limited`, :meth:`FakeDiscord.requests_by_route`,
 :meth:`FakeDiscord.invalid_requests_worst_window` and :meth:`FakeDiscord.budget`.
 
+Several guilds and shards: ``fake.guild`` is the first guild (the single-guild attributes describe it) and
+:meth:`FakeDiscord.add_guild` / :meth:`FakeDiscord.add_guilds` make more; the ``invoke_*`` methods take ``guild_id``.
+``GET /gateway/bot`` recommends ``recommended_shards`` (default one per 1,000 guilds) with ``max_concurrency``; an
+IDENTIFY with ``shard: [id, count]`` gets only the guilds of that shard, ``(guild_id >> 22) % count``, and each
+guild's events go on its shard's connection (DMs on shard 0). As on Discord: a shard out of range is closed with 4010,
+a session of more than 2,500 guilds (``max_guilds_per_shard``) with 4011, and an IDENTIFY within 5 s of another with
+the same ``shard_id % max_concurrency`` gets op 9 Invalid Session (a violation while that other session is still
+connected; after a restart, counted in ``identify_refusals``).
+
 Two things that are *not* violations, because Discord does them to a correct bot as well and the bot is expected to
 cope: webhook calls with an interaction token older than 15 minutes (401, code 50027; counted in
 :attr:`FakeDiscord.expired_token_calls`) and requests about a message that a moderator deleted (404, code 10008).
@@ -32,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import mimetypes
 import re
 import secrets
@@ -42,7 +52,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, WSMsgType, web
@@ -71,7 +81,9 @@ __all__ = [
     "DEFAULT_UPLOAD_LIMIT",
     "DiscordBudget",
     "DiscordErrorLog",
+    "Dispatch",
     "FakeDiscord",
+    "FakeGuild",
     "FakeInteraction",
     "FakeMessage",
     "Limit",
@@ -83,6 +95,7 @@ __all__ = [
     "point_discord_py_at",
     "running_bot",
     "running_fake_discord",
+    "shard_of",
 ]
 
 _log = logging.getLogger(__name__)
@@ -339,6 +352,42 @@ class FakeMessage:
         return payload
 
 
+@dataclass(eq=False)
+class FakeGuild:
+    """A guild (server) of the fake: its roles, its members (user id -> role ids) and its text channels.
+
+    The fake's first guild is ``fake.guild`` (its id ``fake.guild_id``; ``fake.roles`` and ``fake.member_roles`` are
+    this guild's); :meth:`FakeDiscord.add_guild` makes more. Users and channels live in ``fake.users`` and
+    ``fake.channels`` (each channel names its ``guild_id``).
+    """
+
+    id: int
+    name: str
+    owner_id: int
+    bot_role_id: int
+    roles: dict[int, Payload] = field(default_factory=dict)
+    member_roles: dict[int, list[int]] = field(default_factory=dict)
+    channel_ids: list[int] = field(default_factory=list)
+
+    @property
+    def channel_id(self) -> int:
+        """The first text channel (the system channel, where interactions happen unless told otherwise)."""
+        return self.channel_ids[0]
+
+    @property
+    def member_ids(self) -> list[int]:
+        return list(self.member_roles)
+
+    def shard_id(self, shard_count: int) -> int:
+        """The shard whose connection gets this guild's events: ``(guild_id >> 22) % shard_count``."""
+        return shard_of(self.id, shard_count)
+
+
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """Discord's sharding formula (Gateway page, "Sharding"): ``(guild_id >> 22) % num_shards``."""
+    return (guild_id >> 22) % shard_count
+
+
 class FakeInteraction:
     """An interaction the fake dispatched, with what the bot did about it."""
 
@@ -438,6 +487,15 @@ class _FailureRule:
     remaining: int
 
 
+class Dispatch(NamedTuple):
+    """A gateway dispatch the fake sent (FakeDiscord.dispatched)."""
+
+    shard: tuple[int, int] | None  # [shard_id, shard_count] of the session, None if it did not shard
+    event: str
+    guild_id: int | None  # the guild it is about (GUILD_CREATE: the guild itself)
+    identify_index: int  # which IDENTIFY started the session (FakeDiscord.identify_count then)
+
+
 @dataclass(eq=False)
 class _Session:
     session_id: str
@@ -457,6 +515,20 @@ class _Connection:
     ready: bool = False
     closed: bool = False
     presence: Payload | None = None
+    ready_index: int = 0  # FakeDiscord.ready_count when it became ready: the newest connection wins
+
+    @property
+    def live(self) -> bool:
+        return not self.closed and not self.ws.closed and self.ready and self.session is not None
+
+    def has_guild(self, guild_id: int | None) -> bool:
+        """Whether this connection's shard gets the guild's events (DMs go to shard 0)."""
+        shard = self.session.shard if self.session is not None else None
+        if shard is None:
+            return True
+        if guild_id is None:
+            return shard[0] == 0
+        return shard_of(guild_id, shard[1]) == shard[0]
 
 
 def _ok(body: Any, status: int = 200) -> _Reply:
@@ -481,6 +553,18 @@ def _now_iso() -> str:
 
 def _minimal_user(user_id: int) -> Payload:
     return {"id": str(user_id), "username": f"user{user_id}", "discriminator": "0", "avatar": None, "global_name": None}
+
+
+def _user_payload(user_id: int, username: str, *, bot: bool = False) -> Payload:
+    return {
+        "id": str(user_id),
+        "username": username,
+        "global_name": None if bot else username.title(),
+        "discriminator": "0",
+        "avatar": None,
+        "public_flags": 0,
+        "bot": bot,
+    }
 
 
 def _as_int(value: Any) -> int | None:
@@ -693,6 +777,8 @@ class FakeDiscord:
         token_lifetime: float = 15 * 60.0,
         heartbeat_interval: int = 41250,
         rate_limits: RateLimits | None = None,
+        max_concurrency: int = 1,
+        recommended_shards: int | None = None,
     ) -> None:
         self.token = token
         self.application_id = application_id
@@ -718,6 +804,15 @@ class FakeDiscord:
         self.heartbeat_interval = heartbeat_interval
         #: Users whose DMs are closed to the bot (POST to their DM channel → 403, code 50007).
         self.dm_closed_user_ids: set[int] = set()
+        # Sharding (Discord's Gateway page, "Sharding" and "Rate Limiting"; session_start_limit of GET /gateway/bot).
+        #: IDENTIFYs allowed per ``identify_window`` seconds, one per rate_limit_key = shard_id % max_concurrency.
+        self.max_concurrency = max_concurrency
+        self.identify_window = 5.0
+        #: The ``shards`` of ``GET /gateway/bot`` (None: one per 1,000 guilds, at least one).
+        self.recommended_shards = recommended_shards
+        #: A session (a shard, or the whole bot unsharded) holding more guilds than this is closed with 4011.
+        self.max_guilds_per_shard = 2500
+        self.session_start_total = 1000
 
         # Observable state.
         self.requests: list[RecordedRequest] = []
@@ -731,6 +826,10 @@ class FakeDiscord:
         #: Requests or IDENTIFYs with a wrong or missing bot token (answered 401 / closed 4004).
         self.unauthorized_calls = 0
         self.identify_count = 0
+        #: IDENTIFYs refused with op 9 because another one with the same rate_limit_key came less than 5 s before.
+        self.identify_refusals: list[str] = []
+        #: Every dispatch sent: on which shard's session (None: unsharded), which event, for which guild.
+        self.dispatched: list[Dispatch] = []
         self.resume_count = 0
         self.ready_count = 0  # READY or RESUMED sent
         #: Every 429 the fake gave (and every Cloudflare ban answer, scope "ban"), in order.
@@ -739,19 +838,22 @@ class FakeDiscord:
         self.tolerate_rate_limits = False
         self._limiter = RateLimiter(rate_limits or RateLimits())
 
-        # Guild model.
+        # Guild model: the first guild's roles and members are also fake.roles and fake.member_roles.
         self.users: dict[int, Payload] = {}
         self.roles: dict[int, Payload] = {}
         self.member_roles: dict[int, list[int]] = {}
         self.channels: dict[int, Payload] = {}
+        self.guilds: dict[int, FakeGuild] = {}
         self._dm_channels: dict[int, int] = {}
         self._build_guild()
+        self._next_guild_ms = (guild_id >> 22) + 1  # new guilds get consecutive timestamps: consecutive shards
 
         # Internals.
         self._ids = _Snowflakes()
         self._by_token: dict[str, FakeInteraction] = {}
         self._cdn: dict[int, UploadedFile] = {}
         self._nonces: dict[tuple[int, str], int] = {}
+        self._identified_at: dict[int, float] = {}  # rate_limit_key -> time.monotonic() of its last IDENTIFY
         self._failures: list[_FailureRule] = []
         self._waiters: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._sessions: dict[str, _Session] = {}
@@ -817,18 +919,7 @@ class FakeDiscord:
     # ----------------------------------------------------------------------------------------------------------------
 
     def _build_guild(self) -> None:
-        def user(uid: int, username: str, *, bot: bool = False) -> Payload:
-            payload: Payload = {
-                "id": str(uid),
-                "username": username,
-                "global_name": None if bot else username.title(),
-                "discriminator": "0",
-                "avatar": None,
-                "public_flags": 0,
-                "bot": bot,
-            }
-            return payload
-
+        user = _user_payload
         self.users = {
             self.bot_user_id: user(self.bot_user_id, self.bot_name, bot=True),
             self.owner_id: user(self.owner_id, "owner"),
@@ -851,20 +942,88 @@ class FakeDiscord:
             self.other_member_id: [],
         }
         for position, (cid, name) in enumerate(((self.channel_id, "general"), (self.second_channel_id, "images"))):
-            self.channels[cid] = {
-                "id": str(cid),
-                "type": 0,
-                "guild_id": str(self.guild_id),
-                "name": name,
-                "position": position,
-                "permission_overwrites": [],
-                "nsfw": False,
-                "topic": None,
-                "rate_limit_per_user": 0,
-                "parent_id": None,
-                "last_message_id": None,
-                "flags": 0,
-            }
+            self.channels[cid] = self._text_channel(cid, self.guild_id, name, position)
+        self.guilds[self.guild_id] = FakeGuild(
+            id=self.guild_id,
+            name=self.guild_name,
+            owner_id=self.owner_id,
+            bot_role_id=self.bot_role_id,
+            roles=self.roles,
+            member_roles=self.member_roles,
+            channel_ids=[self.channel_id, self.second_channel_id],
+        )
+
+    @property
+    def guild(self) -> FakeGuild:
+        """The fake's first guild (the one the single-guild attributes describe)."""
+        return self.guilds[self.guild_id]
+
+    def add_guild(
+        self, *, members: int = 2, channels: int = 1, name: str | None = None, guild_id: int | None = None
+    ) -> FakeGuild:
+        """A new guild with an owner, ``members`` more members, the bot (with its role) and ``channels`` text channels.
+
+        Cheap (a few dicts), so a test can make thousands. Guild ids carry consecutive timestamps, so consecutive
+        guilds fall on consecutive shards. Add guilds before the bot connects (the fake sends no GUILD_CREATE for a
+        guild added later).
+        """
+        if guild_id is None:
+            guild_id = (self._next_guild_ms << 22) | 0x100
+            self._next_guild_ms += 1
+        if guild_id in self.guilds:
+            raise ValueError(f"guild {guild_id} exists")
+        number = len(self.guilds)
+        owner_id = guild_id + 1
+        bot_role_id = guild_id + 2
+        guild = FakeGuild(id=guild_id, name=name or f"Guild {number}", owner_id=owner_id, bot_role_id=bot_role_id)
+        guild.roles[guild_id] = self._role(guild_id, "@everyone", EVERYONE_PERMISSIONS, position=0)
+        guild.roles[bot_role_id] = self._role(bot_role_id, self.bot_name, BOT_ROLE_PERMISSIONS, position=1)
+        guild.roles[bot_role_id].update({"managed": True, "tags": {"bot_id": str(self.bot_user_id)}})
+        guild.member_roles[self.bot_user_id] = [bot_role_id]
+        self.users[owner_id] = _user_payload(owner_id, f"owner{number}")
+        guild.member_roles[owner_id] = []
+        for index in range(members):
+            member_id = guild_id + 10 + index
+            self.users[member_id] = _user_payload(member_id, f"member{number}-{index}")
+            guild.member_roles[member_id] = []
+        for position in range(channels):
+            channel_id = guild_id + 10 + members + position
+            self.channels[channel_id] = self._text_channel(channel_id, guild_id, f"channel-{position}", position)
+            guild.channel_ids.append(channel_id)
+        self.guilds[guild_id] = guild
+        return guild
+
+    def add_guilds(self, count: int, *, members: int = 2, channels: int = 1) -> list[FakeGuild]:
+        return [self.add_guild(members=members, channels=channels) for _ in range(count)]
+
+    @staticmethod
+    def _text_channel(channel_id: int, guild_id: int, name: str, position: int) -> Payload:
+        return {
+            "id": str(channel_id),
+            "type": 0,
+            "guild_id": str(guild_id),
+            "name": name,
+            "position": position,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "topic": None,
+            "rate_limit_per_user": 0,
+            "parent_id": None,
+            "last_message_id": None,
+            "flags": 0,
+        }
+
+    def guild_of_channel(self, channel_id: int | None) -> FakeGuild | None:
+        """The guild a channel belongs to (None for a DM or an unknown channel)."""
+        channel = self.channels.get(channel_id) if channel_id is not None else None
+        guild_id = _as_int(channel.get("guild_id")) if channel is not None else None
+        return self.guilds.get(guild_id) if guild_id is not None else None
+
+    def _guild_or_fail(self, guild_id: int) -> FakeGuild:
+        guild = self.guilds.get(guild_id)
+        if guild is None:
+            raise ValueError(f"the fake has no guild {guild_id} (its guilds: {list(self.guilds)[:5]}...)")
+        return guild
 
     @staticmethod
     def _role(role_id: int, name: str, permissions: int, *, position: int) -> Payload:
@@ -883,18 +1042,13 @@ class FakeDiscord:
             "flags": 0,
         }
 
-    def add_member(self, user_id: int, username: str, *, role_ids: Iterable[int] = ()) -> Payload:
-        """Add a guild member (before the bot connects, or it will not be in the bot's cache)."""
-        self.users[user_id] = {
-            "id": str(user_id),
-            "username": username,
-            "global_name": username.title(),
-            "discriminator": "0",
-            "avatar": None,
-            "public_flags": 0,
-            "bot": False,
-        }
-        self.member_roles[user_id] = list(role_ids)
+    def add_member(
+        self, user_id: int, username: str, *, role_ids: Iterable[int] = (), guild_id: int | None = None
+    ) -> Payload:
+        """Add a guild member (before the bot connects, or it will not be in the bot's cache); default: first guild."""
+        guild = self._guild_or_fail(self.guild_id if guild_id is None else guild_id)
+        self.users[user_id] = _user_payload(user_id, username)
+        guild.member_roles[user_id] = list(role_ids)
         return self.users[user_id]
 
     def set_permission_overwrite(
@@ -910,22 +1064,24 @@ class FakeDiscord:
     def set_channel_upload_limit(self, channel_id: int, limit: int) -> None:
         self.channel_upload_limits[channel_id] = limit
 
-    def permissions_for(self, user_id: int, channel_id: int | None = None) -> int:
-        """The user's permissions in the guild, or in a channel of it (overwrites applied)."""
-        if user_id == self.owner_id:
+    def permissions_for(self, user_id: int, channel_id: int | None = None, *, guild_id: int | None = None) -> int:
+        """The user's permissions in a guild (the channel's; else ``guild_id``; else the first), or in the channel
+        (overwrites applied)."""
+        guild = self.guild_of_channel(channel_id) or self.guilds[self.guild_id if guild_id is None else guild_id]
+        if user_id == guild.owner_id:
             return ALL_PERMISSIONS
-        role_ids = self.member_roles.get(user_id, [])
-        perms = int(self.roles[self.guild_id]["permissions"])
+        role_ids = guild.member_roles.get(user_id, [])
+        perms = int(guild.roles[guild.id]["permissions"])
         for role_id in role_ids:
-            if role_id in self.roles:
-                perms |= int(self.roles[role_id]["permissions"])
+            if role_id in guild.roles:
+                perms |= int(guild.roles[role_id]["permissions"])
         if perms & Permissions.ADMINISTRATOR:
             return ALL_PERMISSIONS
         channel = self.channels.get(channel_id) if channel_id is not None else None
         if channel is None or channel.get("type") == 1:
             return perms
         overwrites = {int(o["id"]): o for o in channel.get("permission_overwrites", [])}
-        everyone = overwrites.get(self.guild_id)
+        everyone = overwrites.get(guild.id)
         if everyone is not None:
             perms = (perms & ~int(everyone["deny"])) | int(everyone["allow"])
         allow = deny = 0
@@ -940,9 +1096,17 @@ class FakeDiscord:
             perms = (perms & ~int(mine["deny"])) | int(mine["allow"])
         return perms
 
-    def _member_payload(self, user_id: int, *, with_user: bool = True, permissions: int | None = None) -> Payload:
+    def _member_payload(
+        self,
+        user_id: int,
+        *,
+        with_user: bool = True,
+        permissions: int | None = None,
+        guild: FakeGuild | None = None,
+    ) -> Payload:
+        member_roles = (guild or self.guild).member_roles
         payload: Payload = {
-            "roles": [str(r) for r in self.member_roles.get(user_id, [])],
+            "roles": [str(r) for r in member_roles.get(user_id, [])],
             "joined_at": "2024-01-01T00:00:00+00:00",
             "premium_since": None,
             "deaf": False,
@@ -959,28 +1123,29 @@ class FakeDiscord:
             payload["permissions"] = str(permissions)
         return payload
 
-    def _guild_payload(self, *, full: bool) -> Payload:
+    def _guild_payload(self, *, full: bool, guild: FakeGuild | None = None) -> Payload:
+        guild = guild or self.guild
         payload: Payload = {
-            "id": str(self.guild_id),
-            "name": self.guild_name,
+            "id": str(guild.id),
+            "name": guild.name,
             "icon": None,
             "splash": None,
             "discovery_splash": None,
             "banner": None,
             "description": None,
-            "owner_id": str(self.owner_id),
+            "owner_id": str(guild.owner_id),
             "afk_channel_id": None,
             "afk_timeout": 300,
             "verification_level": 1,
             "default_message_notifications": 1,
             "explicit_content_filter": 0,
-            "roles": [dict(r) for r in self.roles.values()],
+            "roles": [dict(r) for r in guild.roles.values()],
             "emojis": [],
             "stickers": [],
             "features": [],
             "mfa_level": 0,
             "application_id": None,
-            "system_channel_id": str(self.channel_id),
+            "system_channel_id": str(guild.channel_id),
             "system_channel_flags": 0,
             "rules_channel_id": None,
             "public_updates_channel_id": None,
@@ -993,7 +1158,8 @@ class FakeDiscord:
             "max_members": 500000,
         }
         if full:
-            members = [self._member_payload(uid) for uid in self.member_roles]
+            members = [self._member_payload(uid, guild=guild) for uid in guild.member_roles]
+            channels = [self.channels[cid] for cid in guild.channel_ids]
             payload.update(
                 {
                     "joined_at": "2024-01-01T00:00:00+00:00",
@@ -1001,7 +1167,7 @@ class FakeDiscord:
                     "unavailable": False,
                     "member_count": len(members),
                     "members": members,
-                    "channels": [dict(c) for c in self.channels.values() if c.get("type") != 1],
+                    "channels": [dict(c) for c in channels],
                     "threads": [],
                     "presences": [],
                     "voice_states": [],
@@ -1084,6 +1250,55 @@ class FakeDiscord:
             return True
 
         await self._wait(ready, timeout, "a gateway client to be ready")
+
+    async def wait_until_disconnected(self, timeout: float = 10) -> None:
+        """Wait until no client (no shard) is connected and ready."""
+
+        def gone() -> bool | None:
+            return None if any(c.live for c in self._connections) else True
+
+        await self._wait(gone, timeout, "every gateway client to disconnect")
+
+    def _shard_connection(self, shard_id: int) -> _Connection:
+        live = [c for c in self._connections if c.live and c.session is not None and c.session.shard is not None]
+        found = [c for c in live if c.session is not None and c.session.shard and c.session.shard[0] == shard_id]
+        if not found:
+            raise RuntimeError(f"no ready connection of shard {shard_id}")
+        return max(found, key=lambda c: c.ready_index)
+
+    def shards_ready(self) -> dict[int, list[int]]:
+        """The shards of the ready connections: ``{shard_count: [shard ids]}`` (unsharded ones under 0)."""
+        found: dict[int, list[int]] = {}
+        for conn in self._connections:
+            if conn.live and conn.session is not None:
+                shard = conn.session.shard
+                count, shard_id = (shard[1], shard[0]) if shard is not None else (0, 0)
+                found.setdefault(count, []).append(shard_id)
+        return {count: sorted(ids) for count, ids in found.items()}
+
+    async def wait_for_shards(
+        self, shard_ids: Iterable[int], shard_count: int, timeout: float = 15, *, after: int | None = None
+    ) -> None:
+        """Wait until each of ``shard_ids`` (of ``shard_count``) has a ready connection (IDENTIFYed after
+        ``after``, a value of :attr:`identify_count`, if given)."""
+        wanted = set(shard_ids)
+
+        def ready() -> bool | None:
+            have = set()
+            for conn in self._connections:
+                session = conn.session
+                if not conn.live or session is None or session.shard is None or session.shard[1] != shard_count:
+                    continue
+                if after is None or session.identify_index > after:
+                    have.add(session.shard[0])
+            return True if wanted <= have else None
+
+        await self._wait(ready, timeout, f"shards {sorted(wanted)} of {shard_count} to be ready")
+
+    def let_identify_window_pass(self) -> None:
+        """Behave as if ``identify_window`` (5 s) had passed since the last IDENTIFY: a bot process restarted in a
+        test starts in milliseconds, where a real one takes seconds (compare :meth:`expire_interaction`)."""
+        self._identified_at.clear()
 
     async def wait_for_request(
         self,
@@ -1234,7 +1449,7 @@ class FakeDiscord:
         if channel.get("type") == 1:
             self._dispatch_nowait("MESSAGE_DELETE", data, intent=INTENT_DIRECT_MESSAGES)
         else:
-            data["guild_id"] = str(self.guild_id)
+            data["guild_id"] = str(channel["guild_id"])
             self._dispatch_nowait("MESSAGE_DELETE", data, intent=INTENT_GUILD_MESSAGES)
 
     def messages_in(self, channel_id: int) -> list[FakeMessage]:
@@ -1306,13 +1521,15 @@ class FakeDiscord:
         return message
 
     async def dispatch_event(self, event: str, data: dict[str, Any]) -> None:
-        """Send any gateway dispatch to the connected client."""
-        conn = self._require_client()
+        """Send any gateway dispatch to the connected client (with ``data["guild_id"]``: on that guild's shard)."""
+        guild_id = _as_int(data.get("guild_id"))
+        conn = self._require_client(guild_id if guild_id is not None else ...)
         await self._send_dispatch(conn, event, data)
 
-    async def request_reconnect(self, timeout: float = 10) -> None:
-        """Send op 7 RECONNECT; returns once the client closed that connection (it then RESUMEs on a new one)."""
-        conn = self._require_client()
+    async def request_reconnect(self, timeout: float = 10, *, shard_id: int | None = None) -> None:
+        """Send op 7 RECONNECT (to the newest connection, or to shard ``shard_id``'s); returns once the client closed
+        that connection (it then RESUMEs on a new one)."""
+        conn = self._require_client() if shard_id is None else self._shard_connection(shard_id)
         await self._ws_send(conn, {"op": 7, "d": None})
 
         def closed() -> bool | None:
@@ -1347,7 +1564,7 @@ class FakeDiscord:
         missing required option, a value outside choices or limits, or a command hidden by its permissions.
         """
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 1, gid)
         perms = self._invoker_permissions(uid, gid, channel_id, permissions)
         self._check_command_visible(command, uid, gid, perms)
@@ -1388,7 +1605,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """A member types in option ``focused`` of ``/name``; ``options`` holds what is filled in so far."""
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 1, gid)
         perms = self._invoker_permissions(uid, gid, channel_id, permissions)
         self._check_command_visible(command, uid, gid, perms)
@@ -1429,7 +1646,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """A member uses the message context menu ``name`` on ``target``."""
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 3, gid)
         if isinstance(target, FakeMessage):
             if target.deleted:
@@ -1477,7 +1694,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """A member uses the user context menu ``name`` on ``target_user_id``."""
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 2, gid)
         perms = self._invoker_permissions(uid, gid, channel_id, permissions)
         self._check_command_visible(command, uid, gid, perms)
@@ -1522,10 +1739,11 @@ class FakeDiscord:
         Raises if the message does not exist, is deleted, has no such enabled component, or is an ephemeral message
         of another user: a Discord client would not let anyone click it.
         """
-        uid = self.member_id if user_id is None else user_id
         message = self.messages.get(message_id)
         if message is None or message.deleted:
             raise ValueError(f"message {message_id} does not exist (or is deleted)")
+        message_guild = self.guild_of_channel(message.channel_id)
+        uid = self._default_user(message_guild.id if message_guild else None) if user_id is None else user_id
         component = next((c for c in _walk_components(message.components) if c.get("custom_id") == custom_id), None)
         if component is None:
             present = [c.get("custom_id") for c in _walk_components(message.components) if c.get("custom_id")]
@@ -1556,8 +1774,8 @@ class FakeDiscord:
                 data["resolved"] = resolved
         elif values:
             raise ValueError("values are for select menus only")
-        channel = self.channels.get(message.channel_id, {})
-        gid = self.guild_id if channel.get("type") != 1 else None
+        guild = self.guild_of_channel(message.channel_id)
+        gid = guild.id if guild is not None else None
         perms = self._invoker_permissions(uid, gid, message.channel_id, permissions)
         interaction = self._new_interaction(
             INTERACTION_COMPONENT,
@@ -1661,6 +1879,15 @@ class FakeDiscord:
             out["values"] = [chosen] if isinstance(chosen, str) else list(chosen)
         return out
 
+    def _default_user(self, guild_id: int | None) -> int:
+        """Who invokes when the test does not say: ``member_id`` in the first guild (and in DMs), else the first
+        member of the guild who is neither the bot nor the owner (the owner if there is none)."""
+        if guild_id is None or guild_id == self.guild_id:
+            return self.member_id
+        guild = self._guild_or_fail(guild_id)
+        plain = [uid for uid in guild.member_roles if uid not in (self.bot_user_id, guild.owner_id)]
+        return plain[0] if plain else guild.owner_id
+
     def _find_command(self, name: str, ctype: int, guild_id: int | None) -> tuple[dict[str, Any], int | None]:
         scopes: list[int | None] = [guild_id, None] if guild_id is not None else [None]
         for scope in scopes:
@@ -1680,7 +1907,8 @@ class FakeDiscord:
             return override
         if guild_id is None:
             return EVERYONE_PERMISSIONS
-        return self.permissions_for(user_id, channel_id if channel_id is not None else self.channel_id)
+        guild = self._guild_or_fail(guild_id)
+        return self.permissions_for(user_id, channel_id if channel_id is not None else guild.channel_id)
 
     def _check_command_visible(
         self, command: dict[str, Any], user_id: int, guild_id: int | None, permissions: int
@@ -1804,11 +2032,11 @@ class FakeDiscord:
         elif option_type == OPT_USER:
             return self._resolve_user(value, resolved, guild_id, None)
         elif option_type == OPT_ROLE:
-            return self._resolve_role(value, resolved)
+            return self._resolve_role(value, resolved, guild_id)
         elif option_type == OPT_MENTIONABLE:
             role_id = _as_int(value)
-            if role_id is not None and role_id in self.roles:
-                return self._resolve_role(value, resolved)
+            if role_id is not None and role_id in self._guild_roles(guild_id):
+                return self._resolve_role(value, resolved, guild_id)
             return self._resolve_user(value, resolved, guild_id, None)
         elif option_type == OPT_CHANNEL:
             channel_id = _as_int(value.get("id") if isinstance(value, dict) else value)
@@ -1851,18 +2079,23 @@ class FakeDiscord:
             user_id = parsed
             user = dict(self.users[user_id])
         resolved.setdefault("users", {})[str(user_id)] = user
-        if guild_id is not None and user_id in self.member_roles:
-            member = self._member_payload(
-                user_id, with_user=False, permissions=self.permissions_for(user_id, channel_id or self.channel_id)
-            )
+        guild = self.guilds.get(guild_id) if guild_id is not None else None
+        if guild is not None and user_id in guild.member_roles:
+            permissions = self.permissions_for(user_id, channel_id or guild.channel_id)
+            member = self._member_payload(user_id, with_user=False, permissions=permissions, guild=guild)
             resolved.setdefault("members", {})[str(user_id)] = member
         return str(user_id)
 
-    def _resolve_role(self, value: Any, resolved: Payload) -> str:
+    def _guild_roles(self, guild_id: int | None) -> dict[int, Payload]:
+        guild = self.guilds.get(guild_id) if guild_id is not None else None
+        return guild.roles if guild is not None else {}
+
+    def _resolve_role(self, value: Any, resolved: Payload, guild_id: int | None) -> str:
         role_id = _as_int(value.get("id") if isinstance(value, dict) else value)
-        if role_id is None or role_id not in self.roles:
+        roles = self._guild_roles(guild_id)
+        if role_id is None or role_id not in roles:
             raise ValueError(f"unknown role {value!r}")
-        resolved.setdefault("roles", {})[str(role_id)] = dict(self.roles[role_id])
+        resolved.setdefault("roles", {})[str(role_id)] = dict(roles[role_id])
         return str(role_id)
 
     @staticmethod
@@ -1901,14 +2134,13 @@ class FakeDiscord:
             "attachment_size_limit": attachment_size_limit,
         }
         if guild_id is not None:
-            if guild_id != self.guild_id:
-                raise ValueError(f"the fake has one guild ({self.guild_id}), not {guild_id}")
-            if user_id not in self.member_roles:
-                raise ValueError(f"user {user_id} is not a member of the guild")
-            cid = self.channel_id if channel_id is None else channel_id
+            guild = self._guild_or_fail(guild_id)
+            if user_id not in guild.member_roles:
+                raise ValueError(f"user {user_id} is not a member of guild {guild_id}")
+            cid = guild.channel_id if channel_id is None else channel_id
             channel = self.channels.get(cid)
-            if channel is None or channel.get("type") == 1:
-                raise ValueError(f"{cid} is not a text channel of the guild")
+            if channel is None or channel.get("type") == 1 or channel.get("guild_id") != str(guild_id):
+                raise ValueError(f"{cid} is not a text channel of guild {guild_id}")
             payload.update(
                 {
                     "guild_id": str(guild_id),
@@ -1916,7 +2148,7 @@ class FakeDiscord:
                     "guild_locale": "en-US",
                     "channel_id": str(cid),
                     "channel": dict(channel),
-                    "member": self._member_payload(user_id, permissions=permissions),
+                    "member": self._member_payload(user_id, permissions=permissions, guild=guild),
                     "app_permissions": str(self.permissions_for(self.bot_user_id, cid)),
                     "context": 0,
                     "authorizing_integration_owners": {"0": str(guild_id)},
@@ -1949,7 +2181,7 @@ class FakeDiscord:
         )
 
     async def _dispatch_interaction(self, interaction: FakeInteraction) -> FakeInteraction:
-        conn = self._require_client()
+        conn = self._require_client(interaction.guild_id)
         self.interactions[interaction.id] = interaction
         self._by_token[interaction.token] = interaction
         interaction.created_at = time.monotonic()
@@ -2322,13 +2554,14 @@ class FakeDiscord:
         return _ok({"url": self.gateway_url})
 
     def _r_gateway_bot(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        return _ok(
-            {
-                "url": self.gateway_url,
-                "shards": 1,
-                "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1},
-            }
-        )
+        shards = self.recommended_shards or max(1, math.ceil(len(self.guilds) / 1000))
+        limit = {
+            "total": self.session_start_total,
+            "remaining": max(self.session_start_total - self.identify_count, 0),
+            "reset_after": 86_400_000,
+            "max_concurrency": self.max_concurrency,
+        }
+        return _ok({"url": self.gateway_url, "shards": shards, "session_start_limit": limit})
 
     def _r_get_channel(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
         channel = self.channels.get(int(m["channel"]))
@@ -2340,27 +2573,31 @@ class FakeDiscord:
         return _Reply(204)
 
     def _r_get_guild(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        return _ok(self._guild_payload(full=False))
+        return _ok(self._guild_payload(full=False, guild=guild))
 
     def _r_guild_channels(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        return _ok([dict(c) for c in self.channels.values() if c.get("type") != 1])
+        return _ok([dict(self.channels[cid]) for cid in guild.channel_ids])
 
     def _r_guild_roles(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        return _ok([dict(r) for r in self.roles.values()])
+        return _ok([dict(r) for r in guild.roles.values()])
 
     def _r_guild_member(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
         user_id = int(m["user"])
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        if user_id not in self.member_roles:
+        if user_id not in guild.member_roles:
             return _error(404, 10007, "Unknown Member")
-        return _ok(self._member_payload(user_id))
+        return _ok(self._member_payload(user_id, guild=guild))
 
     def _r_cdn(self, rec: RecordedRequest) -> _Reply:
         match = re.fullmatch(r"(?:/media)?/(?:ephemeral-)?attachments/\d+/(?P<id>\d+)/[^/]+", rec.path)
@@ -2382,7 +2619,7 @@ class FakeDiscord:
             )
             return _error(403, 50001, "Missing Access")
         guild = m.groupdict().get("guild")
-        if guild is not None and int(guild) != self.guild_id:
+        if guild is not None and int(guild) not in self.guilds:
             self._violate(f"{rec.method} {rec.path}: the bot is not in guild {guild}: answered 403 Missing Access")
             return _error(403, 50001, "Missing Access")
         return None
@@ -3116,8 +3353,9 @@ class FakeDiscord:
                     "type": 0,
                     "message_id": str(target.id),
                     "channel_id": str(target.channel_id),
-                    "guild_id": str(self.guild_id),
                 }
+                if "guild_id" in channel:
+                    reference["guild_id"] = channel["guild_id"]
                 message_type = 19
         message = self._create_message(
             channel_id=channel_id,
@@ -3184,11 +3422,23 @@ class FakeDiscord:
     # Gateway
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _require_client(self) -> _Connection:
-        conn = self._current
-        if conn is None or conn.closed or conn.ws.closed or not conn.ready or conn.session is None:
-            raise RuntimeError("no discord.py client is connected and ready; await fake.wait_until_ready() first")
+    def _require_client(self, guild_id: int | EllipsisType | None = ...) -> _Connection:
+        """The connection that gets the guild's events (``...``: the newest ready one, whatever its shard)."""
+        conn = self._current if isinstance(guild_id, EllipsisType) else self._connection_for(guild_id)
+        if conn is None or not conn.live:
+            where = "" if isinstance(guild_id, EllipsisType) else f" for guild {guild_id} (its shard)"
+            raise RuntimeError(
+                f"no discord.py client is connected and ready{where}; await fake.wait_until_ready() first"
+            )
         return conn
+
+    def _connection_for(self, guild_id: int | None) -> _Connection | None:
+        """The newest ready connection whose shard gets the guild's events (``None``: a DM, shard 0)."""
+        best: _Connection | None = None
+        for conn in self._connections:
+            if conn.live and conn.has_guild(guild_id) and (best is None or conn.ready_index > best.ready_index):
+                best = conn
+        return best
 
     async def _ws_send(self, conn: _Connection, payload: Payload) -> None:
         if conn.ws.closed:
@@ -3204,11 +3454,16 @@ class FakeDiscord:
             session.seq += 1
             frame: Payload = {"op": 0, "t": event, "s": session.seq, "d": data}
             session.buffer.append(frame)
+            guild_id = data.get("id") if event == "GUILD_CREATE" else data.get("guild_id")
+            shard = (session.shard[0], session.shard[1]) if session.shard is not None else None
+            self.dispatched.append(Dispatch(shard, event, _as_int(guild_id), session.identify_index))
             await self._ws_send(conn, frame)
 
     def _dispatch_nowait(self, event: str, data: Payload, *, intent: int = 0) -> None:
-        conn = self._current
-        if conn is None or conn.closed or conn.ws.closed or not conn.ready or conn.session is None:
+        """Send an event, if a client is connected, on the connection of the guild's shard (``data["guild_id"]``)."""
+        guild_id = _as_int(data.get("guild_id"))
+        conn = self._connection_for(guild_id)
+        if conn is None or conn.session is None:
             return
         if intent and not conn.session.intents & intent:
             return
@@ -3244,7 +3499,8 @@ class FakeDiscord:
         finally:
             conn.closed = True
             if self._current is conn:
-                self._current = None
+                live = [c for c in self._connections if c.live]
+                self._current = max(live, key=lambda c: c.ready_index) if live else None
             self._notify()
         return ws
 
@@ -3265,9 +3521,12 @@ class FakeDiscord:
         elif op == 4:
             pass  # voice state updates: nothing to do
         elif op == 8:
-            members = [self._member_payload(uid) for uid in self.member_roles]
+            requested = _as_int(data.get("guild_id")) if isinstance(data, dict) else None
+            guild = self.guilds.get(requested) if requested is not None else None
+            guild = guild or self.guild
+            members = [self._member_payload(uid, guild=guild) for uid in guild.member_roles]
             chunk: Payload = {
-                "guild_id": str(self.guild_id),
+                "guild_id": str(guild.id),
                 "members": members,
                 "chunk_index": 0,
                 "chunk_count": 1,
@@ -3304,10 +3563,46 @@ class FakeDiscord:
             await conn.ws.close(code=4014, message=b"Disallowed intent(s).")
             return
         shard = data.get("shard")
-        if shard is not None and (not isinstance(shard, list) or len(shard) != 2 or not 0 <= shard[0] < shard[1]):
+        if shard is not None and (
+            not isinstance(shard, list)
+            or len(shard) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
+            or not 0 <= shard[0] < shard[1]
+        ):
             self._violate(f"IDENTIFY with invalid shard {shard!r}: closed with 4010")
             await conn.ws.close(code=4010, message=b"Invalid shard.")
             return
+        # Discord's Gateway page, "Rate Limiting" and "Max Concurrency": one IDENTIFY per rate_limit_key
+        # (shard_id % max_concurrency) per 5 seconds; beyond that the gateway answers op 9 Invalid Session.
+        now = time.monotonic()
+        shard_id = shard[0] if shard is not None else 0
+        key = shard_id % self.max_concurrency
+        earlier = self._identified_at.get(key)
+        if earlier is not None and now - earlier < self.identify_window:
+            refusal = (
+                f"IDENTIFY of shard {shard_id} {now - earlier:.2f} s after another IDENTIFY with rate_limit_key {key} "
+                f"(max_concurrency {self.max_concurrency}: one per key per {self.identify_window:g} s): "
+                "answered op 9 Invalid Session"
+            )
+            self.identify_refusals.append(refusal)
+            # While the other session lives, the bot's shards (or processes) did not space their IDENTIFYs: a
+            # violation. A process that restarts right after its predecessor died meets the same answer from
+            # Discord, and discord.py copes (it IDENTIFYs again 5 s later): counted, not a violation.
+            if any(
+                c.live and c.session is not None and self._identify_key(c.session) == key for c in self._connections
+            ):
+                self._violate(refusal + ", while that shard's other session is connected")
+            await self._ws_send(conn, {"op": 9, "s": None, "t": None, "d": False})
+            return
+        guilds = [g for g in self.guilds.values() if shard is None or g.shard_id(shard[1]) == shard[0]]
+        if len(guilds) > self.max_guilds_per_shard:
+            self._violate(
+                f"IDENTIFY {'without sharding' if shard is None else f'as shard {shard}'} for a session of "
+                f"{len(guilds)} guilds (at most {self.max_guilds_per_shard} a shard): closed with 4011"
+            )
+            await conn.ws.close(code=4011, message=b"Sharding required.")
+            return
+        self._identified_at[key] = now  # (only IDENTIFYs that start a session are counted)
         self.identify_count += 1
         session = _Session(
             session_id=secrets.token_hex(16), intents=intents, shard=shard, identify_index=self.identify_count
@@ -3317,7 +3612,7 @@ class FakeDiscord:
         ready: Payload = {
             "v": 10,
             "user": dict(self.users[self.bot_user_id]),
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(g.id), "unavailable": True} for g in guilds],
             "session_id": session.session_id,
             "session_type": "normal",
             "resume_gateway_url": self.gateway_url,
@@ -3335,8 +3630,13 @@ class FakeDiscord:
             ready["shard"] = shard
         await self._send_dispatch(conn, "READY", ready)
         if intents & INTENT_GUILDS:
-            await self._send_dispatch(conn, "GUILD_CREATE", self._guild_payload(full=True))
+            for guild in guilds:
+                await self._send_dispatch(conn, "GUILD_CREATE", self._guild_payload(full=True, guild=guild))
         self._mark_ready(conn)
+
+    def _identify_key(self, session: _Session) -> int:
+        shard_id = session.shard[0] if session.shard is not None else 0
+        return shard_id % self.max_concurrency
 
     async def _resume(self, conn: _Connection, data: Payload) -> None:
         session = self._sessions.get(str(data.get("session_id")))
@@ -3360,6 +3660,7 @@ class FakeDiscord:
 
     def _mark_ready(self, conn: _Connection) -> None:
         self.ready_count += 1
+        conn.ready_index = self.ready_count
         conn.ready = True
         self._current = conn
         self._notify()
