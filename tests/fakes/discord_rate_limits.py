@@ -36,6 +36,7 @@ closes ``per`` seconds later, as ``X-RateLimit-Reset-After`` describes it; the g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -143,6 +144,7 @@ class _Verdict:
     forced: bool = False  # the refusal was asked for by the test
 
 
+@functools.lru_cache(maxsize=256)
 def bucket_hash(name: str) -> str:
     return hashlib.sha1(name.encode()).hexdigest()[:16]
 
