@@ -41,6 +41,7 @@ from aiohttp import web  # noqa: E402
 from PIL import Image, ImageChops  # noqa: E402
 
 from bot.jobs.waiting import poll_delays  # noqa: E402
+from tests.fakes.discord_rate_limits import DiscordBudget  # noqa: E402
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction  # noqa: E402
 from tests.fakes.modelslab_server import DEFAULT_KEY, Behaviour, FakeJob, FakeModelsLab, Hang, Queued  # noqa: E402
 
@@ -200,6 +201,9 @@ def listen_overflows() -> int:
     return 0
 
 
+OPENED: list[Fakes] = []
+
+
 class Fakes:
     """A fake Discord (with `members` extra members, for the fair queue) and a fake ModelsLab, for one bot."""
 
@@ -219,6 +223,7 @@ class Fakes:
         self._image_style: str | None = None
 
     async def __aenter__(self) -> Fakes:
+        OPENED.append(self)  # for the Discord budget of each scenario (run())
         await self.discord.start()
         await self.modelslab.start()
         return self
@@ -987,6 +992,7 @@ async def run(options: argparse.Namespace, workdir: Path) -> Report:
         began = time.monotonic()
         report.section = ""
         overflows = listen_overflows()
+        opened = len(OPENED)
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
             await step()
@@ -1000,6 +1006,10 @@ async def run(options: argparse.Namespace, workdir: Path) -> Report:
                 f"{LISTEN_BACKLOG}; the bot's webhook receiver with aiohttp's default, 128."
             )
         print(f"  {name} took {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+        # What the fake Discord (its default rate limits on) recorded in this scenario, per /imagine.
+        budget = DiscordBudget.measure((f.discord, f.interactions.values()) for f in OPENED[opened:])
+        report.notes.extend(f"{name}: {line}" for line in budget.lines())
+        report.data.setdefault("discord", {})[name] = budget.as_dict()
     await MONITOR.stop()
     return report
 

@@ -615,6 +615,7 @@ async def test_bot_restart_against_the_same_fake(fake: FakeDiscord) -> None:
     with pytest.raises(RuntimeError, match=r"no discord\.py client"):
         await fake.invoke_slash("hello", {"name": "nobody"})
 
+    fake.let_identify_window_pass()  # a restarted process takes longer than the 5 s between two IDENTIFYs
     second = MiniBot(fake.guild_id)
     async with running_bot(second, fake):
         after = await fake.invoke_slash("hello", {"name": "two"})

@@ -12,6 +12,22 @@ Point discord.py at it with two class attributes (set before ``login()``)::
 
 Everything here was checked against discord.py 2.7.1; see ``/work/shared/docs/discord-testing.md``.
 
+Discord's rate limits are on by default (``tests/fakes/discord_rate_limits.py`` says what they are and where that
+comes from): per-route buckets with their headers, the global limit, the invalid-request limit and the Cloudflare ban
+after it. A 429 that the client earns is a violation unless ``tolerate_rate_limits`` is set; a test lowers limits
+through ``fake.rate_limits``, forces a 429 of a scope with :meth:`FakeDiscord.force_rate_limit` or the ban with
+:meth:`FakeDiscord.start_ban`, and reads :attr:`FakeDiscord.rate_limited`, :meth:`FakeDiscord.requests_by_route`,
+:meth:`FakeDiscord.invalid_requests_worst_window` and :meth:`FakeDiscord.budget`.
+
+Several guilds and shards: ``fake.guild`` is the first guild (the single-guild attributes describe it) and
+:meth:`FakeDiscord.add_guild` / :meth:`FakeDiscord.add_guilds` make more; the ``invoke_*`` methods take ``guild_id``.
+``GET /gateway/bot`` recommends ``recommended_shards`` (default one per 1,000 guilds) with ``max_concurrency``; an
+IDENTIFY with ``shard: [id, count]`` gets only the guilds of that shard, ``(guild_id >> 22) % count``, and each
+guild's events go on its shard's connection (DMs on shard 0). As on Discord: a shard out of range is closed with 4010,
+a session of more than 2,500 guilds (``max_guilds_per_shard``) with 4011, and an IDENTIFY within 5 s of another with
+the same ``shard_id % max_concurrency`` gets op 9 Invalid Session (a violation while that other session is still
+connected; after a restart, counted in ``identify_refusals``).
+
 Two things that are *not* violations, because Discord does them to a correct bot as well and the bot is expected to
 cope: webhook calls with an interaction token older than 15 minutes (401, code 50027; counted in
 :attr:`FakeDiscord.expired_token_calls`) and requests about a message that a moderator deleted (404, code 10008).
@@ -25,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import mimetypes
 import re
 import secrets
@@ -35,10 +52,26 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, WSMsgType, web
+
+from tests.fakes.discord_rate_limits import (
+    BAN_SCOPE,
+    INTERACTION_WEBHOOK,
+    MESSAGE_CREATE,
+    MESSAGE_EDIT,
+    OTHER,
+    VIA,
+    DiscordBudget,
+    Limit,
+    RateLimitAnswer,
+    RateLimiter,
+    RateLimits,
+    Scope,
+    requests_by_route,
+)
 
 if TYPE_CHECKING:
     import discord
@@ -46,16 +79,23 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL_PERMISSIONS",
     "DEFAULT_UPLOAD_LIMIT",
+    "DiscordBudget",
     "DiscordErrorLog",
+    "Dispatch",
     "FakeDiscord",
+    "FakeGuild",
     "FakeInteraction",
     "FakeMessage",
+    "Limit",
     "Permissions",
+    "RateLimitAnswer",
+    "RateLimits",
     "RecordedRequest",
     "UploadedFile",
     "point_discord_py_at",
     "running_bot",
     "running_fake_discord",
+    "shard_of",
 ]
 
 _log = logging.getLogger(__name__)
@@ -241,6 +281,8 @@ class RecordedRequest:
     status: int = 0  # the status the fake answered with
     response: Any | None = None  # the JSON the fake answered with (None for bytes and 204)
     injected: bool = False  # answered by a fail_next() rule
+    route: str = ""  # the route template ("PATCH /channels/{channel_id}/messages/{message_id}"); "" if unknown
+    interaction_id: int | None = None  # the interaction whose callback or webhook token the request used
 
 
 @dataclass
@@ -308,6 +350,42 @@ class FakeMessage:
         if self.message_reference is not None:
             payload["message_reference"] = dict(self.message_reference)
         return payload
+
+
+@dataclass(eq=False)
+class FakeGuild:
+    """A guild (server) of the fake: its roles, its members (user id -> role ids) and its text channels.
+
+    The fake's first guild is ``fake.guild`` (its id ``fake.guild_id``; ``fake.roles`` and ``fake.member_roles`` are
+    this guild's); :meth:`FakeDiscord.add_guild` makes more. Users and channels live in ``fake.users`` and
+    ``fake.channels`` (each channel names its ``guild_id``).
+    """
+
+    id: int
+    name: str
+    owner_id: int
+    bot_role_id: int
+    roles: dict[int, Payload] = field(default_factory=dict)
+    member_roles: dict[int, list[int]] = field(default_factory=dict)
+    channel_ids: list[int] = field(default_factory=list)
+
+    @property
+    def channel_id(self) -> int:
+        """The first text channel (the system channel, where interactions happen unless told otherwise)."""
+        return self.channel_ids[0]
+
+    @property
+    def member_ids(self) -> list[int]:
+        return list(self.member_roles)
+
+    def shard_id(self, shard_count: int) -> int:
+        """The shard whose connection gets this guild's events: ``(guild_id >> 22) % shard_count``."""
+        return shard_of(self.id, shard_count)
+
+
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """Discord's sharding formula (Gateway page, "Sharding"): ``(guild_id >> 22) % num_shards``."""
+    return (guild_id >> 22) % shard_count
 
 
 class FakeInteraction:
@@ -385,6 +463,18 @@ class _Reply:
     body: Any = None  # JSON-able, bytes, or None (no body)
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = JSON_CONTENT_TYPE
+    # A 429 (or the ban answer): (scope, retry_after, forced by the test, what was exceeded)
+    rate_limit: tuple[str, float | None, bool, str] | None = None
+
+
+@dataclass(frozen=True)
+class _Route:
+    method: str
+    pattern: re.Pattern[str]
+    template: str  # "POST /channels/{channel_id}/messages"
+    auth: bool  # authenticated by the bot token (and so bound to the global limit)
+    kind: str  # which limit of RateLimits applies
+    handler: Callable[[RecordedRequest, re.Match[str]], _Reply]
 
 
 @dataclass
@@ -395,6 +485,15 @@ class _FailureRule:
     body: Any
     headers: dict[str, str]
     remaining: int
+
+
+class Dispatch(NamedTuple):
+    """A gateway dispatch the fake sent (FakeDiscord.dispatched)."""
+
+    shard: tuple[int, int] | None  # [shard_id, shard_count] of the session, None if it did not shard
+    event: str
+    guild_id: int | None  # the guild it is about (GUILD_CREATE: the guild itself)
+    identify_index: int  # which IDENTIFY started the session (FakeDiscord.identify_count then)
 
 
 @dataclass(eq=False)
@@ -416,6 +515,20 @@ class _Connection:
     ready: bool = False
     closed: bool = False
     presence: Payload | None = None
+    ready_index: int = 0  # FakeDiscord.ready_count when it became ready: the newest connection wins
+
+    @property
+    def live(self) -> bool:
+        return not self.closed and not self.ws.closed and self.ready and self.session is not None
+
+    def has_guild(self, guild_id: int | None) -> bool:
+        """Whether this connection's shard gets the guild's events (DMs go to shard 0)."""
+        shard = self.session.shard if self.session is not None else None
+        if shard is None:
+            return True
+        if guild_id is None:
+            return shard[0] == 0
+        return shard_of(guild_id, shard[1]) == shard[0]
 
 
 def _ok(body: Any, status: int = 200) -> _Reply:
@@ -440,6 +553,18 @@ def _now_iso() -> str:
 
 def _minimal_user(user_id: int) -> Payload:
     return {"id": str(user_id), "username": f"user{user_id}", "discriminator": "0", "avatar": None, "global_name": None}
+
+
+def _user_payload(user_id: int, username: str, *, bot: bool = False) -> Payload:
+    return {
+        "id": str(user_id),
+        "username": username,
+        "global_name": None if bot else username.title(),
+        "discriminator": "0",
+        "avatar": None,
+        "public_flags": 0,
+        "bot": bot,
+    }
 
 
 def _as_int(value: Any) -> int | None:
@@ -651,6 +776,9 @@ class FakeDiscord:
         interaction_deadline: float = 3.0,
         token_lifetime: float = 15 * 60.0,
         heartbeat_interval: int = 41250,
+        rate_limits: RateLimits | None = None,
+        max_concurrency: int = 1,
+        recommended_shards: int | None = None,
     ) -> None:
         self.token = token
         self.application_id = application_id
@@ -676,6 +804,15 @@ class FakeDiscord:
         self.heartbeat_interval = heartbeat_interval
         #: Users whose DMs are closed to the bot (POST to their DM channel → 403, code 50007).
         self.dm_closed_user_ids: set[int] = set()
+        # Sharding (Discord's Gateway page, "Sharding" and "Rate Limiting"; session_start_limit of GET /gateway/bot).
+        #: IDENTIFYs allowed per ``identify_window`` seconds, one per rate_limit_key = shard_id % max_concurrency.
+        self.max_concurrency = max_concurrency
+        self.identify_window = 5.0
+        #: The ``shards`` of ``GET /gateway/bot`` (None: one per 1,000 guilds, at least one).
+        self.recommended_shards = recommended_shards
+        #: A session (a shard, or the whole bot unsharded) holding more guilds than this is closed with 4011.
+        self.max_guilds_per_shard = 2500
+        self.session_start_total = 1000
 
         # Observable state.
         self.requests: list[RecordedRequest] = []
@@ -689,22 +826,34 @@ class FakeDiscord:
         #: Requests or IDENTIFYs with a wrong or missing bot token (answered 401 / closed 4004).
         self.unauthorized_calls = 0
         self.identify_count = 0
+        #: IDENTIFYs refused with op 9 because another one with the same rate_limit_key came less than 5 s before.
+        self.identify_refusals: list[str] = []
+        #: Every dispatch sent: on which shard's session (None: unsharded), which event, for which guild.
+        self.dispatched: list[Dispatch] = []
         self.resume_count = 0
         self.ready_count = 0  # READY or RESUMED sent
+        #: Every 429 the fake gave (and every Cloudflare ban answer, scope "ban"), in order.
+        self.rate_limited: list[RateLimitAnswer] = []
+        #: True: a 429 (or the ban) that the test did not force is recorded but is not a violation.
+        self.tolerate_rate_limits = False
+        self._limiter = RateLimiter(rate_limits or RateLimits())
 
-        # Guild model.
+        # Guild model: the first guild's roles and members are also fake.roles and fake.member_roles.
         self.users: dict[int, Payload] = {}
         self.roles: dict[int, Payload] = {}
         self.member_roles: dict[int, list[int]] = {}
         self.channels: dict[int, Payload] = {}
+        self.guilds: dict[int, FakeGuild] = {}
         self._dm_channels: dict[int, int] = {}
         self._build_guild()
+        self._next_guild_ms = (guild_id >> 22) + 1  # new guilds get consecutive timestamps: consecutive shards
 
         # Internals.
         self._ids = _Snowflakes()
         self._by_token: dict[str, FakeInteraction] = {}
         self._cdn: dict[int, UploadedFile] = {}
         self._nonces: dict[tuple[int, str], int] = {}
+        self._identified_at: dict[int, float] = {}  # rate_limit_key -> time.monotonic() of its last IDENTIFY
         self._failures: list[_FailureRule] = []
         self._waiters: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._sessions: dict[str, _Session] = {}
@@ -770,18 +919,7 @@ class FakeDiscord:
     # ----------------------------------------------------------------------------------------------------------------
 
     def _build_guild(self) -> None:
-        def user(uid: int, username: str, *, bot: bool = False) -> Payload:
-            payload: Payload = {
-                "id": str(uid),
-                "username": username,
-                "global_name": None if bot else username.title(),
-                "discriminator": "0",
-                "avatar": None,
-                "public_flags": 0,
-                "bot": bot,
-            }
-            return payload
-
+        user = _user_payload
         self.users = {
             self.bot_user_id: user(self.bot_user_id, self.bot_name, bot=True),
             self.owner_id: user(self.owner_id, "owner"),
@@ -804,20 +942,88 @@ class FakeDiscord:
             self.other_member_id: [],
         }
         for position, (cid, name) in enumerate(((self.channel_id, "general"), (self.second_channel_id, "images"))):
-            self.channels[cid] = {
-                "id": str(cid),
-                "type": 0,
-                "guild_id": str(self.guild_id),
-                "name": name,
-                "position": position,
-                "permission_overwrites": [],
-                "nsfw": False,
-                "topic": None,
-                "rate_limit_per_user": 0,
-                "parent_id": None,
-                "last_message_id": None,
-                "flags": 0,
-            }
+            self.channels[cid] = self._text_channel(cid, self.guild_id, name, position)
+        self.guilds[self.guild_id] = FakeGuild(
+            id=self.guild_id,
+            name=self.guild_name,
+            owner_id=self.owner_id,
+            bot_role_id=self.bot_role_id,
+            roles=self.roles,
+            member_roles=self.member_roles,
+            channel_ids=[self.channel_id, self.second_channel_id],
+        )
+
+    @property
+    def guild(self) -> FakeGuild:
+        """The fake's first guild (the one the single-guild attributes describe)."""
+        return self.guilds[self.guild_id]
+
+    def add_guild(
+        self, *, members: int = 2, channels: int = 1, name: str | None = None, guild_id: int | None = None
+    ) -> FakeGuild:
+        """A new guild with an owner, ``members`` more members, the bot (with its role) and ``channels`` text channels.
+
+        Cheap (a few dicts), so a test can make thousands. Guild ids carry consecutive timestamps, so consecutive
+        guilds fall on consecutive shards. Add guilds before the bot connects (the fake sends no GUILD_CREATE for a
+        guild added later).
+        """
+        if guild_id is None:
+            guild_id = (self._next_guild_ms << 22) | 0x100
+            self._next_guild_ms += 1
+        if guild_id in self.guilds:
+            raise ValueError(f"guild {guild_id} exists")
+        number = len(self.guilds)
+        owner_id = guild_id + 1
+        bot_role_id = guild_id + 2
+        guild = FakeGuild(id=guild_id, name=name or f"Guild {number}", owner_id=owner_id, bot_role_id=bot_role_id)
+        guild.roles[guild_id] = self._role(guild_id, "@everyone", EVERYONE_PERMISSIONS, position=0)
+        guild.roles[bot_role_id] = self._role(bot_role_id, self.bot_name, BOT_ROLE_PERMISSIONS, position=1)
+        guild.roles[bot_role_id].update({"managed": True, "tags": {"bot_id": str(self.bot_user_id)}})
+        guild.member_roles[self.bot_user_id] = [bot_role_id]
+        self.users[owner_id] = _user_payload(owner_id, f"owner{number}")
+        guild.member_roles[owner_id] = []
+        for index in range(members):
+            member_id = guild_id + 10 + index
+            self.users[member_id] = _user_payload(member_id, f"member{number}-{index}")
+            guild.member_roles[member_id] = []
+        for position in range(channels):
+            channel_id = guild_id + 10 + members + position
+            self.channels[channel_id] = self._text_channel(channel_id, guild_id, f"channel-{position}", position)
+            guild.channel_ids.append(channel_id)
+        self.guilds[guild_id] = guild
+        return guild
+
+    def add_guilds(self, count: int, *, members: int = 2, channels: int = 1) -> list[FakeGuild]:
+        return [self.add_guild(members=members, channels=channels) for _ in range(count)]
+
+    @staticmethod
+    def _text_channel(channel_id: int, guild_id: int, name: str, position: int) -> Payload:
+        return {
+            "id": str(channel_id),
+            "type": 0,
+            "guild_id": str(guild_id),
+            "name": name,
+            "position": position,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "topic": None,
+            "rate_limit_per_user": 0,
+            "parent_id": None,
+            "last_message_id": None,
+            "flags": 0,
+        }
+
+    def guild_of_channel(self, channel_id: int | None) -> FakeGuild | None:
+        """The guild a channel belongs to (None for a DM or an unknown channel)."""
+        channel = self.channels.get(channel_id) if channel_id is not None else None
+        guild_id = _as_int(channel.get("guild_id")) if channel is not None else None
+        return self.guilds.get(guild_id) if guild_id is not None else None
+
+    def _guild_or_fail(self, guild_id: int) -> FakeGuild:
+        guild = self.guilds.get(guild_id)
+        if guild is None:
+            raise ValueError(f"the fake has no guild {guild_id} (its guilds: {list(self.guilds)[:5]}...)")
+        return guild
 
     @staticmethod
     def _role(role_id: int, name: str, permissions: int, *, position: int) -> Payload:
@@ -836,18 +1042,13 @@ class FakeDiscord:
             "flags": 0,
         }
 
-    def add_member(self, user_id: int, username: str, *, role_ids: Iterable[int] = ()) -> Payload:
-        """Add a guild member (before the bot connects, or it will not be in the bot's cache)."""
-        self.users[user_id] = {
-            "id": str(user_id),
-            "username": username,
-            "global_name": username.title(),
-            "discriminator": "0",
-            "avatar": None,
-            "public_flags": 0,
-            "bot": False,
-        }
-        self.member_roles[user_id] = list(role_ids)
+    def add_member(
+        self, user_id: int, username: str, *, role_ids: Iterable[int] = (), guild_id: int | None = None
+    ) -> Payload:
+        """Add a guild member (before the bot connects, or it will not be in the bot's cache); default: first guild."""
+        guild = self._guild_or_fail(self.guild_id if guild_id is None else guild_id)
+        self.users[user_id] = _user_payload(user_id, username)
+        guild.member_roles[user_id] = list(role_ids)
         return self.users[user_id]
 
     def set_permission_overwrite(
@@ -863,22 +1064,24 @@ class FakeDiscord:
     def set_channel_upload_limit(self, channel_id: int, limit: int) -> None:
         self.channel_upload_limits[channel_id] = limit
 
-    def permissions_for(self, user_id: int, channel_id: int | None = None) -> int:
-        """The user's permissions in the guild, or in a channel of it (overwrites applied)."""
-        if user_id == self.owner_id:
+    def permissions_for(self, user_id: int, channel_id: int | None = None, *, guild_id: int | None = None) -> int:
+        """The user's permissions in a guild (the channel's; else ``guild_id``; else the first), or in the channel
+        (overwrites applied)."""
+        guild = self.guild_of_channel(channel_id) or self.guilds[self.guild_id if guild_id is None else guild_id]
+        if user_id == guild.owner_id:
             return ALL_PERMISSIONS
-        role_ids = self.member_roles.get(user_id, [])
-        perms = int(self.roles[self.guild_id]["permissions"])
+        role_ids = guild.member_roles.get(user_id, [])
+        perms = int(guild.roles[guild.id]["permissions"])
         for role_id in role_ids:
-            if role_id in self.roles:
-                perms |= int(self.roles[role_id]["permissions"])
+            if role_id in guild.roles:
+                perms |= int(guild.roles[role_id]["permissions"])
         if perms & Permissions.ADMINISTRATOR:
             return ALL_PERMISSIONS
         channel = self.channels.get(channel_id) if channel_id is not None else None
         if channel is None or channel.get("type") == 1:
             return perms
         overwrites = {int(o["id"]): o for o in channel.get("permission_overwrites", [])}
-        everyone = overwrites.get(self.guild_id)
+        everyone = overwrites.get(guild.id)
         if everyone is not None:
             perms = (perms & ~int(everyone["deny"])) | int(everyone["allow"])
         allow = deny = 0
@@ -893,9 +1096,17 @@ class FakeDiscord:
             perms = (perms & ~int(mine["deny"])) | int(mine["allow"])
         return perms
 
-    def _member_payload(self, user_id: int, *, with_user: bool = True, permissions: int | None = None) -> Payload:
+    def _member_payload(
+        self,
+        user_id: int,
+        *,
+        with_user: bool = True,
+        permissions: int | None = None,
+        guild: FakeGuild | None = None,
+    ) -> Payload:
+        member_roles = (guild or self.guild).member_roles
         payload: Payload = {
-            "roles": [str(r) for r in self.member_roles.get(user_id, [])],
+            "roles": [str(r) for r in member_roles.get(user_id, [])],
             "joined_at": "2024-01-01T00:00:00+00:00",
             "premium_since": None,
             "deaf": False,
@@ -912,28 +1123,29 @@ class FakeDiscord:
             payload["permissions"] = str(permissions)
         return payload
 
-    def _guild_payload(self, *, full: bool) -> Payload:
+    def _guild_payload(self, *, full: bool, guild: FakeGuild | None = None) -> Payload:
+        guild = guild or self.guild
         payload: Payload = {
-            "id": str(self.guild_id),
-            "name": self.guild_name,
+            "id": str(guild.id),
+            "name": guild.name,
             "icon": None,
             "splash": None,
             "discovery_splash": None,
             "banner": None,
             "description": None,
-            "owner_id": str(self.owner_id),
+            "owner_id": str(guild.owner_id),
             "afk_channel_id": None,
             "afk_timeout": 300,
             "verification_level": 1,
             "default_message_notifications": 1,
             "explicit_content_filter": 0,
-            "roles": [dict(r) for r in self.roles.values()],
+            "roles": [dict(r) for r in guild.roles.values()],
             "emojis": [],
             "stickers": [],
             "features": [],
             "mfa_level": 0,
             "application_id": None,
-            "system_channel_id": str(self.channel_id),
+            "system_channel_id": str(guild.channel_id),
             "system_channel_flags": 0,
             "rules_channel_id": None,
             "public_updates_channel_id": None,
@@ -946,7 +1158,8 @@ class FakeDiscord:
             "max_members": 500000,
         }
         if full:
-            members = [self._member_payload(uid) for uid in self.member_roles]
+            members = [self._member_payload(uid, guild=guild) for uid in guild.member_roles]
+            channels = [self.channels[cid] for cid in guild.channel_ids]
             payload.update(
                 {
                     "joined_at": "2024-01-01T00:00:00+00:00",
@@ -954,7 +1167,7 @@ class FakeDiscord:
                     "unavailable": False,
                     "member_count": len(members),
                     "members": members,
-                    "channels": [dict(c) for c in self.channels.values() if c.get("type") != 1],
+                    "channels": [dict(c) for c in channels],
                     "threads": [],
                     "presences": [],
                     "voice_states": [],
@@ -1038,6 +1251,55 @@ class FakeDiscord:
 
         await self._wait(ready, timeout, "a gateway client to be ready")
 
+    async def wait_until_disconnected(self, timeout: float = 10) -> None:
+        """Wait until no client (no shard) is connected and ready."""
+
+        def gone() -> bool | None:
+            return None if any(c.live for c in self._connections) else True
+
+        await self._wait(gone, timeout, "every gateway client to disconnect")
+
+    def _shard_connection(self, shard_id: int) -> _Connection:
+        live = [c for c in self._connections if c.live and c.session is not None and c.session.shard is not None]
+        found = [c for c in live if c.session is not None and c.session.shard and c.session.shard[0] == shard_id]
+        if not found:
+            raise RuntimeError(f"no ready connection of shard {shard_id}")
+        return max(found, key=lambda c: c.ready_index)
+
+    def shards_ready(self) -> dict[int, list[int]]:
+        """The shards of the ready connections: ``{shard_count: [shard ids]}`` (unsharded ones under 0)."""
+        found: dict[int, list[int]] = {}
+        for conn in self._connections:
+            if conn.live and conn.session is not None:
+                shard = conn.session.shard
+                count, shard_id = (shard[1], shard[0]) if shard is not None else (0, 0)
+                found.setdefault(count, []).append(shard_id)
+        return {count: sorted(ids) for count, ids in found.items()}
+
+    async def wait_for_shards(
+        self, shard_ids: Iterable[int], shard_count: int, timeout: float = 15, *, after: int | None = None
+    ) -> None:
+        """Wait until each of ``shard_ids`` (of ``shard_count``) has a ready connection (IDENTIFYed after
+        ``after``, a value of :attr:`identify_count`, if given)."""
+        wanted = set(shard_ids)
+
+        def ready() -> bool | None:
+            have = set()
+            for conn in self._connections:
+                session = conn.session
+                if not conn.live or session is None or session.shard is None or session.shard[1] != shard_count:
+                    continue
+                if after is None or session.identify_index > after:
+                    have.add(session.shard[0])
+            return True if wanted <= have else None
+
+        await self._wait(ready, timeout, f"shards {sorted(wanted)} of {shard_count} to be ready")
+
+    def let_identify_window_pass(self) -> None:
+        """Behave as if ``identify_window`` (5 s) had passed since the last IDENTIFY: a bot process restarted in a
+        test starts in milliseconds, where a real one takes seconds (compare :meth:`expire_interaction`)."""
+        self._identified_at.clear()
+
     async def wait_for_request(
         self,
         method: str,
@@ -1115,6 +1377,62 @@ class FakeDiscord:
             body = {"message": f"{status}: fake failure", "code": 0}
         self._failures.append(_FailureRule(method.upper(), re.compile(path_regex), status, body, headers, times))
 
+    # Rate limits (see tests/fakes/discord_rate_limits.py)
+
+    @property
+    def rate_limits(self) -> RateLimits:
+        """The limits in force; change their fields (or assign new ones) at any time."""
+        return self._limiter.limits
+
+    @rate_limits.setter
+    def rate_limits(self, limits: RateLimits) -> None:
+        self._limiter.limits = limits
+
+    def force_rate_limit(
+        self, method: str, path_regex: str, scope: Scope = "user", *, retry_after: float = 0.05, times: int = 1
+    ) -> None:
+        """Answer the next ``times`` matching requests (of a known route, with a valid token) with a 429 of ``scope``.
+
+        As Discord answers it: the bucket's headers (``user``, ``shared``; ``shared`` keeps the bucket's real
+        remaining count) or ``X-RateLimit-Global`` (``global``), ``X-RateLimit-Scope``, ``Retry-After``, ``Via`` and
+        ``{"message", "retry_after", "global"}``. Not a violation; counted as invalid unless ``shared``.
+        """
+        self._limiter.force(method, path_regex, scope, retry_after, times)
+
+    def start_ban(self) -> None:
+        """Cloudflare bans the bot from now on (as if it had passed the invalid-request limit); not a violation."""
+        self._limiter.ban(time.monotonic(), by_test=True)
+
+    def lift_ban(self) -> None:
+        """The ban ends (as it does after about an hour): requests are answered again."""
+        self._limiter.lift_ban()
+
+    @property
+    def banned_at(self) -> float | None:
+        """When the last Cloudflare ban started (time.monotonic()), or None if there was none."""
+        return self._limiter.banned_at
+
+    def is_banned(self) -> bool:
+        return self._limiter.is_banned(time.monotonic())
+
+    @property
+    def invalid_requests(self) -> list[float]:
+        """When each invalid answer (401, 403, 429 except scope shared) was given, in order (time.monotonic())."""
+        return self._limiter.invalid_at
+
+    def invalid_requests_worst_window(self, per: float | None = None) -> int:
+        """The most invalid answers within any window of ``per`` seconds (default: the limit's 10 minutes)."""
+        return self._limiter.worst_invalid_window(per)
+
+    def requests_by_route(self) -> dict[str, int]:
+        """How many requests each route template received ("PATCH /channels/{channel_id}/messages/{message_id}")."""
+        return dict(requests_by_route(self.requests))
+
+    def budget(self, interactions: Iterable[FakeInteraction] | None = None) -> DiscordBudget:
+        """A summary of what was spent: requests per interaction by route, 429s by scope, invalid requests."""
+        jobs = self.interactions.values() if interactions is None else interactions
+        return DiscordBudget.measure([(self, jobs)])
+
     def expire_interaction(self, interaction: FakeInteraction) -> None:
         """From now on the interaction's token behaves as if 15 minutes had passed."""
         interaction.expired = True
@@ -1131,7 +1449,7 @@ class FakeDiscord:
         if channel.get("type") == 1:
             self._dispatch_nowait("MESSAGE_DELETE", data, intent=INTENT_DIRECT_MESSAGES)
         else:
-            data["guild_id"] = str(self.guild_id)
+            data["guild_id"] = str(channel["guild_id"])
             self._dispatch_nowait("MESSAGE_DELETE", data, intent=INTENT_GUILD_MESSAGES)
 
     def messages_in(self, channel_id: int) -> list[FakeMessage]:
@@ -1203,13 +1521,15 @@ class FakeDiscord:
         return message
 
     async def dispatch_event(self, event: str, data: dict[str, Any]) -> None:
-        """Send any gateway dispatch to the connected client."""
-        conn = self._require_client()
+        """Send any gateway dispatch to the connected client (with ``data["guild_id"]``: on that guild's shard)."""
+        guild_id = _as_int(data.get("guild_id"))
+        conn = self._require_client(guild_id if guild_id is not None else ...)
         await self._send_dispatch(conn, event, data)
 
-    async def request_reconnect(self, timeout: float = 10) -> None:
-        """Send op 7 RECONNECT; returns once the client closed that connection (it then RESUMEs on a new one)."""
-        conn = self._require_client()
+    async def request_reconnect(self, timeout: float = 10, *, shard_id: int | None = None) -> None:
+        """Send op 7 RECONNECT (to the newest connection, or to shard ``shard_id``'s); returns once the client closed
+        that connection (it then RESUMEs on a new one)."""
+        conn = self._require_client() if shard_id is None else self._shard_connection(shard_id)
         await self._ws_send(conn, {"op": 7, "d": None})
 
         def closed() -> bool | None:
@@ -1244,7 +1564,7 @@ class FakeDiscord:
         missing required option, a value outside choices or limits, or a command hidden by its permissions.
         """
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 1, gid)
         perms = self._invoker_permissions(uid, gid, channel_id, permissions)
         self._check_command_visible(command, uid, gid, perms)
@@ -1285,7 +1605,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """A member types in option ``focused`` of ``/name``; ``options`` holds what is filled in so far."""
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 1, gid)
         perms = self._invoker_permissions(uid, gid, channel_id, permissions)
         self._check_command_visible(command, uid, gid, perms)
@@ -1326,7 +1646,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """A member uses the message context menu ``name`` on ``target``."""
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 3, gid)
         if isinstance(target, FakeMessage):
             if target.deleted:
@@ -1374,7 +1694,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """A member uses the user context menu ``name`` on ``target_user_id``."""
         gid = self.guild_id if isinstance(guild_id, EllipsisType) else guild_id
-        uid = self.member_id if user_id is None else user_id
+        uid = self._default_user(gid) if user_id is None else user_id
         command, command_guild = self._find_command(name, 2, gid)
         perms = self._invoker_permissions(uid, gid, channel_id, permissions)
         self._check_command_visible(command, uid, gid, perms)
@@ -1419,10 +1739,11 @@ class FakeDiscord:
         Raises if the message does not exist, is deleted, has no such enabled component, or is an ephemeral message
         of another user: a Discord client would not let anyone click it.
         """
-        uid = self.member_id if user_id is None else user_id
         message = self.messages.get(message_id)
         if message is None or message.deleted:
             raise ValueError(f"message {message_id} does not exist (or is deleted)")
+        message_guild = self.guild_of_channel(message.channel_id)
+        uid = self._default_user(message_guild.id if message_guild else None) if user_id is None else user_id
         component = next((c for c in _walk_components(message.components) if c.get("custom_id") == custom_id), None)
         if component is None:
             present = [c.get("custom_id") for c in _walk_components(message.components) if c.get("custom_id")]
@@ -1453,8 +1774,8 @@ class FakeDiscord:
                 data["resolved"] = resolved
         elif values:
             raise ValueError("values are for select menus only")
-        channel = self.channels.get(message.channel_id, {})
-        gid = self.guild_id if channel.get("type") != 1 else None
+        guild = self.guild_of_channel(message.channel_id)
+        gid = guild.id if guild is not None else None
         perms = self._invoker_permissions(uid, gid, message.channel_id, permissions)
         interaction = self._new_interaction(
             INTERACTION_COMPONENT,
@@ -1558,6 +1879,15 @@ class FakeDiscord:
             out["values"] = [chosen] if isinstance(chosen, str) else list(chosen)
         return out
 
+    def _default_user(self, guild_id: int | None) -> int:
+        """Who invokes when the test does not say: ``member_id`` in the first guild (and in DMs), else the first
+        member of the guild who is neither the bot nor the owner (the owner if there is none)."""
+        if guild_id is None or guild_id == self.guild_id:
+            return self.member_id
+        guild = self._guild_or_fail(guild_id)
+        plain = [uid for uid in guild.member_roles if uid not in (self.bot_user_id, guild.owner_id)]
+        return plain[0] if plain else guild.owner_id
+
     def _find_command(self, name: str, ctype: int, guild_id: int | None) -> tuple[dict[str, Any], int | None]:
         scopes: list[int | None] = [guild_id, None] if guild_id is not None else [None]
         for scope in scopes:
@@ -1577,7 +1907,8 @@ class FakeDiscord:
             return override
         if guild_id is None:
             return EVERYONE_PERMISSIONS
-        return self.permissions_for(user_id, channel_id if channel_id is not None else self.channel_id)
+        guild = self._guild_or_fail(guild_id)
+        return self.permissions_for(user_id, channel_id if channel_id is not None else guild.channel_id)
 
     def _check_command_visible(
         self, command: dict[str, Any], user_id: int, guild_id: int | None, permissions: int
@@ -1701,11 +2032,11 @@ class FakeDiscord:
         elif option_type == OPT_USER:
             return self._resolve_user(value, resolved, guild_id, None)
         elif option_type == OPT_ROLE:
-            return self._resolve_role(value, resolved)
+            return self._resolve_role(value, resolved, guild_id)
         elif option_type == OPT_MENTIONABLE:
             role_id = _as_int(value)
-            if role_id is not None and role_id in self.roles:
-                return self._resolve_role(value, resolved)
+            if role_id is not None and role_id in self._guild_roles(guild_id):
+                return self._resolve_role(value, resolved, guild_id)
             return self._resolve_user(value, resolved, guild_id, None)
         elif option_type == OPT_CHANNEL:
             channel_id = _as_int(value.get("id") if isinstance(value, dict) else value)
@@ -1748,18 +2079,23 @@ class FakeDiscord:
             user_id = parsed
             user = dict(self.users[user_id])
         resolved.setdefault("users", {})[str(user_id)] = user
-        if guild_id is not None and user_id in self.member_roles:
-            member = self._member_payload(
-                user_id, with_user=False, permissions=self.permissions_for(user_id, channel_id or self.channel_id)
-            )
+        guild = self.guilds.get(guild_id) if guild_id is not None else None
+        if guild is not None and user_id in guild.member_roles:
+            permissions = self.permissions_for(user_id, channel_id or guild.channel_id)
+            member = self._member_payload(user_id, with_user=False, permissions=permissions, guild=guild)
             resolved.setdefault("members", {})[str(user_id)] = member
         return str(user_id)
 
-    def _resolve_role(self, value: Any, resolved: Payload) -> str:
+    def _guild_roles(self, guild_id: int | None) -> dict[int, Payload]:
+        guild = self.guilds.get(guild_id) if guild_id is not None else None
+        return guild.roles if guild is not None else {}
+
+    def _resolve_role(self, value: Any, resolved: Payload, guild_id: int | None) -> str:
         role_id = _as_int(value.get("id") if isinstance(value, dict) else value)
-        if role_id is None or role_id not in self.roles:
+        roles = self._guild_roles(guild_id)
+        if role_id is None or role_id not in roles:
             raise ValueError(f"unknown role {value!r}")
-        resolved.setdefault("roles", {})[str(role_id)] = dict(self.roles[role_id])
+        resolved.setdefault("roles", {})[str(role_id)] = dict(roles[role_id])
         return str(role_id)
 
     @staticmethod
@@ -1798,14 +2134,13 @@ class FakeDiscord:
             "attachment_size_limit": attachment_size_limit,
         }
         if guild_id is not None:
-            if guild_id != self.guild_id:
-                raise ValueError(f"the fake has one guild ({self.guild_id}), not {guild_id}")
-            if user_id not in self.member_roles:
-                raise ValueError(f"user {user_id} is not a member of the guild")
-            cid = self.channel_id if channel_id is None else channel_id
+            guild = self._guild_or_fail(guild_id)
+            if user_id not in guild.member_roles:
+                raise ValueError(f"user {user_id} is not a member of guild {guild_id}")
+            cid = guild.channel_id if channel_id is None else channel_id
             channel = self.channels.get(cid)
-            if channel is None or channel.get("type") == 1:
-                raise ValueError(f"{cid} is not a text channel of the guild")
+            if channel is None or channel.get("type") == 1 or channel.get("guild_id") != str(guild_id):
+                raise ValueError(f"{cid} is not a text channel of guild {guild_id}")
             payload.update(
                 {
                     "guild_id": str(guild_id),
@@ -1813,7 +2148,7 @@ class FakeDiscord:
                     "guild_locale": "en-US",
                     "channel_id": str(cid),
                     "channel": dict(channel),
-                    "member": self._member_payload(user_id, permissions=permissions),
+                    "member": self._member_payload(user_id, permissions=permissions, guild=guild),
                     "app_permissions": str(self.permissions_for(self.bot_user_id, cid)),
                     "context": 0,
                     "authorizing_integration_owners": {"0": str(guild_id)},
@@ -1846,7 +2181,7 @@ class FakeDiscord:
         )
 
     async def _dispatch_interaction(self, interaction: FakeInteraction) -> FakeInteraction:
-        conn = self._require_client()
+        conn = self._require_client(interaction.guild_id)
         self.interactions[interaction.id] = interaction
         self._by_token[interaction.token] = interaction
         interaction.created_at = time.monotonic()
@@ -1887,8 +2222,38 @@ class FakeDiscord:
             reply = _error(400, 0, f"fake crashed: {exc!r}")
         rec.status = reply.status
         rec.response = None if isinstance(reply.body, bytes) else reply.body
+        if is_api:
+            self._account(rec, reply)
+            if reply.rate_limit is None or reply.rate_limit[0] != BAN_SCOPE:
+                reply.headers.setdefault("Via", VIA)
         self._notify()
         return self._to_web(reply)
+
+    def _account(self, rec: RecordedRequest, reply: _Reply) -> None:
+        """Record a 429, count an invalid answer, and start the Cloudflare ban when the threshold is reached."""
+        if reply.rate_limit is None and reply.status == 429:  # a fail_next() rule without the details
+            scope = reply.headers.get("X-RateLimit-Scope", "user")
+            retry_after = reply.body.get("retry_after") if isinstance(reply.body, dict) else None
+            reply.rate_limit = (scope, retry_after, True, "fail_next()")
+        if reply.rate_limit is not None:
+            scope, retry_after, forced, exceeded = reply.rate_limit
+            self.rate_limited.append(
+                RateLimitAnswer(rec.at, rec.method, rec.path, rec.route, scope, retry_after, forced)
+            )
+            if not forced and scope != BAN_SCOPE and not self.tolerate_rate_limits:
+                self._violate(
+                    f"{rec.method} {rec.path}: over {exceeded}: answered 429 (scope {scope}, retry after "
+                    f"{retry_after:.3f} s)"
+                )
+            if scope == BAN_SCOPE:
+                return  # the ban's own answers are not counted again
+        if reply.status in (401, 403) or (reply.status == 429 and reply.headers.get("X-RateLimit-Scope") != "shared"):
+            limits = self.rate_limits.invalid_requests
+            if self._limiter.count_invalid(time.monotonic()) and not self.tolerate_rate_limits:
+                self._violate(
+                    f"{limits.requests} invalid requests (401, 403, 429) within {limits.per:g} s: Cloudflare bans "
+                    f"the bot for {self.rate_limits.ban_seconds:g} s, every request is answered 429 without Via"
+                )
 
     @staticmethod
     def _to_web(reply: _Reply) -> web.Response:
@@ -1944,6 +2309,12 @@ class FakeDiscord:
         except ValueError:
             return None, [], "the body is not valid JSON"
 
+    def _ban_reply(self) -> _Reply:
+        # Cloudflare's static page: no Via, no rate-limit headers, no Retry-After, not JSON (discord.py raises).
+        reply = _Reply(429, b"error code: 1015", content_type="text/plain; charset=UTF-8")
+        reply.rate_limit = (BAN_SCOPE, None, self._limiter.banned_by_test, "the invalid-request limit")
+        return reply
+
     def _take_failure(self, rec: RecordedRequest) -> _Reply | None:
         for rule in self._failures:
             if rule.remaining > 0 and rule.method in ("*", rec.method) and rule.pattern.search(rec.path):
@@ -1954,47 +2325,140 @@ class FakeDiscord:
                 return _Reply(rule.status, rule.body, dict(rule.headers))
         return None
 
-    def _build_routes(
-        self,
-    ) -> list[tuple[str, re.Pattern[str], bool, Callable[[RecordedRequest, re.Match[str]], _Reply]]]:
+    def _build_routes(self) -> list[_Route]:
         snowflake = r"(?P<{}>\d+)"
         app = snowflake.format("app")
         guild = snowflake.format("guild")
         channel = snowflake.format("channel")
         message = snowflake.format("message")
+        user = snowflake.format("user")
         token = r"(?P<token>[^/]+)"
-        table: list[tuple[str, str, bool, Callable[[RecordedRequest, re.Match[str]], _Reply]]] = [
-            ("GET", r"/users/@me", True, self._r_get_me),
-            ("POST", r"/users/@me/channels", True, self._r_create_dm),
-            ("GET", r"/users/" + snowflake.format("user"), True, self._r_get_user),
-            ("GET", r"/oauth2/applications/@me", True, self._r_application),
-            ("GET", r"/applications/@me", True, self._r_application),
-            ("GET", r"/gateway", False, self._r_gateway),
-            ("GET", r"/gateway/bot", True, self._r_gateway_bot),
-            ("GET", rf"/applications/{app}/commands", True, self._r_get_commands),
-            ("PUT", rf"/applications/{app}/commands", True, self._r_put_commands),
-            ("GET", rf"/applications/{app}/guilds/{guild}/commands", True, self._r_get_commands),
-            ("PUT", rf"/applications/{app}/guilds/{guild}/commands", True, self._r_put_commands),
-            ("POST", rf"/interactions/(?P<interaction>\d+)/{token}/callback", False, self._r_callback),
-            ("POST", rf"/webhooks/{app}/{token}", False, self._r_followup),
-            ("GET", rf"/webhooks/{app}/{token}/messages/(?P<message>\d+|@original)", False, self._r_webhook_get),
-            ("PATCH", rf"/webhooks/{app}/{token}/messages/(?P<message>\d+|@original)", False, self._r_webhook_edit),
-            ("DELETE", rf"/webhooks/{app}/{token}/messages/(?P<message>\d+|@original)", False, self._r_webhook_delete),
-            ("GET", rf"/channels/{channel}", True, self._r_get_channel),
-            ("POST", rf"/channels/{channel}/typing", True, self._r_typing),
-            ("GET", rf"/channels/{channel}/messages", True, self._r_history),
-            ("POST", rf"/channels/{channel}/messages", True, self._r_channel_post),
-            ("GET", rf"/channels/{channel}/messages/{message}", True, self._r_channel_get),
-            ("PATCH", rf"/channels/{channel}/messages/{message}", True, self._r_channel_edit),
-            ("DELETE", rf"/channels/{channel}/messages/{message}", True, self._r_channel_delete),
-            ("GET", rf"/guilds/{guild}", True, self._r_get_guild),
-            ("GET", rf"/guilds/{guild}/channels", True, self._r_guild_channels),
-            ("GET", rf"/guilds/{guild}/roles", True, self._r_guild_roles),
-            ("GET", rf"/guilds/{guild}/members/" + snowflake.format("user"), True, self._r_guild_member),
+        webhook_message = r"(?P<message>\d+|@original)"
+        commands = "/applications/{application_id}/commands"
+        guild_commands = "/applications/{application_id}/guilds/{guild_id}/commands"
+        webhook = "/webhooks/{application_id}/{interaction_token}"
+        messages = "/channels/{channel_id}/messages"
+        Handler = Callable[[RecordedRequest, re.Match[str]], _Reply]
+        # (method, path pattern, route template, bot token, limit kind, handler)
+        table: list[tuple[str, str, str, bool, str, Handler]] = [
+            ("GET", r"/users/@me", "/users/@me", True, OTHER, self._r_get_me),
+            ("POST", r"/users/@me/channels", "/users/@me/channels", True, OTHER, self._r_create_dm),
+            ("GET", rf"/users/{user}", "/users/{user_id}", True, OTHER, self._r_get_user),
+            ("GET", r"/oauth2/applications/@me", "/oauth2/applications/@me", True, OTHER, self._r_application),
+            ("GET", r"/applications/@me", "/applications/@me", True, OTHER, self._r_application),
+            ("GET", r"/gateway", "/gateway", False, OTHER, self._r_gateway),
+            ("GET", r"/gateway/bot", "/gateway/bot", True, OTHER, self._r_gateway_bot),
+            ("GET", rf"/applications/{app}/commands", commands, True, OTHER, self._r_get_commands),
+            ("PUT", rf"/applications/{app}/commands", commands, True, OTHER, self._r_put_commands),
+            ("GET", rf"/applications/{app}/guilds/{guild}/commands", guild_commands, True, OTHER, self._r_get_commands),
+            ("PUT", rf"/applications/{app}/guilds/{guild}/commands", guild_commands, True, OTHER, self._r_put_commands),
+            (
+                "POST",
+                rf"/interactions/(?P<interaction>\d+)/{token}/callback",
+                "/interactions/{interaction_id}/{interaction_token}/callback",
+                False,
+                OTHER,
+                self._r_callback,
+            ),
+            ("POST", rf"/webhooks/{app}/{token}", webhook, False, INTERACTION_WEBHOOK, self._r_followup),
+            (
+                "GET",
+                rf"/webhooks/{app}/{token}/messages/{webhook_message}",
+                webhook + "/messages/{message_id}",
+                False,
+                INTERACTION_WEBHOOK,
+                self._r_webhook_get,
+            ),
+            (
+                "PATCH",
+                rf"/webhooks/{app}/{token}/messages/{webhook_message}",
+                webhook + "/messages/{message_id}",
+                False,
+                INTERACTION_WEBHOOK,
+                self._r_webhook_edit,
+            ),
+            (
+                "DELETE",
+                rf"/webhooks/{app}/{token}/messages/{webhook_message}",
+                webhook + "/messages/{message_id}",
+                False,
+                INTERACTION_WEBHOOK,
+                self._r_webhook_delete,
+            ),
+            ("GET", rf"/channels/{channel}", "/channels/{channel_id}", True, OTHER, self._r_get_channel),
+            ("POST", rf"/channels/{channel}/typing", "/channels/{channel_id}/typing", True, OTHER, self._r_typing),
+            ("GET", rf"/channels/{channel}/messages", messages, True, OTHER, self._r_history),
+            ("POST", rf"/channels/{channel}/messages", messages, True, MESSAGE_CREATE, self._r_channel_post),
+            (
+                "GET",
+                rf"/channels/{channel}/messages/{message}",
+                messages + "/{message_id}",
+                True,
+                OTHER,
+                self._r_channel_get,
+            ),
+            (
+                "PATCH",
+                rf"/channels/{channel}/messages/{message}",
+                messages + "/{message_id}",
+                True,
+                MESSAGE_EDIT,
+                self._r_channel_edit,
+            ),
+            (
+                "DELETE",
+                rf"/channels/{channel}/messages/{message}",
+                messages + "/{message_id}",
+                True,
+                OTHER,
+                self._r_channel_delete,
+            ),
+            ("GET", rf"/guilds/{guild}", "/guilds/{guild_id}", True, OTHER, self._r_get_guild),
+            ("GET", rf"/guilds/{guild}/channels", "/guilds/{guild_id}/channels", True, OTHER, self._r_guild_channels),
+            ("GET", rf"/guilds/{guild}/roles", "/guilds/{guild_id}/roles", True, OTHER, self._r_guild_roles),
+            (
+                "GET",
+                rf"/guilds/{guild}/members/{user}",
+                "/guilds/{guild_id}/members/{user_id}",
+                True,
+                OTHER,
+                self._r_guild_member,
+            ),
         ]
-        return [(method, re.compile(pattern + r"/?"), auth, handler) for method, pattern, auth, handler in table]
+        return [
+            _Route(method, re.compile(pattern + r"/?"), f"{method} {template}", auth, kind, handler)
+            for method, pattern, template, auth, kind, handler in table
+        ]
+
+    def _match_route(self, rec: RecordedRequest) -> tuple[_Route, re.Match[str]] | None:
+        for route in self._routes:
+            match = route.pattern.fullmatch(rec.path)
+            if match is not None and route.method == rec.method:
+                rec.route = route.template
+                groups = match.groupdict()
+                if groups.get("interaction") is not None:
+                    rec.interaction_id = int(groups["interaction"])
+                elif groups.get("token") is not None:
+                    known = self._by_token.get(groups["token"])
+                    rec.interaction_id = known.id if known is not None else None
+                return route, match
+        return None
+
+    @staticmethod
+    def _bucket_of(route: _Route, match: re.Match[str]) -> tuple[str, str]:
+        """The bucket's name (shared by the routes of one bucket) and the request's top-level resource."""
+        groups = match.groupdict()
+        if route.kind == INTERACTION_WEBHOOK:
+            return "interaction webhook", f"{groups['app']}+{groups['token']}"
+        if groups.get("interaction") is not None:
+            return route.template, f"{groups['interaction']}+{groups['token']}"
+        major = groups.get("channel") or groups.get("guild") or ""
+        return route.template, major
 
     def _route(self, rec: RecordedRequest, *, is_api: bool, body_error: str | None) -> _Reply:
+        if is_api and self._limiter.is_banned(time.monotonic()):
+            return self._ban_reply()
+        found = self._match_route(rec) if is_api else None
         injected = self._take_failure(rec)
         if injected is not None:
             return injected
@@ -2003,16 +2467,38 @@ class FakeDiscord:
         if body_error is not None:
             self._violate(f"{rec.method} {rec.path}: {body_error}")
             return _error(400, 50109, "The request body contains invalid JSON.")
-        for method, pattern, auth, handler in self._routes:
-            match = pattern.fullmatch(rec.path)
-            if match is None or method != rec.method:
-                continue
-            if auth and rec.headers.get("Authorization") != f"Bot {self.token}":
-                self.unauthorized_calls += 1
-                return _error(401, 0, "401: Unauthorized")
-            return handler(rec, match)
-        self._violate(f"{rec.method} {rec.path} is not a route the fake knows (unknown route): answered 404")
-        return _error(404, 0, "404: Not Found")
+        if found is None:
+            self._violate(f"{rec.method} {rec.path} is not a route the fake knows (unknown route): answered 404")
+            return _error(404, 0, "404: Not Found")
+        route, match = found
+        if route.auth and rec.headers.get("Authorization") != f"Bot {self.token}":
+            self.unauthorized_calls += 1
+            return _error(401, 0, "401: Unauthorized")
+        bucket, major = self._bucket_of(route, match)
+        verdict = self._limiter.check(
+            method=rec.method,
+            path=rec.path,
+            kind=route.kind,
+            bucket=bucket,
+            major=major,
+            bot_token_route=route.auth,
+            now=time.monotonic(),
+        )
+        if verdict.refusal is not None:
+            scope, retry_after, body = verdict.refusal
+            limit = self.rate_limits.for_kind(route.kind)
+            if scope == "global":
+                glob = self.rate_limits.global_requests
+                exceeded = f"the global limit of {glob.requests} per {glob.per:g} s"
+            else:
+                exceeded = f"{limit.requests} per {limit.per:g} s on bucket {bucket!r} for {major or 'the bot'}"
+            reply = _Reply(429, body, verdict.headers)
+            reply.rate_limit = (scope, retry_after, verdict.forced, exceeded)
+            return reply
+        reply = route.handler(rec, match)
+        for name, value in verdict.headers.items():
+            reply.headers.setdefault(name, value)
+        return reply
 
     # ----------------------------------------------------------------------------------------------------------------
     # Simple routes
@@ -2068,13 +2554,14 @@ class FakeDiscord:
         return _ok({"url": self.gateway_url})
 
     def _r_gateway_bot(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        return _ok(
-            {
-                "url": self.gateway_url,
-                "shards": 1,
-                "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1},
-            }
-        )
+        shards = self.recommended_shards or max(1, math.ceil(len(self.guilds) / 1000))
+        limit = {
+            "total": self.session_start_total,
+            "remaining": max(self.session_start_total - self.identify_count, 0),
+            "reset_after": 86_400_000,
+            "max_concurrency": self.max_concurrency,
+        }
+        return _ok({"url": self.gateway_url, "shards": shards, "session_start_limit": limit})
 
     def _r_get_channel(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
         channel = self.channels.get(int(m["channel"]))
@@ -2086,27 +2573,31 @@ class FakeDiscord:
         return _Reply(204)
 
     def _r_get_guild(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        return _ok(self._guild_payload(full=False))
+        return _ok(self._guild_payload(full=False, guild=guild))
 
     def _r_guild_channels(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        return _ok([dict(c) for c in self.channels.values() if c.get("type") != 1])
+        return _ok([dict(self.channels[cid]) for cid in guild.channel_ids])
 
     def _r_guild_roles(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        return _ok([dict(r) for r in self.roles.values()])
+        return _ok([dict(r) for r in guild.roles.values()])
 
     def _r_guild_member(self, rec: RecordedRequest, m: re.Match[str]) -> _Reply:
         user_id = int(m["user"])
-        if int(m["guild"]) != self.guild_id:
+        guild = self.guilds.get(int(m["guild"]))
+        if guild is None:
             return _error(404, 10004, "Unknown Guild")
-        if user_id not in self.member_roles:
+        if user_id not in guild.member_roles:
             return _error(404, 10007, "Unknown Member")
-        return _ok(self._member_payload(user_id))
+        return _ok(self._member_payload(user_id, guild=guild))
 
     def _r_cdn(self, rec: RecordedRequest) -> _Reply:
         match = re.fullmatch(r"(?:/media)?/(?:ephemeral-)?attachments/\d+/(?P<id>\d+)/[^/]+", rec.path)
@@ -2128,7 +2619,7 @@ class FakeDiscord:
             )
             return _error(403, 50001, "Missing Access")
         guild = m.groupdict().get("guild")
-        if guild is not None and int(guild) != self.guild_id:
+        if guild is not None and int(guild) not in self.guilds:
             self._violate(f"{rec.method} {rec.path}: the bot is not in guild {guild}: answered 403 Missing Access")
             return _error(403, 50001, "Missing Access")
         return None
@@ -2357,23 +2848,32 @@ class FakeDiscord:
             return [], errors
         referenced = {id(f) for f, _ in chosen}
         chosen.extend((f, None) for _, f in sorted(files.items()) if id(f) not in referenced)
+        if len(chosen) > MAX_FILES_PER_MESSAGE:
+            return [], [f"a message has at most {MAX_FILES_PER_MESSAGE} attachments, got {len(chosen)}"]
         return [self._store_attachment(channel_id, f, e) for f, e in chosen], []
 
     def _edited_attachments(
-        self, message: FakeMessage, payload: Payload, files: dict[int, UploadedFile]
+        self, rec: RecordedRequest, message: FakeMessage, payload: Payload, files: dict[int, UploadedFile]
     ) -> tuple[list[UploadedFile] | None, list[str]]:
         """Attachments after an edit (None: unchanged), and errors if ``attachments`` is inconsistent.
 
-        Discord keeps exactly the existing attachments whose ids are listed in ``attachments`` and adds the new
-        files listed there by their ``files[N]`` index (discord.py sends ``{"id": N, "filename": ...}`` for a new
-        File and the full attachment dict for a kept Attachment).
+        API v10 (Discord's "Edit Message" and "Edit Webhook Message"): "the attachments array must contain all
+        attachments that should be present after edit, including retained and new attachments provided in the
+        request body". So Discord keeps exactly the existing attachments whose ids are listed and adds the new files
+        listed there by their ``files[N]`` index (discord.py sends ``{"id": N, "filename": ...}`` for a new File and
+        the full attachment dict for a kept Attachment); an uploaded file that is not listed is dropped, which no
+        bot means to do (a violation). Without ``attachments`` the message keeps the ones it has.
         """
         entries = payload.get("attachments")
+        listed = {_as_int(e.get("id")) for e in entries if isinstance(e, dict)} if isinstance(entries, list) else set()
+        dropped = sorted(f.filename for index, f in files.items() if index not in listed)
+        if dropped:
+            self._violate(
+                f"{rec.method} {rec.path} uploads {dropped} without listing them in attachments: Discord (API v10) "
+                "drops them from the edited message"
+            )
         if entries is None:
-            if not files:
-                return None, []
-            added = [self._store_attachment(message.channel_id, f, None) for _, f in sorted(files.items())]
-            return message.attachments + added, []
+            return None, []
         existing = {a.id: a for a in message.attachments}
         result: list[UploadedFile] = []
         errors: list[str] = []
@@ -2387,6 +2887,8 @@ class FakeDiscord:
                 errors.append(
                     f"attachments entry {entry!r} is neither an attachment of the message nor an uploaded files[N]"
                 )
+        if len(result) > MAX_FILES_PER_MESSAGE:
+            errors.append(f"a message has at most {MAX_FILES_PER_MESSAGE} attachments, got {len(result)}")
         return (None, errors) if errors else (result, [])
 
     def _create_message(
@@ -2449,7 +2951,7 @@ class FakeDiscord:
     ) -> _Reply | None:
         """Apply an edit (PATCH semantics: absent fields are kept). Returns an error reply or None."""
         errors = self._content_errors(payload, allowed_flags)
-        attachments, attachment_errors = self._edited_attachments(message, payload, self._files_by_index(rec))
+        attachments, attachment_errors = self._edited_attachments(rec, message, payload, self._files_by_index(rec))
         errors.extend(attachment_errors)
         if errors:
             return self._invalid(rec, errors)
@@ -2678,13 +3180,23 @@ class FakeDiscord:
             return _error(404, 10015, "Unknown Webhook")
         return interaction
 
-    def _webhook_message(self, interaction: FakeInteraction, message_ref: str) -> FakeMessage | None:
+    def _webhook_message(
+        self, rec: RecordedRequest, interaction: FakeInteraction, message_ref: str
+    ) -> FakeMessage | None:
+        """The message an interaction webhook may read, edit or delete: its response or one of its followups.
+
+        (For a component, the response of a type 6 or 7 callback is the message the component is on.) Another
+        message is not that webhook's: 404 Unknown Message, and a violation, as the bot asked for it.
+        """
         message_id = interaction.original_message_id if message_ref == "@original" else int(message_ref)
         message = self.messages.get(message_id) if message_id is not None else None
         if message is None or message.deleted:
             return None
-        own = message.interaction_id == interaction.id or message.id == interaction.original_message_id
-        if not own and (message.webhook_id != self.application_id or message.ephemeral):
+        if message.interaction_id != interaction.id and message.id != interaction.original_message_id:
+            self._violate(
+                f"{rec.method} {rec.path}: message {message.id} is not a message of interaction {interaction.id} "
+                "(an interaction webhook reaches only its response and followups): answered 404 (10008)"
+            )
             return None
         return message
 
@@ -2741,7 +3253,7 @@ class FakeDiscord:
         interaction = self._webhook_interaction(rec, m)
         if isinstance(interaction, _Reply):
             return interaction
-        message = self._webhook_message(interaction, m["message"])
+        message = self._webhook_message(rec, interaction, m["message"])
         if message is None:
             return _error(404, 10008, "Unknown Message")
         return _ok(self._message_payload(message))
@@ -2750,7 +3262,7 @@ class FakeDiscord:
         interaction = self._webhook_interaction(rec, m)
         if isinstance(interaction, _Reply):
             return interaction
-        message = self._webhook_message(interaction, m["message"])
+        message = self._webhook_message(rec, interaction, m["message"])
         if message is None:
             return _error(404, 10008, "Unknown Message")
         refused = self._size_refusal(rec, interaction.attachment_size_limit, "the interaction's attachment_size_limit")
@@ -2766,7 +3278,7 @@ class FakeDiscord:
         interaction = self._webhook_interaction(rec, m)
         if isinstance(interaction, _Reply):
             return interaction
-        message = self._webhook_message(interaction, m["message"])
+        message = self._webhook_message(rec, interaction, m["message"])
         if message is None:
             return _error(404, 10008, "Unknown Message")
         message.deleted = True
@@ -2841,8 +3353,9 @@ class FakeDiscord:
                     "type": 0,
                     "message_id": str(target.id),
                     "channel_id": str(target.channel_id),
-                    "guild_id": str(self.guild_id),
                 }
+                if "guild_id" in channel:
+                    reference["guild_id"] = channel["guild_id"]
                 message_type = 19
         message = self._create_message(
             channel_id=channel_id,
@@ -2909,11 +3422,23 @@ class FakeDiscord:
     # Gateway
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _require_client(self) -> _Connection:
-        conn = self._current
-        if conn is None or conn.closed or conn.ws.closed or not conn.ready or conn.session is None:
-            raise RuntimeError("no discord.py client is connected and ready; await fake.wait_until_ready() first")
+    def _require_client(self, guild_id: int | EllipsisType | None = ...) -> _Connection:
+        """The connection that gets the guild's events (``...``: the newest ready one, whatever its shard)."""
+        conn = self._current if isinstance(guild_id, EllipsisType) else self._connection_for(guild_id)
+        if conn is None or not conn.live:
+            where = "" if isinstance(guild_id, EllipsisType) else f" for guild {guild_id} (its shard)"
+            raise RuntimeError(
+                f"no discord.py client is connected and ready{where}; await fake.wait_until_ready() first"
+            )
         return conn
+
+    def _connection_for(self, guild_id: int | None) -> _Connection | None:
+        """The newest ready connection whose shard gets the guild's events (``None``: a DM, shard 0)."""
+        best: _Connection | None = None
+        for conn in self._connections:
+            if conn.live and conn.has_guild(guild_id) and (best is None or conn.ready_index > best.ready_index):
+                best = conn
+        return best
 
     async def _ws_send(self, conn: _Connection, payload: Payload) -> None:
         if conn.ws.closed:
@@ -2929,11 +3454,16 @@ class FakeDiscord:
             session.seq += 1
             frame: Payload = {"op": 0, "t": event, "s": session.seq, "d": data}
             session.buffer.append(frame)
+            guild_id = data.get("id") if event == "GUILD_CREATE" else data.get("guild_id")
+            shard = (session.shard[0], session.shard[1]) if session.shard is not None else None
+            self.dispatched.append(Dispatch(shard, event, _as_int(guild_id), session.identify_index))
             await self._ws_send(conn, frame)
 
     def _dispatch_nowait(self, event: str, data: Payload, *, intent: int = 0) -> None:
-        conn = self._current
-        if conn is None or conn.closed or conn.ws.closed or not conn.ready or conn.session is None:
+        """Send an event, if a client is connected, on the connection of the guild's shard (``data["guild_id"]``)."""
+        guild_id = _as_int(data.get("guild_id"))
+        conn = self._connection_for(guild_id)
+        if conn is None or conn.session is None:
             return
         if intent and not conn.session.intents & intent:
             return
@@ -2969,7 +3499,8 @@ class FakeDiscord:
         finally:
             conn.closed = True
             if self._current is conn:
-                self._current = None
+                live = [c for c in self._connections if c.live]
+                self._current = max(live, key=lambda c: c.ready_index) if live else None
             self._notify()
         return ws
 
@@ -2990,9 +3521,12 @@ class FakeDiscord:
         elif op == 4:
             pass  # voice state updates: nothing to do
         elif op == 8:
-            members = [self._member_payload(uid) for uid in self.member_roles]
+            requested = _as_int(data.get("guild_id")) if isinstance(data, dict) else None
+            guild = self.guilds.get(requested) if requested is not None else None
+            guild = guild or self.guild
+            members = [self._member_payload(uid, guild=guild) for uid in guild.member_roles]
             chunk: Payload = {
-                "guild_id": str(self.guild_id),
+                "guild_id": str(guild.id),
                 "members": members,
                 "chunk_index": 0,
                 "chunk_count": 1,
@@ -3029,10 +3563,46 @@ class FakeDiscord:
             await conn.ws.close(code=4014, message=b"Disallowed intent(s).")
             return
         shard = data.get("shard")
-        if shard is not None and (not isinstance(shard, list) or len(shard) != 2 or not 0 <= shard[0] < shard[1]):
+        if shard is not None and (
+            not isinstance(shard, list)
+            or len(shard) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
+            or not 0 <= shard[0] < shard[1]
+        ):
             self._violate(f"IDENTIFY with invalid shard {shard!r}: closed with 4010")
             await conn.ws.close(code=4010, message=b"Invalid shard.")
             return
+        # Discord's Gateway page, "Rate Limiting" and "Max Concurrency": one IDENTIFY per rate_limit_key
+        # (shard_id % max_concurrency) per 5 seconds; beyond that the gateway answers op 9 Invalid Session.
+        now = time.monotonic()
+        shard_id = shard[0] if shard is not None else 0
+        key = shard_id % self.max_concurrency
+        earlier = self._identified_at.get(key)
+        if earlier is not None and now - earlier < self.identify_window:
+            refusal = (
+                f"IDENTIFY of shard {shard_id} {now - earlier:.2f} s after another IDENTIFY with rate_limit_key {key} "
+                f"(max_concurrency {self.max_concurrency}: one per key per {self.identify_window:g} s): "
+                "answered op 9 Invalid Session"
+            )
+            self.identify_refusals.append(refusal)
+            # While the other session lives, the bot's shards (or processes) did not space their IDENTIFYs: a
+            # violation. A process that restarts right after its predecessor died meets the same answer from
+            # Discord, and discord.py copes (it IDENTIFYs again 5 s later): counted, not a violation.
+            if any(
+                c.live and c.session is not None and self._identify_key(c.session) == key for c in self._connections
+            ):
+                self._violate(refusal + ", while that shard's other session is connected")
+            await self._ws_send(conn, {"op": 9, "s": None, "t": None, "d": False})
+            return
+        guilds = [g for g in self.guilds.values() if shard is None or g.shard_id(shard[1]) == shard[0]]
+        if len(guilds) > self.max_guilds_per_shard:
+            self._violate(
+                f"IDENTIFY {'without sharding' if shard is None else f'as shard {shard}'} for a session of "
+                f"{len(guilds)} guilds (at most {self.max_guilds_per_shard} a shard): closed with 4011"
+            )
+            await conn.ws.close(code=4011, message=b"Sharding required.")
+            return
+        self._identified_at[key] = now  # (only IDENTIFYs that start a session are counted)
         self.identify_count += 1
         session = _Session(
             session_id=secrets.token_hex(16), intents=intents, shard=shard, identify_index=self.identify_count
@@ -3042,7 +3612,7 @@ class FakeDiscord:
         ready: Payload = {
             "v": 10,
             "user": dict(self.users[self.bot_user_id]),
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(g.id), "unavailable": True} for g in guilds],
             "session_id": session.session_id,
             "session_type": "normal",
             "resume_gateway_url": self.gateway_url,
@@ -3060,8 +3630,13 @@ class FakeDiscord:
             ready["shard"] = shard
         await self._send_dispatch(conn, "READY", ready)
         if intents & INTENT_GUILDS:
-            await self._send_dispatch(conn, "GUILD_CREATE", self._guild_payload(full=True))
+            for guild in guilds:
+                await self._send_dispatch(conn, "GUILD_CREATE", self._guild_payload(full=True, guild=guild))
         self._mark_ready(conn)
+
+    def _identify_key(self, session: _Session) -> int:
+        shard_id = session.shard[0] if session.shard is not None else 0
+        return shard_id % self.max_concurrency
 
     async def _resume(self, conn: _Connection, data: Payload) -> None:
         session = self._sessions.get(str(data.get("session_id")))
@@ -3085,6 +3660,7 @@ class FakeDiscord:
 
     def _mark_ready(self, conn: _Connection) -> None:
         self.ready_count += 1
+        conn.ready_index = self.ready_count
         conn.ready = True
         self._current = conn
         self._notify()
