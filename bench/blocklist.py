@@ -39,7 +39,7 @@ from bot.guild_rules import (  # noqa: E402
 )
 
 PROMPT_LENGTH = 2000  # Discord's limit for the prompt option
-TARGET_MS = 50.0  # the worst check; the loop-stall target of bench/run.py is 100 ms
+TARGET_MS = 100.0  # the worst check holds the event loop: the same target as bench/run.py's largest stall
 LIGATURE = "\ufdfa"  # the character NFKC expands the most (to 18 characters)
 ARABIC = sorted(set(unicodedata.normalize("NFKC", LIGATURE)) - {" "})
 LATIN = "abcdefghijklmnopqrstuvwxyz"
