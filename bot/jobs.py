@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 from bot.downloads import DownloadFailed, ImageDownloader
 from bot.generation import GenerationRequest
 from bot.guild_rules import GuildConfig, Limits, Refused, explain_refusal
-from bot.imaging import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input
+from bot.imaging import MAX_INPUT_BYTES, BadImage, ImageFile, fit_to_limit, normalise_input_in_turn
 from bot.keybox import KeyBox, KeyUnreadable
 from bot.log import register_secret
 from bot.metrics import Metrics
@@ -489,7 +489,7 @@ class JobService:
             log.info("Job %s: the input image could not be downloaded (%s)", job.id, exc)
             return "the image could not be downloaded from Discord (it may have been deleted)"
         try:
-            image = await asyncio.to_thread(normalise_input, data)
+            image = await normalise_input_in_turn(data)
         except BadImage as exc:
             return str(exc)
         await self._store.save_input(job.id, image.data, image.width, image.height)
