@@ -8,12 +8,16 @@ import base64
 import binascii
 import functools
 import io
+import logging
 import math
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 # Decompression bombs: refuse anything larger than this many pixels before decoding it.
 MAX_PIXELS = 64 * 1024 * 1024
@@ -44,7 +48,8 @@ class ImageFile:
 
 
 def read_image(data: bytes) -> ImageFile:
-    """Check that `data` is a real image (or a base64 text of one, as ModelsLab's `.base64` outputs are)."""
+    """Check that `data` is a real image (or a base64 text of one, as ModelsLab's `.base64` outputs are), cheaply:
+    see `_check_integrity`."""
     try:
         return _read_raw(data)
     except NotAnImage:
@@ -60,13 +65,32 @@ def _read_raw(data: bytes) -> ImageFile:
             if image.width * image.height > MAX_PIXELS:
                 raise NotAnImage(f"image too large: {image.width}×{image.height}")
             fmt = image.format or ""
-            image.load()  # decodes fully: truncated or corrupt files fail here
             width, height = image.size
+            if fmt in _EXTENSIONS:
+                _check_integrity(image)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, ValueError) as exc:
         raise NotAnImage(str(exc) or type(exc).__name__) from exc
     if fmt not in _EXTENSIONS:
         raise NotAnImage(f"unsupported image format {fmt or 'unknown'}")
     return ImageFile(data=data, format=fmt, width=width, height=height)
+
+
+def _check_integrity(image: Image.Image) -> None:
+    """Raise if the file is damaged, without decoding it in full where the format allows.
+
+    PNG: `verify()` reads every chunk to IEND and checks each one's CRC-32, so a truncated file or any changed
+    byte is caught; only a stream damaged on purpose and given fresh CRCs would pass (and fail when re-encoded).
+    JPEG has no checksums: it is decoded at 1/8 of its size (`draft`), which still reads every byte of the
+    compressed data through the same decoder, so it fails exactly where a full decode fails. WebP and GIF carry
+    no checksums and cannot be decoded smaller: they are decoded in full.
+    """
+    if image.format == "PNG":
+        image.verify()
+    elif image.format == "JPEG":
+        image.draft(None, (max(image.width // 8, 1), max(image.height // 8, 1)))
+        image.load()
+    else:
+        image.load()
 
 
 def _decode_base64(data: bytes) -> bytes | None:
@@ -79,15 +103,31 @@ def _decode_base64(data: bytes) -> bytes | None:
         return None
 
 
+def fits(images: Sequence[ImageFile], limit: int) -> bool:
+    """Whether Discord takes these images as they are (together at most `limit` bytes): then `fit_to_limit` has
+    nothing to do, and needs no thread."""
+    return sum(len(image.data) for image in images) <= limit
+
+
 def fit_to_limit(images: list[ImageFile], limit: int) -> list[ImageFile]:
     """Re-encode (WebP, then smaller) until every image is under `limit` bytes and all of them together are too.
 
-    Discord refuses a message whose attachments exceed the upload limit it announced for the interaction.
+    Discord refuses a message whose attachments exceed the upload limit it announced for the interaction. An image
+    that turns out not to decode (damage the cheap check of `read_image` cannot see) is left out.
     """
-    if sum(len(i.data) for i in images) <= limit:
+    if fits(images, limit):
         return images
     share = limit // max(len(images), 1)
-    return [image if len(image.data) <= share else _shrink(image, share) for image in images]
+    fitted = []
+    for image in images:
+        if len(image.data) <= share:
+            fitted.append(image)
+            continue
+        try:
+            fitted.append(_shrink(image, share))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            log.warning("A result image could not be decoded to make it smaller (%s); it is left out", exc)
+    return fitted
 
 
 def _shrink(image: ImageFile, budget: int) -> ImageFile:

@@ -1,4 +1,5 @@
-"""Pictures as a member sees them: every mode normalised to what a viewer shows, huge pictures at bounded memory."""
+"""Pictures as a member sees them: every mode normalised to what a viewer shows, huge pictures at bounded memory,
+and the cheap check of result images that never lets a broken file through."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from PIL import Image, ImageChops, ImageStat
 
 from bot.imaging import (
     MAX_INPUT_PIXELS,
+    ImageFile,
+    NotAnImage,
+    fit_to_limit,
+    fits,
     normalise_input,
+    read_image,
     to_rgb,
 )
 
@@ -224,3 +230,98 @@ print(int(peak.split()[1]) // 1024, *{{(i.width, i.height, i.data[:8]) for i in 
     peak_mb, *rest = found.stdout.split(maxsplit=1)
     assert rest == ["(1024, 1024, b'\\x89PNG\\r\\n\\x1a\\n')\n"]
     assert int(peak_mb) < 300, f"peak resident size {peak_mb} MB"
+
+
+# ---------------------------------------------------------------------------------------------- result checks
+
+
+SMALL = photo((96, 64))
+RESULTS = {
+    "PNG": encode(SMALL, "PNG"),
+    "JPEG": encode(SMALL, "JPEG", quality=90),
+    "WEBP": encode(SMALL, "WEBP", quality=90),
+}
+
+
+def decodes_in_full(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
+
+
+def passes_check(data: bytes) -> bool:
+    try:
+        read_image(data)
+    except NotAnImage:
+        return False
+    return True
+
+
+def compressed_part(fmt: str, data: bytes) -> tuple[int, int]:
+    """Where the compressed pixels are: PNG's IDAT data, JPEG's scan, WebP's VP8 data."""
+    if fmt == "PNG":
+        start = data.index(b"IDAT") + 4
+        return start, start + struct.unpack(">I", data[start - 8 : start - 4])[0]
+    if fmt == "JPEG":
+        return data.index(b"\xff\xda") + 14, data.rindex(b"\xff\xd9")
+    return data.index(b"VP8 ") + 18, len(data)
+
+
+def damaged_versions(fmt: str, data: bytes) -> dict[str, bytes]:
+    versions = {}
+    for length in range(0, len(data), max(1, len(data) // 150)):
+        versions[f"cut at {length}"] = data[:length]
+    for position in range(0, len(data), max(1, len(data) // 300)):
+        versions[f"byte {position} flipped"] = data[:position] + bytes([data[position] ^ 0x5A]) + data[position + 1 :]
+    start, end = compressed_part(fmt, data)
+    for offset in range(start, end - 16, max(1, (end - start) // 20)):
+        versions[f"16 bytes from {offset} zeroed"] = data[:offset] + bytes(16) + data[offset + 16 :]
+    return versions
+
+
+@pytest.mark.parametrize("fmt", RESULTS)
+def test_a_damaged_result_never_passes_the_check_unless_it_decodes_in_full(fmt):
+    """The check no longer decodes PNG (CRCs) nor JPEG in full (decoded at 1/8): whatever the damage (a cut,
+    a changed byte, a damaged compressed stream), an image it lets through decodes in full. A JPEG or WebP is
+    refused exactly when a full decode fails (JPEG has no checksum: some damage only changes pixels)."""
+    data = RESULTS[fmt]
+    assert passes_check(data)
+    refused = 0
+    for what, damaged in damaged_versions(fmt, data).items():
+        passed, decodes = passes_check(damaged), decodes_in_full(damaged)
+        assert decodes or not passed, f"{fmt}, {what}: passed the check but does not decode"
+        assert passed == decodes or fmt == "PNG", f"{fmt}, {what}: refused though it decodes"
+        refused += not passed
+    assert refused > 100
+
+
+def test_every_cut_and_every_changed_byte_of_a_png_is_caught_by_its_checksums():
+    data = RESULTS["PNG"]
+    for what, damaged in damaged_versions("PNG", data).items():
+        assert not passes_check(damaged), what
+
+
+def test_what_the_cheap_check_cannot_see_is_left_out_when_the_image_must_be_re_encoded():
+    """A PNG whose compressed stream was damaged and its CRC recomputed (on purpose: no accident does that) passes
+    the check. It is posted as it is if it fits; if it must be made smaller, it is left out, not crashed on."""
+    good = RESULTS["PNG"]
+    start, end = compressed_part("PNG", good)
+    damaged_stream = good[start:end][:20] + bytes(64) + good[start:end][84:]
+    forged = good[: start - 8] + chunk(b"IDAT", damaged_stream) + good[end + 4 :]
+    assert passes_check(forged) and not decodes_in_full(forged)
+    images = [read_image(good), read_image(forged)]
+    limit = len(good) + len(forged) - 1  # both must be made smaller
+    fitted = fit_to_limit(images, limit)
+    assert len(fitted) == 1 and fitted[0].format == "WEBP" and decodes_in_full(fitted[0].data)
+
+
+def test_fits_says_when_there_is_nothing_to_re_encode():
+    images = [read_image(RESULTS["PNG"]), read_image(RESULTS["JPEG"])]
+    total = sum(len(i.data) for i in images)
+    assert fits(images, total) and fit_to_limit(images, total) is images
+    assert not fits(images, total - 1)
+    assert fits([], 0)
+    assert isinstance(images[0], ImageFile) and (images[0].width, images[0].height) == (96, 64)
