@@ -12,7 +12,17 @@ from dataclasses import dataclass
 from bot.discord.texts import failure_sentence
 from bot.errors import UserFacingError
 from bot.guilds.keybox import KeyBox, KeyUnreadable, last4
-from bot.guilds.rules import GuildConfig, Limits, NsfwPolicy, Refused, Usage, limits_for, next_reset, normalise_rule
+from bot.guilds.rules import (
+    GuildConfig,
+    Limits,
+    NsfwPolicy,
+    Refused,
+    Usage,
+    check_new_rule,
+    limits_for,
+    next_reset,
+    normalise_rule,
+)
 from bot.log import register_secret
 from bot.modelslab.client import ErrorKind, ModelsLabClient
 from bot.requests.flags import parse_flags
@@ -226,6 +236,7 @@ class GuildAdmin:
 
     async def add_blocklist_rule(self, guild_id: int, rule: str, added_by: int) -> str:
         pattern = normalise_rule(rule)
+        check_new_rule(pattern, (await self.config(guild_id)).blocklist)
         if not await self._guilds.add_blocklist_rule(guild_id, pattern, added_by):
             raise Refused(f"`{pattern}` is already on the blocklist.")
         self._forget_cached(guild_id)

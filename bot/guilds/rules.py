@@ -8,7 +8,6 @@ Quotas count images (samples) per UTC day.
 from __future__ import annotations
 
 import datetime
-import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,9 +15,13 @@ from typing import Literal
 
 from bot.discord.markup import timestamp
 from bot.errors import UserFacingError
+from bot.guilds.blocklist import is_word, matcher_for
 
 NsfwPolicy = Literal["spoiler", "withhold"]
-MAX_BLOCKLIST_PATTERN = 100
+# A prompt's check costs (its length) x (the rules' total length): these caps bound it (bench/blocklist.py).
+MAX_BLOCKLIST_RULES = 500
+MAX_BLOCKLIST_RULE_LENGTH = 60
+MAX_QUOTED = 100  # characters of the prompt quoted in a refusal
 
 
 class Refused(UserFacingError):
@@ -163,20 +166,23 @@ def check_model(config: GuildConfig, model_id: str) -> None:
         raise Refused(f"`model` must be one of this server's allowed models: {allowed}.")
 
 
-def blocklist_pattern(rule: str) -> re.Pattern[str]:
-    """A rule is a word or phrase, matched on word boundaries and case-insensitively; `*` matches within a word."""
-    words = rule.strip().split()
-    parts = [r"\w*".join(re.escape(piece) for piece in word.split("*")) for word in words]
-    return re.compile(r"(?<!\w)" + r"\s+".join(parts) + r"(?!\w)", re.IGNORECASE)
-
-
 def normalise_rule(rule: str) -> str:
+    """A blocklist rule as stored and compared: lower case, single spaces."""
     text = " ".join(rule.split()).lower()
-    if not text or not re.search(r"\w", text):
+    if not any(is_word(char) for char in text):
         raise Refused("A blocklist rule needs at least one letter or digit.")
-    if len(text) > MAX_BLOCKLIST_PATTERN:
-        raise Refused(f"A blocklist rule may be at most {MAX_BLOCKLIST_PATTERN} characters long.")
     return text
+
+
+def check_new_rule(rule: str, rules: tuple[str, ...]) -> None:
+    """The caps that keep every prompt's check fast (see `bot.guilds.blocklist`), for a normalised rule to be added."""
+    if len(rule) > MAX_BLOCKLIST_RULE_LENGTH:
+        raise Refused(f"A blocklist rule may be at most {MAX_BLOCKLIST_RULE_LENGTH} characters long.")
+    if rule not in rules and len(rules) >= MAX_BLOCKLIST_RULES:
+        raise Refused(
+            f"This server's blocklist already holds {len(rules)} rules, the most it can: "
+            "remove one before adding another."
+        )
 
 
 def listing(items: list[str], most: int = 10) -> str:
@@ -194,14 +200,27 @@ def normalise_prompt(text: str) -> str:
 
 
 def check_blocklist(rules: Iterable[str], *texts: str | None) -> None:
-    for rule in rules:
-        pattern = blocklist_pattern(rule)
-        for text in texts:
-            if not text:
-                continue
-            found = pattern.search(normalise_prompt(text))
-            if found:
-                raise Refused(
-                    f"Your prompt contains “{found.group(0)}”, which this server's blocklist does not allow "
-                    f"(rule: `{rule}`): rephrase it and try again."
-                )
+    """Refuse the first rule (in list order) that any of the texts contains, naming it and what matched."""
+    rules = tuple(rules)
+    if not rules:
+        return
+    matcher = matcher_for(rules)
+    found: tuple[int, str] | None = None
+    for text in texts:
+        if not text:
+            continue
+        normalised = normalise_prompt(text)
+        index = matcher.first_rule(normalised)
+        if index is not None and (found is None or index < found[0]):
+            found = (index, normalised)
+    if found is None:
+        return
+    index, normalised = found
+    start, end = matcher.span(index, normalised)
+    quoted = normalised[start:end]
+    if len(quoted) > MAX_QUOTED:
+        quoted = quoted[: MAX_QUOTED - 1] + "…"
+    raise Refused(
+        f"Your prompt contains “{quoted}”, which this server's blocklist does not allow "
+        f"(rule: `{rules[index]}`): rephrase it and try again."
+    )

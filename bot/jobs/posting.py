@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from bot.images.downloader import DownloadFailed, ImageDownloader
-from bot.images.processing import ImageFile, fit_to_limit
+from bot.images.processing import ImageFile, fit_to_limit, fits
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobPresenter, PresentationRefused
 from bot.jobs.records import fail_job
@@ -127,7 +127,8 @@ class ResultPoster:
         flagged = job.nsfw_detected and not job.channel_nsfw
         withheld = flagged and config is not None and config.nsfw_policy == "withhold"
         limit = job.attachment_size_limit or DEFAULT_ATTACHMENT_LIMIT
-        images = await asyncio.to_thread(fit_to_limit, images, limit)
+        if not fits(images, limit):  # re-encoding is Pillow work: a thread; most results fit as they are
+            images = await asyncio.to_thread(fit_to_limit, images, limit)
         shown = [] if withheld else images
         try:
             message_id = await self._keep_trying(

@@ -22,7 +22,7 @@ from typing import Any
 
 from bot.guilds.keybox import KeyBox
 from bot.images.downloader import DownloadFailed, ImageDownloader
-from bot.images.processing import MAX_INPUT_BYTES, BadImage, normalise_input
+from bot.images.processing import MAX_INPUT_BYTES, BadImage, normalise_input_in_turn
 from bot.jobs.fair_queue import Cancelled
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobQueue
@@ -91,7 +91,7 @@ class PayloadBuilder:
             log.info("Job %s: the input image could not be downloaded (%s)", job.id, exc)
             return "the image could not be downloaded from Discord (it may have been deleted)"
         try:
-            image = await asyncio.to_thread(normalise_input, data)
+            image = await normalise_input_in_turn(data)
         except BadImage as exc:
             return str(exc)
         await self._store.save_input(job.id, image.data, image.width, image.height)
