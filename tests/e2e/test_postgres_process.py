@@ -226,3 +226,20 @@ async def test_db_copy_from_the_command_line_prints_the_counts_and_refuses_a_fil
     elsewhere = database_environment(tmp_path / "nowhere")
     code, output = await run_module("db", "copy", "--to", target, env=elsewhere, cwd=tmp_path)
     assert code == 2 and "There is no SQLite database at" in output
+
+
+async def test_check_names_the_database_without_its_password_and_a_disagreeing_process(tmp_path, postgres_url):
+    from bot.operations import database_status
+    from bot.settings import Settings
+
+    def settings(**values: Any) -> Settings:
+        values.update(discord_token="t", secret_key=SECRET_KEY, database_url=with_password(postgres_url))
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    finding = await database_status(settings())
+    assert finding.ok and finding.text.startswith('PostgreSQL database "test_') and PASSWORD not in finding.text
+    async with PostgresStorage.open(postgres_url) as storage:
+        await storage.record_shared_setting("MODELSLAB_MAX_QUEUED", "5")
+    assert (await database_status(settings(modelslab_max_queued=5))).ok
+    finding = await database_status(settings(modelslab_max_queued=15))
+    assert not finding.ok and "MODELSLAB_MAX_QUEUED is 15 here but 5" in finding.text

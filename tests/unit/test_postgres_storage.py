@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -132,3 +133,73 @@ def test_a_url_is_described_without_who_logs_in():
 def test_named_parameters_are_numbered_and_unused_ones_left_out():
     sql, args = named("a = :x AND b::bigint = :y AND c = :x", x=1, y=2, z=3)
     assert (sql, args) == ("a = $1 AND b::bigint = $2 AND c = $1", [1, 2])
+
+
+class RoundTripCounter:
+    """A TCP relay between the pool and PostgreSQL that counts round trips: each time the client speaks again after
+    the server answered (a message split over several packets is still one turn)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.turns = 0
+        self._last_speaker = "server"
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, speaker: str) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if speaker == "client" and self._last_speaker == "server":
+                        self.turns += 1
+                    self._last_speaker = speaker
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        for task in (
+            asyncio.create_task(pipe(client_reader, server_writer, "client")),
+            asyncio.create_task(pipe(server_reader, client_writer, "server")),
+        ):
+            self._pipes.add(task)
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+async def test_the_acknowledgement_path_makes_one_round_trip_per_statement(postgres_url):
+    """Before Discord's acknowledgement a command reads the server's settings (when not cached) and reserves its
+    job: one round trip each, the reservation's lock included, and none for giving the connection back."""
+    parts = urlsplit(postgres_url)
+    relay = RoundTripCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await relay.start()
+    try:
+        url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+        async with PostgresStorage.open(url, pool_size=1, upgrade=False) as storage:
+            # Each statement's first run on a connection also prepares it (one more round trip, once).
+            await storage.jobs.insert_within_limits(new_job("0" * 32), Limits(guild_daily=100, user_concurrent=99))
+            await storage.guilds.config(1)
+            before = relay.turns
+            for n in range(1, 21):
+                job = new_job(f"{n:032x}")
+                assert await storage.jobs.insert_within_limits(job, Limits(guild_daily=100, user_concurrent=99))
+            assert relay.turns - before == 20
+            before = relay.turns
+            await storage.guilds.config(1)
+            assert relay.turns - before == 1
+    finally:
+        await relay.stop()
