@@ -3,9 +3,12 @@ refuses to start because its MODELSLAB_MAX_QUEUED differs from the other process
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from bot.__main__ import main
 from bot.guilds.rules import Limits
 from bot.jobs.model import JobStatus
 from bot.settings import SettingsError
@@ -61,8 +65,15 @@ async def test_db_upgrade_and_current_serve_postgresql(tmp_path, empty_postgres_
     assert f'schema version {latest.version} (PostgreSQL database "{database}" on 127.0.0.1:' in output
     assert PASSWORD not in output and not (tmp_path / "bot.sqlite3").exists()  # SQLite untouched
 
-    code, output = await run_module("db", "current", env={**env, "SECRET_KEY": ""}, cwd=tmp_path)
-    assert code == 2 and output.startswith("error: ") and "SECRET_KEY is required with DATABASE_URL" in output
+
+def test_without_a_secret_key_the_database_commands_refuse_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://bot:{PASSWORD}@127.0.0.1:1/imagine")
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    assert main(["db", "current"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "SECRET_KEY is required with DATABASE_URL" in error
+    assert PASSWORD not in error
 
 
 async def test_a_process_with_another_max_queued_refuses_to_start(
@@ -204,28 +215,44 @@ async def test_db_copy_moves_every_row_byte_for_byte_in_small_batches(tmp_path, 
         await copy_sqlite_to_postgres(source, empty_postgres_url)
 
 
-async def test_db_copy_from_the_command_line_prints_the_counts_and_refuses_a_filled_database(
-    tmp_path, empty_postgres_url
+def test_db_copy_from_the_command_line_prints_the_counts_and_refuses_a_filled_database(
+    tmp_path, empty_postgres_url, monkeypatch, capsys
 ):
-    await grow_sqlite_bot(tmp_path / "bot.sqlite3")
+    asyncio.run(grow_sqlite_bot(tmp_path / "bot.sqlite3"))
     expected = sqlite_rows(tmp_path / "bot.sqlite3")
     target = with_password(empty_postgres_url)
     env = database_environment(tmp_path)
 
-    code, output = await run_module("db", "copy", "--to", target, env=env, cwd=tmp_path)
-    assert code == 0, output
+    copied = subprocess.run(
+        [sys.executable, "-m", "bot", "db", "copy", "--to", target],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = copied.stdout + copied.stderr
+    assert copied.returncode == 0, output
     for table, rows in expected.items():
         assert f"\n{table}: {len(rows)} row(s)\n" in output
     assert f"copied {sum(len(rows) for rows in expected.values())} row(s)" in output
     assert PASSWORD not in output
 
-    code, output = await run_module("db", "copy", "--to", target, env=env, cwd=tmp_path)
-    assert code == 2 and "already holds data" in output and "copy only into a new, empty database" in output
-    code, output = await run_module("db", "copy", env=env, cwd=tmp_path)
-    assert code == 2 and "--to postgresql://" in output
-    elsewhere = database_environment(tmp_path / "nowhere")
-    code, output = await run_module("db", "copy", "--to", target, env=elsewhere, cwd=tmp_path)
-    assert code == 2 and "There is no SQLite database at" in output
+    # The refusals, through the same entry point in this process (a process each would only cost time).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_PATH", env["DATABASE_PATH"])
+    for argv, words in [
+        (["db", "copy", "--to", target], "already holds data (in shared_settings, guild_settings, "),
+        (["db", "copy"], "db copy needs the PostgreSQL database to fill: --to postgresql://"),
+        (["db", "copy", "--to", "sqlite:///x.db"], "--to postgresql://"),
+    ]:
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and words in error and PASSWORD not in error, error
+    monkeypatch.setenv("DATABASE_PATH", str(tmp_path / "nowhere" / "bot.sqlite3"))
+    assert main(["db", "copy", "--to", target]) == 2
+    assert "There is no SQLite database at" in capsys.readouterr().err
 
 
 async def test_check_names_the_database_without_its_password_and_a_disagreeing_process(tmp_path, postgres_url):
