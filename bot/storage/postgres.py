@@ -70,8 +70,8 @@ LOCK_TIMEOUT = 5.0
 # A statement that has not answered by then is given up (the server, or the network to it, is in trouble).
 COMMAND_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
-# Waits before trying again after a lost connection (a read) or a refused connection (anything).
-RETRY_DELAYS = (0.05, 0.25, 1.0)
+# Waits before trying again after a lost connection (a read, or a change that cannot have been kept) or a refused one.
+RETRY_DELAYS = (0.0, 0.25, 1.0)
 RUNNING = ", ".join(f"'{status.value}'" for status in UNFINISHED)
 _NAMED_PARAMETER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -197,46 +197,91 @@ class PostgresDatabase:
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, read: bool) -> T:
         delays = iter(RETRY_DELAYS)
         while True:
-            sent = False
+            diagnosis: tuple[str | None, bool] | None = None
             try:
                 async with self.pool.acquire(timeout=self._acquire_timeout) as connection:
-                    sent = True
-                    return await work(connection)
+                    try:
+                        return await work(connection)
+                    except Exception as exc:
+                        diagnosis = _diagnosis(exc, connection)
+                        raise
             except Exception as exc:
-                kind = _failure_kind(exc)
+                if diagnosis is None:  # no connection could be had: nothing was sent
+                    if isinstance(exc, TimeoutError):
+                        raise StorageBusy(
+                            f"Every connection to the database stayed busy for {self._acquire_timeout:g} s."
+                        ) from exc
+                    diagnosis = (_failure_kind(exc), False)
+                kind, may_have_taken_effect = diagnosis
                 if kind is None:
                     raise
-                if not sent and isinstance(exc, TimeoutError):
-                    raise StorageBusy(
-                        f"Every connection to the database stayed busy for {self._acquire_timeout:g} s."
-                    ) from exc
-                safe = kind == "refused" or (kind == "lost" and (read or not sent or _not_sent(exc)))
+                safe = kind == "refused" or (kind == "lost" and (read or not may_have_taken_effect))
                 delay = next(delays, None) if safe else None
                 if delay is None:
                     raise _translated(exc, kind) from exc
                 log.warning("Database connection problem (%s: %s); trying again", type(exc).__name__, exc)
+                if kind == "lost":
+                    # One lost connection usually means all of them (a restart, a fail-over): replace every pooled
+                    # connection at its next use rather than finding each dead one with a failed statement.
+                    await self.pool.expire_connections()
                 await asyncio.sleep(delay)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """One connection in a transaction (READ COMMITTED), committed at the end or rolled back on any error."""
+        """One connection in a transaction (READ COMMITTED), committed at the end or rolled back on any error.
+        Not tried again: the caller's block cannot be run twice."""
+        kind: str | None = None
         try:
-            async with self.pool.acquire(timeout=self._acquire_timeout) as connection, connection.transaction():
-                yield connection
+            async with self.pool.acquire(timeout=self._acquire_timeout) as connection:
+                try:
+                    async with connection.transaction():
+                        yield connection
+                except StorageError:
+                    raise
+                except Exception as exc:
+                    kind = _diagnosis(exc, connection)[0]
+                    raise
         except StorageError:
             raise
         except Exception as exc:
-            kind = _failure_kind(exc)
+            kind = kind or _failure_kind(exc)
             if kind is None:
                 raise
             raise _translated(exc, kind) from exc
 
 
-def _not_sent(exc: BaseException) -> bool:
-    """asyncpg says "connection is closed" when it refuses to send on a connection it knows is gone."""
+def _diagnosis(exc: BaseException, connection: asyncpg.Connection) -> tuple[str | None, bool]:
+    """What went wrong with a statement (a `_failure_kind`), and whether it may have taken effect anyway.
+
+    A connection the server closed while it sat in the pool (a restart, a fail-over, an idle timeout) is found out
+    only when used: asyncpg then refuses to send (`InterfaceError` "connection is closed", or `InternalClientError`
+    "cannot switch to state ...") or reports the server's own goodbye (`ConnectionDoesNotExistError` caused by
+    `AdminShutdownError` and kin: the server ended the session, rolling back whatever it had not committed). None of
+    these took effect, so even a change is tried again on a fresh connection. A connection lost with no word from the
+    server (a network fault) leaves a change's outcome unknown.
+    """
     import asyncpg
 
-    return type(exc) is asyncpg.InterfaceError and "connection is closed" in str(exc)
+    kind = _failure_kind(exc)
+    if kind is None and _is_closed(connection):
+        kind = "lost"
+    if kind != "lost":
+        return kind, True
+    refused_to_send = isinstance(exc, asyncpg.InternalClientError) or (
+        type(exc) is asyncpg.InterfaceError and "connection is closed" in str(exc)
+    )
+    ended = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError)
+    server_ended_session = isinstance(exc, ended) or isinstance(exc.__cause__, ended)
+    return kind, not (refused_to_send or server_ended_session)
+
+
+def _is_closed(connection: asyncpg.Connection) -> bool:
+    import asyncpg
+
+    try:
+        return bool(connection.is_closed())
+    except asyncpg.InterfaceError:  # the pool took the proxy back: its connection closed under it
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- the storage
