@@ -1,5 +1,6 @@
-"""`python -m bot` on PostgreSQL as an admin runs it: `db upgrade|current|record-settings|copy`, and a process that
-refuses to start because its MODELSLAB_MAX_QUEUED differs from the other processes'."""
+"""`python -m bot` on PostgreSQL as an admin runs it: `db upgrade|current|record-settings|copy`, a process that
+refuses to start because its MODELSLAB_MAX_QUEUED differs from the other processes', and a full disk in the
+member's words."""
 
 from __future__ import annotations
 
@@ -98,6 +99,22 @@ async def test_a_process_with_another_max_queued_refuses_to_start(
     await runner.start(modelslab_max_queued=10)
     with pytest.raises(SettingsError, match="MODELSLAB_MAX_QUEUED is 5 here but 10"):
         await runner.restart()
+
+
+async def test_a_full_disk_on_postgresql_is_the_same_plain_sentence(runner: BotRunner, discord_server, modelslab, logs):
+    logs.expected_errors.append("disk is full")
+    await runner.start()
+    # PostgreSQL's own error for a full disk (SQLSTATE 53100), raised where a real one would be: on the write.
+    await runner.sql(
+        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = '53100'; END $$"
+    )
+    await runner.sql("CREATE TRIGGER disk_full BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION disk_full()")
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "a full disk"})
+    await interaction.wait_callback()
+    assert interaction.original.flags & 64
+    assert "The bot's disk is full, so nothing was stored or sent to ModelsLab" in interaction.original.content
+    assert await runner.job_count() == 0 and modelslab.submissions() == []
 
 
 # ---------------------------------------------------------------------------------------------- db copy

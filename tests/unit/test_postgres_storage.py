@@ -119,6 +119,7 @@ async def test_every_connection_busy_is_storage_busy(postgres_url):
 
 
 async def test_an_unreachable_database_is_one_sentence_without_the_password():
+    pytest.importorskip("asyncpg", reason="asyncpg is the optional [postgres] extra")
     from bot.storage.ports import StorageError
 
     url = "postgresql://bot:hunter2-secret@127.0.0.1:1/imagine"
