@@ -1,4 +1,4 @@
-"""Command line: `python -m bot [run]`, `db upgrade`, `db current`, `check`, `invite-url`.
+"""Command line: `python -m bot [run]`, `db upgrade|current|copy|record-settings`, `check`, `invite-url`.
 
 `run_bot` owns every resource (HTTP session, database, webhook server, Discord client) and hands
 them to the parts that use them.
@@ -36,8 +36,15 @@ async def run_bot(settings: Settings) -> None:
             await app.bot.start(settings.discord_token.get_secret_value())
 
 
-async def _database_command(settings: Settings, action: str) -> None:
-    async with open_storage(settings, upgrade=False) as storage:
+async def _database_command(settings: Settings, action: str, to: str | None = None) -> None:
+    if action == "copy":
+        await operations.copy_database(settings, to, report=print)
+        return
+    async with open_storage(settings, upgrade=action == "record-settings") as storage:
+        if action == "record-settings":
+            for line in await operations.record_shared_settings(storage, settings):
+                print(line)
+            return
         if action == "upgrade":
             applied = await storage.upgrade()
             if applied:
@@ -53,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("run", help="run the bot (the default)")
     database = commands.add_parser("db", help="database maintenance")
-    database.add_argument("action", choices=["upgrade", "current"], help="apply migrations / show the schema version")
+    database.add_argument(
+        "action",
+        choices=["upgrade", "current", "copy", "record-settings"],
+        help="apply migrations / show the schema version / copy the SQLite data to PostgreSQL (--to) / record this "
+        "process's MODELSLAB_MAX_QUEUED as every process's",
+    )
+    database.add_argument("--to", metavar="postgresql://…", help="db copy: the new, empty PostgreSQL database")
     commands.add_parser("check", help="check the settings, the database, Discord and ModelsLab, in plain words")
     commands.add_parser("invite-url", help="print the link that adds the bot to a server")
     args = parser.parse_args(argv)
@@ -64,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             # The database commands need no Discord token.
             settings = load_settings(discord_token=os.environ.get("DISCORD_TOKEN") or "unused")
-            asyncio.run(_database_command(settings, args.action))
+            asyncio.run(_database_command(settings, args.action, args.to))
             return 0
         settings = load_settings()
         if args.command == "check":

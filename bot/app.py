@@ -33,6 +33,7 @@ from bot.modelslab.client import ModelsLabClient
 from bot.requests.member_defaults import MemberDefaultsService
 from bot.settings import Settings, ensure_secret_key
 from bot.storage import Storage, open_storage
+from bot.storage.shared import agree_on_shared_settings
 from bot.web.connection_guard import ConnectionLimits, GuardedSite
 from bot.web.receiver import create_app
 from bot.web.signing import WebhookSigner
@@ -92,6 +93,7 @@ async def running_app(
         open_storage(settings) as storage,
     ):
         log.info("Database ready at %s (schema version %d)", storage.description, await storage.current_version())
+        await agree_on_shared_settings(storage, settings)
         client = ModelsLabClient(
             session,
             base_url=settings.modelslab_base,

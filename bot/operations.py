@@ -1,4 +1,4 @@
-"""What an admin runs from a shell: `python -m bot check` and `python -m bot invite-url`.
+"""What an admin runs from a shell: `python -m bot check`, `invite-url`, `db copy` and `db record-settings`.
 
 `check` validates the settings, opens the database, reaches ModelsLab and Discord, and says what is
 wrong in plain words, one line per part. Nothing here prints a secret.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,7 +17,8 @@ from bot import PROJECT_URL, __version__
 from bot.discord.texts import failure_sentence
 from bot.modelslab.client import ErrorKind, ModelsLabClient
 from bot.settings import Settings
-from bot.storage import StorageError, open_storage
+from bot.storage import Storage, StorageError, open_storage
+from bot.storage.shared import disagreements, shared_values
 
 # What the bot needs in a channel, no more: see the README's "Creating the Discord application".
 PERMISSIONS = {
@@ -141,8 +143,11 @@ async def database_status(settings: Settings) -> Finding:
         async with open_storage(settings, upgrade=False) as storage:
             current = await storage.current_version()
             latest = await storage.latest_version()
+            problems = await disagreements(storage, settings)
     except StorageError as exc:
         return Finding("database", False, str(exc))
+    if problems:
+        return Finding("database", False, "; ".join(problems) + ".")
     pending = f"; {latest - current} migration(s) will be applied at start" if current < latest else ""
     return Finding("database", True, f"{storage.description}, schema version {current} of {latest}{pending}.")
 
@@ -186,3 +191,24 @@ async def find_invite_url(settings: Settings) -> str:
     if app_id is None:
         raise ValueError("the application id could not be found: check DISCORD_TOKEN")
     return invite_url(app_id)
+
+
+async def copy_database(settings: Settings, to: str | None, *, report: Callable[[str], None]) -> dict[str, int]:
+    """`db copy --to postgresql://…`: the SQLite database at DATABASE_PATH into a new PostgreSQL database."""
+    from bot.storage.copy import copy_sqlite_to_postgres
+    from bot.storage.postgres import is_postgres_url
+
+    if not to or not is_postgres_url(to):
+        raise StorageError("db copy needs the PostgreSQL database to fill: --to postgresql://user:password@host/db.")
+    counts = await copy_sqlite_to_postgres(settings.database_path, to, report=report)
+    report(f"copied {sum(counts.values())} row(s); set DATABASE_URL to this database (and keep SECRET_KEY) to use it")
+    return counts
+
+
+async def record_shared_settings(storage: Storage, settings: Settings) -> list[str]:
+    """`db record-settings`: this environment's shared settings become every process's (run with all stopped)."""
+    lines = []
+    for name, value in shared_values(settings).items():
+        await storage.record_shared_setting(name, value, replace=True)
+        lines.append(f"{name}={value} recorded for every process of the bot ({storage.description})")
+    return lines

@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DISCORD_API_BASE = "https://discord.com/api/v10"
@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     modelslab_max_queued: int = Field(5, ge=1, le=100, description="Jobs of one API key at ModelsLab at once.")
 
     database_path: Path = Field(Path("./data/bot.sqlite3"), description="The SQLite database file.")
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://user:password@host:port/db: PostgreSQL, for several processes; unset: SQLite."
+    )
+    database_pool_size: int = Field(10, ge=1, le=1000, description="Connections each process keeps to PostgreSQL.")
     webhook_host: str = Field("0.0.0.0", description="Interface the webhook receiver listens on.")
     webhook_port: int = Field(8080, ge=0, le=65535, description="Port the webhook receiver listens on (0: any).")
     public_url: AnyHttpUrl | None = Field(None, description="Public base URL of the receiver; unset: polling only.")
@@ -84,6 +88,7 @@ class Settings(BaseSettings):
         "discord_gateway_url",
         "discord_dev_guild_id",
         "public_url",
+        "database_url",
         mode="before",
     )
     @classmethod
@@ -106,6 +111,22 @@ class Settings(BaseSettings):
         if value is not None and (len(value.get_secret_value()) < 16 or not value.get_secret_value().isprintable()):
             raise ValueError("must be at least 16 printable characters (or unset, to turn /metrics off)")
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgresql(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or be unset, for SQLite at DATABASE_PATH)")
+        return value
+
+    @model_validator(mode="after")
+    def _shared_database_needs_a_shared_secret_key(self) -> Settings:
+        if self.database_url is not None and self.secret_key is None:
+            raise ValueError(
+                "SECRET_KEY is required with DATABASE_URL, since every process must sign webhook URLs and unseal the "
+                "servers' keys alike: give them all the same SECRET_KEY"
+            )
+        return self
 
     @property
     def data_directory(self) -> Path:
@@ -131,6 +152,8 @@ def load_settings(**overrides: object) -> Settings:
             name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
             if error["type"] == "missing":
                 problems.append(f"{name} is required but not set")
+            elif not error["loc"]:  # a rule across settings: its message names them
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
             else:
                 problems.append(f"{name}: {error['msg']}")
         raise SettingsError(

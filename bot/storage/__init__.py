@@ -14,7 +14,15 @@ __all__ = ["Storage", "StorageBusy", "StorageError", "StorageFull", "open_storag
 
 @asynccontextmanager
 async def open_storage(settings: Settings, *, upgrade: bool = True) -> AsyncIterator[Storage]:
-    """The database the settings name, open (and, with `upgrade`, migrated) for as long as the block runs."""
+    """The database the settings name, open (and, with `upgrade`, migrated) for as long as the block runs:
+    PostgreSQL when `DATABASE_URL` is set (asyncpg is imported only then), else SQLite at `DATABASE_PATH`."""
+    if settings.database_url is not None:
+        from bot.storage.postgres import PostgresStorage
+
+        url = settings.database_url.get_secret_value()
+        async with PostgresStorage.open(url, pool_size=settings.database_pool_size, upgrade=upgrade) as storage:
+            yield storage
+        return
     from bot.storage.sqlite import SqliteStorage
 
     async with SqliteStorage.open(settings.database_path, upgrade=upgrade) as storage:

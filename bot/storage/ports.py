@@ -1,7 +1,7 @@
 """What the bot needs from its database, whatever the database is: one Protocol per domain, and the errors.
 
 The services (jobs, server administration, member defaults, history) are written against these
-Protocols; a backend (`bot.storage.sqlite`, later PostgreSQL) implements them all and is picked
+Protocols; a backend (`bot.storage.sqlite`, `bot.storage.postgres`) implements them all and is picked
 once at start by `bot.storage.open_storage`. `tests/unit/test_storage.py` is the contract every
 backend must pass.
 
@@ -31,7 +31,8 @@ class StorageFull(StorageError):
 
 
 class StorageBusy(StorageError):
-    """The database stayed locked by someone else for too long. Nothing of the failed change was kept."""
+    """The database stayed locked by someone else for too long (nothing of the failed change was kept), or, on a
+    database server, every connection stayed busy or the connection was lost while a change was under way."""
 
 
 class JobRepository(Protocol):
@@ -215,6 +216,15 @@ class Storage(Protocol):
 
     async def upgrade(self) -> list[Migration]:
         """Apply every migration newer than the database, each in its own transaction; returns those applied."""
+        ...
+
+    async def shared_settings(self) -> dict[str, str]:
+        """The settings every process of the bot must share (`bot.storage.shared`), as recorded, by name."""
+        ...
+
+    async def record_shared_setting(self, name: str, value: str, *, replace: bool = False) -> str:
+        """Record `value` for `name` if nothing is recorded yet (or, with `replace`, whatever is); returns the value
+        recorded now. Processes starting together agree on the first one's."""
         ...
 
     async def forget_member(self, user_id: int, now: float) -> int:

@@ -1,10 +1,11 @@
-"""Job rows as both backends store them: the same columns, JSON kept as text."""
+"""Rows as both backends store them: the same columns, JSON kept as text."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Protocol
 
+from bot.guilds.rules import GuildConfig
 from bot.jobs.model import Job, JobStatus
 from bot.requests.generation import GenerationRequest
 
@@ -56,6 +57,71 @@ def job_from_row(row: Row) -> Job:
         parent_job_id=row["parent_job_id"],
     )
 
+
+# The columns a new job is stored with (`job_insert_values` gives their values, in this order).
+JOB_INSERT_COLUMNS = (
+    "id", "kind", "guild_id", "channel_id", "user_id", "request_json", "api_flavour", "status", "charged_images",
+    "application_id", "interaction_token", "token_expires_at", "attachment_size_limit", "channel_nsfw",
+    "parent_job_id", "created_at", "deadline_at", "updated_at",
+)  # fmt: skip
+
+
+def job_insert_values(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.kind,
+        job.guild_id,
+        job.channel_id,
+        job.user_id,
+        json.dumps(job.request.to_json()),
+        job.api_flavour,
+        job.status.value,
+        job.charged_images,
+        job.application_id,
+        job.interaction_token,
+        job.token_expires_at,
+        job.attachment_size_limit,
+        int(job.channel_nsfw),
+        job.parent_job_id,
+        job.created_at,
+        job.deadline_at,
+        job.updated_at,
+    )
+
+
+def guild_config_from_row(
+    guild_id: int, row: Row | None, role_limits: dict[int, int], blocklist: tuple[str, ...]
+) -> GuildConfig:
+    """A server's /config from its `guild_settings` row (None: never configured, the defaults)."""
+    if row is None:
+        return GuildConfig(guild_id=guild_id, role_limits=role_limits, blocklist=blocklist)
+    return GuildConfig(
+        guild_id=guild_id,
+        api_key_last4=row["api_key_last4"] if row["api_key_ciphertext"] is not None else None,
+        guild_daily=row["guild_daily"],
+        user_daily=row["user_daily"],
+        user_concurrent=row["user_concurrent"],
+        cooldown_seconds=row["cooldown_seconds"],
+        allowed_channels=tuple(int(c) for c in json.loads(row["allowed_channels_json"])),
+        gallery_channel_id=row["gallery_channel_id"],
+        nsfw_policy=row["nsfw_policy"],
+        default_model=row["default_model"],
+        default_negative_prompt=row["default_negative_prompt"],
+        default_width=row["default_width"],
+        default_height=row["default_height"],
+        default_steps=row["default_steps"],
+        allowed_models=tuple(json.loads(row["allowed_models_json"])),
+        role_limits=role_limits,
+        blocklist=blocklist,
+    )
+
+
+# The columns of /config a server may change (`GuildRepository.update`).
+GUILD_SETTING_COLUMNS = frozenset({
+    "api_key_ciphertext", "api_key_last4", "guild_daily", "user_daily", "user_concurrent", "cooldown_seconds",
+    "allowed_channels_json", "gallery_channel_id", "nsfw_policy", "default_model", "default_negative_prompt",
+    "default_width", "default_height", "default_steps", "allowed_models_json",
+})  # fmt: skip
 
 # The columns of a member's /settings row, in the order both backends read them.
 MEMBER_DEFAULT_COLUMNS = ("model", "aspect", "steps", "guidance", "negative_prompt", "style", "flags", "remix_mode")

@@ -29,7 +29,14 @@ from bot.requests.generation import GenerationRequest
 from bot.settings import private_directory, private_file
 from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
 from bot.storage.ports import StorageBusy, StorageError, StorageFull
-from bot.storage.rows import MEMBER_DEFAULT_COLUMNS, job_from_row
+from bot.storage.rows import (
+    GUILD_SETTING_COLUMNS,
+    JOB_INSERT_COLUMNS,
+    MEMBER_DEFAULT_COLUMNS,
+    guild_config_from_row,
+    job_from_row,
+    job_insert_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +187,19 @@ class SqliteStorage:
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
         )
 
+    async def shared_settings(self) -> dict[str, str]:
+        return {row[0]: row[1] for row in await self.db.fetch_all("SELECT name, value FROM shared_settings")}
+
+    async def record_shared_setting(self, name: str, value: str, *, replace: bool = False) -> str:
+        conflict = "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at" if replace else "DO NOTHING"
+        await self.db.execute(
+            f"INSERT INTO shared_settings (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) {conflict}",
+            (name, value, time.time()),
+        )
+        row = await self.db.fetch_one("SELECT value FROM shared_settings WHERE name = ?", (name,))
+        assert row is not None
+        return str(row[0])
+
     async def forget_member(self, user_id: int, now: float) -> int:
         today = day_start(now)
         async with self.db.transaction():
@@ -225,39 +245,12 @@ class SqliteJobs:
     def __init__(self, db: SqliteConnection) -> None:
         self._db = db
 
-    _INSERT_COLUMNS = (
-        "id, kind, guild_id, channel_id, user_id, request_json, api_flavour, status, charged_images, application_id,"
-        " interaction_token, token_expires_at, attachment_size_limit, channel_nsfw, parent_job_id, created_at,"
-        " deadline_at, updated_at"
-    )
-
-    def _insert_values(self, job: Job) -> tuple[Any, ...]:
-        return (
-            job.id,
-            job.kind,
-            job.guild_id,
-            job.channel_id,
-            job.user_id,
-            json.dumps(job.request.to_json()),
-            job.api_flavour,
-            job.status.value,
-            job.charged_images,
-            job.application_id,
-            job.interaction_token,
-            job.token_expires_at,
-            job.attachment_size_limit,
-            int(job.channel_nsfw),
-            job.parent_job_id,
-            job.created_at,
-            job.deadline_at,
-            job.updated_at,
-        )
+    _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
 
     async def insert(self, job: Job) -> None:
-        placeholders = ", ".join("?" for _ in self._insert_values(job))
-        await self._db.execute(
-            f"INSERT INTO jobs ({self._INSERT_COLUMNS}) VALUES ({placeholders})", self._insert_values(job)
-        )
+        values = job_insert_values(job)
+        placeholders = ", ".join("?" for _ in values)
+        await self._db.execute(f"INSERT INTO jobs ({self._INSERT_COLUMNS}) VALUES ({placeholders})", values)
 
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
         """Store the job only if it fits every limit, in one statement: SQLite makes it atomic.
@@ -265,7 +258,7 @@ class SqliteJobs:
         With a limit of 10 and 50 requests at once, exactly 10 images are admitted, whatever the interleaving,
         and across processes too. A job's charge counts from here until it fails (which sets it to 0).
         """
-        values = self._insert_values(job)
+        values = job_insert_values(job)
         placeholders = ", ".join(f"?{index}" for index in range(1, len(values) + 1))
         today = day_start(job.created_at)
         running = ", ".join(f"'{s.value}'" for s in UNFINISHED)
@@ -570,27 +563,7 @@ class SqliteGuilds:
                 "SELECT pattern FROM blocklist WHERE guild_id = ? ORDER BY pattern", (guild_id,)
             )
         )
-        if row is None:
-            return GuildConfig(guild_id=guild_id, role_limits=role_limits, blocklist=blocklist)
-        return GuildConfig(
-            guild_id=guild_id,
-            api_key_last4=row["api_key_last4"] if row["api_key_ciphertext"] is not None else None,
-            guild_daily=row["guild_daily"],
-            user_daily=row["user_daily"],
-            user_concurrent=row["user_concurrent"],
-            cooldown_seconds=row["cooldown_seconds"],
-            allowed_channels=tuple(int(c) for c in json.loads(row["allowed_channels_json"])),
-            gallery_channel_id=row["gallery_channel_id"],
-            nsfw_policy=row["nsfw_policy"],
-            default_model=row["default_model"],
-            default_negative_prompt=row["default_negative_prompt"],
-            default_width=row["default_width"],
-            default_height=row["default_height"],
-            default_steps=row["default_steps"],
-            allowed_models=tuple(json.loads(row["allowed_models_json"])),
-            role_limits=role_limits,
-            blocklist=blocklist,
-        )
+        return guild_config_from_row(guild_id, row, role_limits, blocklist)
 
     async def any_key(self) -> bool:
         return await self._db.fetch_one("SELECT 1 FROM guild_settings WHERE api_key_ciphertext IS NOT NULL") is not None
@@ -601,12 +574,7 @@ class SqliteGuilds:
 
     async def update(self, guild_id: int, **changes: Any) -> None:
         """Set some columns of the server's row, creating it with the defaults first if needed."""
-        allowed = {
-            "api_key_ciphertext", "api_key_last4", "guild_daily", "user_daily", "user_concurrent",
-            "cooldown_seconds", "allowed_channels_json", "gallery_channel_id", "nsfw_policy", "default_model",
-            "default_negative_prompt", "default_width", "default_height", "default_steps", "allowed_models_json",
-        }  # fmt: skip
-        unknown = set(changes) - allowed
+        unknown = set(changes) - GUILD_SETTING_COLUMNS
         if unknown:
             raise ValueError(f"not server settings: {sorted(unknown)}")
         now = time.time()

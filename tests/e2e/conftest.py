@@ -3,12 +3,16 @@
 `BotRunner` starts the bot through the same `running_app` wiring as `python -m bot`, and can stop it
 (as a crash would: drivers cancelled wherever they are) and start it again on the same database.
 Any ERROR logged by the bot or discord.py fails the test unless the test says it expects it.
+
+A test marked `also_on_postgresql` runs twice: on SQLite, and on a fresh PostgreSQL database (`DATABASE_URL`),
+the same scenario with the same assertions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +24,7 @@ from bot.app import App, Timings, running_app
 from bot.jobs.model import Job
 from bot.settings import Settings
 from bot.storage.ports import JobRepository
+from bot.storage.postgres import PostgresStorage
 from bot.storage.sqlite import SqliteStorage
 from tests.fakes.discord_server import FakeDiscord, FakeMessage, RateLimits
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
@@ -207,9 +212,18 @@ class BotRunner:
         return len(await self.store.ids(limit=1_000_000))
 
     async def sql(self, statement: str, parameters: tuple[Any, ...] = ()) -> list[Any]:
-        """Raw SQL on the bot's SQLite file, for what no repository offers: time passing, a row damaged, a count.
-        The scenario's own reads and writes go through the repositories."""
-        assert self.app is not None and isinstance(self.app.storage, SqliteStorage)
+        """Raw SQL on the bot's database, for what no repository offers: time passing, a row damaged, a count.
+        The scenario's own reads and writes go through the repositories. Written for SQLite; on PostgreSQL each `?`
+        becomes `$1`, `$2`, ..."""
+        assert self.app is not None
+        if isinstance(self.app.storage, PostgresStorage):
+            numbered = iter(range(1, len(parameters) + 1))
+            statement = re.sub(r"\?", lambda _: f"${next(numbered)}", statement)
+            if statement.lstrip().upper().startswith("SELECT"):
+                return list(await self.app.storage.db.fetch(statement, *parameters))
+            await self.app.storage.db.execute(statement, *parameters)
+            return []
+        assert isinstance(self.app.storage, SqliteStorage)
         if statement.lstrip().upper().startswith(("SELECT", "PRAGMA")):
             return await self.app.storage.db.fetch_all(statement, parameters)
         await self.app.storage.db.execute(statement, parameters)
@@ -243,9 +257,26 @@ class BotRunner:
         return (await self.only_job()).id
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("also_on_postgresql") and "database" in metafunc.fixturenames:
+        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-async def runner(discord_server, modelslab, tmp_path, logs, monkeypatch) -> AsyncIterator[BotRunner]:
+def database(request: pytest.FixtureRequest) -> str | None:
+    """The `DATABASE_URL` of the scenario: None (SQLite at DATABASE_PATH), or a fresh migrated PostgreSQL
+    database for a test marked `also_on_postgresql`, in its PostgreSQL run."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return None
+
+
+@pytest.fixture
+async def runner(discord_server, modelslab, tmp_path, logs, monkeypatch, database) -> AsyncIterator[BotRunner]:
     bot_runner = BotRunner(discord_server, modelslab, tmp_path / "data", monkeypatch)
+    if database is not None:
+        bot_runner.overrides["database_url"] = database
     yield bot_runner
     await bot_runner.stop()
     assert logs.unexpected_errors() == []

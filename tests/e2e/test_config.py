@@ -158,6 +158,7 @@ async def test_clearing_the_key_falls_back_to_the_operator_key_only_if_allowed(r
 # ---------------------------------------------------------------------------------------------- quotas
 
 
+@pytest.mark.also_on_postgresql
 async def test_exactly_the_quota_is_admitted_when_fifty_requests_arrive_at_once(runner, discord_server, modelslab):
     members = [int(discord_server.add_member(1_400_000_000_000_000_000 + n, f"m{n}")["id"]) for n in range(50)]
     await runner.start()

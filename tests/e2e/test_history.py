@@ -7,6 +7,8 @@ import io
 import json
 import time
 
+import pytest
+
 from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner
 from tests.fakes.discord_server import FakeDiscord
@@ -69,6 +71,7 @@ async def test_only_admins_see_someone_elses_history(runner, discord_server, mod
     assert "alice's secret prompt" in embed["description"] and f"<@{ALICE}>" in embed["description"]
 
 
+@pytest.mark.also_on_postgresql
 async def test_forget_asks_first_then_deletes_prompts_but_keeps_the_counts(runner, discord_server, modelslab):
     discord_server.add_member(ALICE, "alice")
     await runner.start()

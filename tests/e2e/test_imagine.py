@@ -40,6 +40,7 @@ async def imagine(discord_server: FakeDiscord, **options):
 # ---------------------------------------------------------------------------------------------- success
 
 
+@pytest.mark.also_on_postgresql
 async def test_imagine_posts_the_images_in_the_status_message(runner: BotRunner, discord_server, modelslab):
     modelslab.script(Immediate(generation_time=3.25))
     await runner.start()
@@ -330,6 +331,7 @@ async def test_results_too_large_for_the_upload_limit_are_reencoded_to_fit(runne
 # ---------------------------------------------------------------------------------------------- restarts
 
 
+@pytest.mark.also_on_postgresql
 async def test_a_restart_resumes_polling_and_posts_exactly_once(runner, discord_server, modelslab):
     modelslab.script(Queued(eta=0.5))  # not ready until complete(): every fetch before it says "processing"
     await runner.start()
@@ -361,6 +363,7 @@ async def test_a_job_finished_but_not_posted_before_a_crash_is_posted_once_after
     assert len(modelslab.submissions()) == 1
 
 
+@pytest.mark.also_on_postgresql
 async def test_a_job_whose_submit_answer_was_lost_is_not_submitted_again(runner, discord_server, modelslab):
     await runner.start()
     modelslab.script(Queued(eta=60))

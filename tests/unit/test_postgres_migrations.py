@@ -114,6 +114,7 @@ async def test_a_failing_migration_is_rolled_back_whole_and_releases_the_lock(em
 
 def test_the_default_install_runs_without_asyncpg():
     # asyncpg is the optional [postgres] extra: the bot and this module must import (and the SQLite bot run) without.
-    code = "import sys; sys.modules['asyncpg'] = None; import bot.storage.postgres_migrations, bot.__main__, bot.app"
+    modules = "bot.storage.postgres_migrations, bot.storage.postgres, bot.storage.copy, bot.__main__, bot.app"
+    code = f"import sys; sys.modules['asyncpg'] = None; import {modules}"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -97,3 +97,27 @@ def test_a_short_secret_key_is_a_plain_error(monkeypatch):
     monkeypatch.setenv("SECRET_KEY", "short")
     with pytest.raises(SettingsError, match=r"SECRET_KEY: .*at least 16 characters"):
         load_settings()
+
+
+def test_postgresql_needs_a_secret_key_shared_by_every_process(monkeypatch):
+    monkeypatch.setenv("DISCORD_TOKEN", "t")
+    settings = load_settings()
+    assert settings.database_url is None and settings.database_pool_size == 10  # SQLite, as before
+    monkeypatch.setenv("DATABASE_URL", "postgresql://bot:hunter2-password@db:5432/imagine")
+    with pytest.raises(SettingsError) as refusal:
+        load_settings()
+    assert "SECRET_KEY is required with DATABASE_URL" in str(refusal.value)
+    monkeypatch.setenv("SECRET_KEY", "0123456789abcdef-shared")
+    monkeypatch.setenv("DATABASE_POOL_SIZE", "4")
+    settings = load_settings()
+    assert settings.database_pool_size == 4
+    assert "hunter2" not in repr(settings)
+
+
+def test_a_database_url_that_is_not_postgresql_is_refused_without_echoing_it(monkeypatch):
+    monkeypatch.setenv("DISCORD_TOKEN", "t")
+    monkeypatch.setenv("SECRET_KEY", "0123456789abcdef-shared")
+    monkeypatch.setenv("DATABASE_URL", "mysql://bot:hunter2-password@db/imagine")
+    with pytest.raises(SettingsError, match=r"DATABASE_URL: .*must be a postgresql:// URL") as refusal:
+        load_settings()
+    assert "hunter2" not in str(refusal.value)

@@ -239,6 +239,81 @@ async def test_forgetting_a_member_is_one_change_across_the_repositories(storage
     assert (await storage.jobs.usage(1, 3, now)).user_today == 2
 
 
+async def test_discord_ids_seeds_sealed_keys_and_pictures_come_back_exactly(storage: Storage):
+    big = 2**62 + 7  # Discord ids pass 2**31 (and 2**53, where a float would lose them)
+    picture = bytes(range(256)) * 64
+    job = new_job(guild_id=big, channel_id=big + 1, user_id=big + 2, application_id=big + 3)
+    await storage.jobs.insert(job)
+    await storage.jobs.mark_submitting(job.id, api_key_ciphertext=b"\x00\xff sealed \x00")
+    await storage.jobs.set_message(job.id, big + 4)
+    await storage.jobs.save_input(job.id, picture, 640, 512)
+    assert await storage.jobs.copy_input(job.id, "b" * 32) and not await storage.jobs.copy_input("c" * 32, "d" * 32)
+    await storage.jobs.finish_success(
+        job.id,
+        modelslab_id="9",
+        output_urls=["u"],
+        proxy_urls=[],
+        meta={"seed": 4294967295},
+        seed=4294967295,
+        generation_time=1.5,
+        charged_images=1,
+    )
+    loaded = await storage.jobs.get(job.id)
+    assert loaded is not None
+    assert (loaded.guild_id, loaded.channel_id, loaded.user_id, loaded.application_id, loaded.message_id) == (
+        big,
+        big + 1,
+        big + 2,
+        big + 3,
+        big + 4,
+    )
+    assert (loaded.seed, loaded.meta, loaded.generation_time) == (4294967295, {"seed": 4294967295}, 1.5)
+    assert loaded.created_at == job.created_at  # unix times with their microseconds
+    assert await storage.jobs.sealed_key(job.id) == b"\x00\xff sealed \x00"
+    assert await storage.jobs.input_image(job.id) == picture == await storage.jobs.input_image("b" * 32)
+    assert await storage.jobs.last_served([big + 2, 5]) == {big + 2: loaded.submitted_at}
+    await storage.guilds.update(big, gallery_channel_id=big + 5, allowed_channels_json=f"[{big + 6}]")
+    config = await storage.guilds.config(big)
+    assert (config.gallery_channel_id, config.allowed_channels) == (big + 5, (big + 6,))
+    await storage.guilds.set_role_limit(big, big + 8, 3)
+    await storage.guilds.set_role_limit(big, big + 7, 0)
+    assert (await storage.guilds.config(big)).role_limits == {big + 7: 0, big + 8: 3}
+
+
+async def test_direct_message_jobs_are_counted_apart_from_any_server(storage: Storage):
+    now = time.time()
+    await storage.jobs.insert(new_job("a" * 32, guild_id=None, created_at=now))
+    await storage.jobs.insert(new_job("b" * 32, guild_id=1, created_at=now))
+    usage = await storage.jobs.usage(None, 3, now)
+    assert (usage.guild_today, usage.user_today, usage.user_running, usage.user_last_request_at) == (1, 1, 1, now)
+    assert not await storage.jobs.insert_within_limits(new_job("c" * 32, guild_id=None), Limits(user_daily=1))
+    assert await storage.jobs.insert_within_limits(new_job("c" * 32, guild_id=None), Limits(user_daily=2))
+    assert (await storage.jobs.usage(1, 3, now)).user_today == 1
+    assert await storage.jobs.history_count(3, guild_id=None) == 3
+    assert await storage.jobs.history_count(3, guild_id=1) == 1
+
+
+async def test_forgetting_resets_neither_the_daily_quota_nor_the_cooldown(storage: Storage):
+    now = time.time()
+    await storage.jobs.insert(new_job("a" * 32, created_at=now - 5, charged_images=2))
+    await storage.jobs.mark_posted("a" * 32)
+    assert await storage.forget_member(3, now) == 1
+    assert await storage.forget_member(3, now) == 0  # nothing left to forget, nothing counted twice
+    usage = await storage.jobs.usage(1, 3, now)
+    assert (usage.user_today, usage.user_last_request_at) == (2, now - 5)
+    assert not await storage.jobs.insert_within_limits(new_job("b" * 32, created_at=now), Limits(cooldown_seconds=10))
+    assert not await storage.jobs.insert_within_limits(new_job("b" * 32, created_at=now + 6), Limits(user_daily=2))
+    assert await storage.jobs.insert_within_limits(new_job("b" * 32, created_at=now + 6), Limits(user_daily=3))
+
+
+async def test_the_first_recorded_value_of_a_shared_setting_wins_until_replaced(storage: Storage):
+    assert await storage.shared_settings() == {}
+    assert await storage.record_shared_setting("MODELSLAB_MAX_QUEUED", "5") == "5"
+    assert await storage.record_shared_setting("MODELSLAB_MAX_QUEUED", "10") == "5"
+    assert await storage.record_shared_setting("MODELSLAB_MAX_QUEUED", "10", replace=True) == "10"
+    assert await storage.shared_settings() == {"MODELSLAB_MAX_QUEUED": "10"}
+
+
 async def test_a_transaction_keeps_out_what_other_coroutines_write_meanwhile(tmp_path):
     """A rolled-back transaction must not undo a statement another coroutine ran while it was open."""
     async with SqliteStorage.open(tmp_path / "bot.sqlite3") as storage:

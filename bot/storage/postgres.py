@@ -1,0 +1,827 @@
+"""PostgreSQL storage: several bot processes on one database (`DATABASE_URL`), through an asyncpg pool.
+
+Implements the Protocols of `bot.storage.ports` with the same behaviour as `bot.storage.sqlite` (the contract tests
+run on both). asyncpg (the optional `[postgres]` extra) is imported only when a database is opened here.
+
+Where the SQL differs from SQLite's, and why:
+- **Exact quotas.** SQLite's one writer makes its single `INSERT ... SELECT ... WHERE <limits>` exact; under
+  PostgreSQL's READ COMMITTED two such statements each miss the other's row. The limits are checked by the function
+  `job_fits_limits` (migration 0010), which first takes a transaction-level advisory lock per server and then reads
+  the sums in a fresh snapshot: exact across processes, and still one statement, one round trip.
+- **`guild_id IS ?`** does not exist; `IS NOT DISTINCT FROM $1` exists but no index serves it. Such statements come
+  in two variants: `guild_id = $n` and `guild_id IS NULL`.
+- **Upserts** name the old row (`forgotten_usage.images + EXCLUDED.images`: a bare column is ambiguous), `INSERT OR
+  REPLACE` is `ON CONFLICT ... DO UPDATE`, SQLite's two-argument `MAX(a, b)` is `GREATEST(a, b)`, and its
+  `json_set`/`json_remove` are jsonb operators (the columns stay text).
+- **Parameters are typed** by the statement: a parameter PostgreSQL cannot type from its place is cast (`$1::bigint`),
+  Discord ids and seeds are bigint, pictures and sealed keys bytea.
+- **Round trips.** Each statement is one round trip: pooled connections keep no session state (no `SET`, session
+  advisory lock, `LISTEN` or cursor), so asyncpg's reset query on every release (`RESET ALL; UNLISTEN *; ...`: a
+  second round trip per statement) is skipped. Code that ever needs session state takes a connection of its own.
+
+Errors become the backend-neutral ones the command tree explains: a full disk (SQLSTATE 53100) `StorageFull`; a lock
+or statement timeout, every connection busy, too many connections or a lost connection `StorageBusy`. A read whose
+connection was lost is retried on a fresh one; a change is retried only when it cannot have reached the server (its
+outcome is otherwise unknown: conditional updates would misreport a retried success as a lost race).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
+from bot.jobs.model import UNFINISHED, Job, JobStatus
+from bot.log import register_secret
+from bot.requests.generation import GenerationRequest
+from bot.storage import postgres_migrations
+from bot.storage.migrations import Migration, latest_version
+from bot.storage.ports import StorageBusy, StorageError, StorageFull
+from bot.storage.rows import (
+    GUILD_SETTING_COLUMNS,
+    JOB_INSERT_COLUMNS,
+    MEMBER_DEFAULT_COLUMNS,
+    guild_config_from_row,
+    job_from_row,
+    job_insert_values,
+)
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+URL_SCHEMES = ("postgresql", "postgres")
+# How long a statement waits for a lock (the quota lock of a busy server included) before the member is told the
+# database is busy: SQLite's busy_timeout, the same 5 s.
+LOCK_TIMEOUT = 5.0
+# A statement that has not answered by then is given up (the server, or the network to it, is in trouble).
+COMMAND_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+# Waits before trying again after a lost connection (a read, or a change that cannot have been kept) or a refused one.
+RETRY_DELAYS = (0.0, 0.25, 1.0)
+RUNNING = ", ".join(f"'{status.value}'" for status in UNFINISHED)
+_NAMED_PARAMETER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+def is_postgres_url(url: str) -> bool:
+    return urlsplit(url.strip()).scheme in URL_SCHEMES
+
+
+def describe_url(url: str) -> str:
+    """`PostgreSQL database "bot" on db.example.org:5432`: where the data is, never who logs in or how."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    hosts = parts.netloc.rpartition("@")[2] or ",".join(query.get("host", ())) or "localhost"
+    database = unquote(parts.path.lstrip("/")) or ",".join(query.get("dbname", ())) or unquote(parts.username or "")
+    return f'PostgreSQL database "{database}" on {hosts}'
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password(s) a URL carries, for the log filter."""
+    parts = urlsplit(url)
+    found = [unquote(parts.password)] if parts.password else []
+    return found + parse_qs(parts.query).get("password", [])
+
+
+def _rows_changed(status: str) -> int:
+    """asyncpg's command status ("UPDATE 3", "INSERT 0 1") → 3, 1."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+@lru_cache(maxsize=256)
+def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`... :guild ... :user ... :guild` → `... $1 ... $2 ... $1` and the names in number order (`::casts` kept)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAMED_PARAMETER.sub(number, sql), tuple(names)
+
+
+def named(sql: str, **values: Any) -> tuple[str, list[Any]]:
+    """A statement with named parameters as asyncpg takes it; parameters the statement does not use are left out
+    (PostgreSQL refuses a parameter it cannot type, and one it never sees is such)."""
+    text, names = _numbered(sql)
+    return text, [values[name] for name in names]
+
+
+def _guild_is(guild_id: int | None) -> str:
+    """The two variants of SQLite's `guild_id IS ?`, both served by the indexes on guild_id."""
+    return "guild_id IS NULL" if guild_id is None else "guild_id = :guild"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _failure_kind(exc: BaseException) -> str | None:
+    """ "full", "busy", "lost" (the connection went away: "busy" for the caller), "refused" (no connection could be
+    had: nothing was sent), or None: an error of the statement itself (a bug), raised as it is."""
+    import asyncpg
+
+    if isinstance(exc, asyncpg.DiskFullError):
+        return "full"
+    if isinstance(
+        exc,
+        asyncpg.LockNotAvailableError
+        | asyncpg.QueryCanceledError
+        | asyncpg.DeadlockDetectedError
+        | asyncpg.SerializationError
+        | TimeoutError,
+    ):
+        return "busy"
+    if isinstance(exc, asyncpg.TooManyConnectionsError | asyncpg.CannotConnectNowError):
+        return "refused"
+    if isinstance(
+        exc, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError | asyncpg.CrashShutdownError | OSError
+    ):
+        return "lost"
+    if type(exc) is asyncpg.InterfaceError and "closed" in str(exc):  # not its subclasses: DataError is a bug
+        return "lost"
+    return None
+
+
+def _translated(exc: BaseException, kind: str) -> StorageError:
+    reason = str(exc).strip().rstrip(".") or type(exc).__name__
+    if kind == "full":
+        return StorageFull(f"The database cannot be written: its disk is full ({reason}).")
+    if kind == "busy":
+        return StorageBusy(f"The database stayed busy too long ({reason}).")
+    if kind == "refused":
+        return StorageBusy(f"The database server takes no more connections now ({reason}).")
+    return StorageBusy(f"The connection to the database was lost ({type(exc).__name__}: {reason}).")
+
+
+async def _keep_connection(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing to reset (pooled connections keep no session state), no round trip."""
+
+
+class PostgresDatabase:
+    """The pool, with PostgreSQL's errors translated and safe retries; each call takes a connection and returns it."""
+
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = LOCK_TIMEOUT) -> None:
+        self.pool = pool
+        self._acquire_timeout = acquire_timeout
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one change; returns how many rows it changed."""
+        status = await self._run(lambda connection: connection.execute(sql, *args), read=False)
+        return _rows_changed(status)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._run(lambda connection: connection.fetch(sql, *args), read=True)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self._run(lambda connection: connection.fetchrow(sql, *args), read=True)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._run(lambda connection: connection.fetchval(sql, *args), read=True)
+
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, read: bool) -> T:
+        delays = iter(RETRY_DELAYS)
+        while True:
+            diagnosis: tuple[str | None, bool] | None = None
+            try:
+                async with self.pool.acquire(timeout=self._acquire_timeout) as connection:
+                    try:
+                        return await work(connection)
+                    except Exception as exc:
+                        diagnosis = _diagnosis(exc, connection)
+                        raise
+            except Exception as exc:
+                if diagnosis is None:  # no connection could be had: nothing was sent
+                    if isinstance(exc, TimeoutError):
+                        raise StorageBusy(
+                            f"Every connection to the database stayed busy for {self._acquire_timeout:g} s."
+                        ) from exc
+                    diagnosis = (_failure_kind(exc), False)
+                kind, may_have_taken_effect = diagnosis
+                if kind is None:
+                    raise
+                safe = kind == "refused" or (kind == "lost" and (read or not may_have_taken_effect))
+                delay = next(delays, None) if safe else None
+                if delay is None:
+                    raise _translated(exc, kind) from exc
+                log.warning("Database connection problem (%s: %s); trying again", type(exc).__name__, exc)
+                if kind == "lost":
+                    # One lost connection usually means all of them (a restart, a fail-over): replace every pooled
+                    # connection at its next use rather than finding each dead one with a failed statement.
+                    await self.pool.expire_connections()
+                await asyncio.sleep(delay)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """One connection in a transaction (READ COMMITTED), committed at the end or rolled back on any error.
+        Not tried again: the caller's block cannot be run twice."""
+        kind: str | None = None
+        try:
+            async with self.pool.acquire(timeout=self._acquire_timeout) as connection:
+                try:
+                    async with connection.transaction():
+                        yield connection
+                except StorageError:
+                    raise
+                except Exception as exc:
+                    kind = _diagnosis(exc, connection)[0]
+                    raise
+        except StorageError:
+            raise
+        except Exception as exc:
+            kind = kind or _failure_kind(exc)
+            if kind is None:
+                raise
+            raise _translated(exc, kind) from exc
+
+
+def _diagnosis(exc: BaseException, connection: asyncpg.Connection) -> tuple[str | None, bool]:
+    """What went wrong with a statement (a `_failure_kind`), and whether it may have taken effect anyway.
+
+    A connection the server closed while it sat in the pool (a restart, a fail-over, an idle timeout) is found out
+    only when used: asyncpg then refuses to send (`InterfaceError` "connection is closed", or `InternalClientError`
+    "cannot switch to state ...") or reports the server's own goodbye (`ConnectionDoesNotExistError` caused by
+    `AdminShutdownError` and kin: the server ended the session, rolling back whatever it had not committed). None of
+    these took effect, so even a change is tried again on a fresh connection. A connection lost with no word from the
+    server (a network fault) leaves a change's outcome unknown.
+    """
+    import asyncpg
+
+    kind = _failure_kind(exc)
+    if kind is None and _is_closed(connection):
+        kind = "lost"
+    if kind != "lost":
+        return kind, True
+    refused_to_send = isinstance(exc, asyncpg.InternalClientError) or (
+        type(exc) is asyncpg.InterfaceError and "connection is closed" in str(exc)
+    )
+    ended = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError)
+    server_ended_session = isinstance(exc, ended) or isinstance(exc.__cause__, ended)
+    return kind, not (refused_to_send or server_ended_session)
+
+
+def _is_closed(connection: asyncpg.Connection) -> bool:
+    import asyncpg
+
+    try:
+        return bool(connection.is_closed())
+    except asyncpg.InterfaceError:  # the pool took the proxy back: its connection closed under it
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- the storage
+
+
+class PostgresStorage:
+    """The `Storage` on one PostgreSQL database, shared with any number of other processes."""
+
+    def __init__(self, pool: asyncpg.Pool, description: str, migrations: Path) -> None:
+        self.db = PostgresDatabase(pool)
+        self._description = description
+        self._migrations = migrations
+        self.jobs = PostgresJobs(self.db)
+        self.guilds = PostgresGuilds(self.db)
+        self.member_defaults = PostgresMemberDefaults(self.db)
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        url: str,
+        *,
+        pool_size: int = 10,
+        upgrade: bool = True,
+        migrations: Path = postgres_migrations.MIGRATIONS_DIRECTORY,
+        lock_timeout: float = LOCK_TIMEOUT,
+        command_timeout: float = COMMAND_TIMEOUT,
+        application_name: str = "modelslab-imagine-bot",
+    ) -> AsyncIterator[PostgresStorage]:
+        description = describe_url(url)
+        for secret in url_secrets(url):
+            register_secret(secret)
+        try:
+            import asyncpg
+        except ImportError:
+            raise StorageError(
+                "DATABASE_URL names a PostgreSQL database, but asyncpg is not installed: "
+                "install the bot with its postgres extra (pip install -e '.[postgres]')."
+            ) from None
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                max_inactive_connection_lifetime=300,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=command_timeout,
+                reset=_keep_connection,
+                server_settings={
+                    "application_name": application_name,
+                    "lock_timeout": str(int(lock_timeout * 1000)),
+                    # A transaction left open by a process that hangs must not hold its locks for ever.
+                    "idle_in_transaction_session_timeout": str(int(command_timeout * 2000)),
+                },
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            reason = str(exc).strip().rstrip(".") or type(exc).__name__
+            raise StorageError(f"Cannot connect to the {description}: {reason}.") from exc
+        try:
+            storage = cls(pool, description, migrations)
+            if upgrade:
+                await storage.upgrade()
+            yield storage
+        finally:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def current_version(self) -> int:
+        async with self.db.transaction() as connection:
+            return await postgres_migrations.current_version(connection)
+
+    async def latest_version(self) -> int:
+        return latest_version(self._migrations)
+
+    async def upgrade(self) -> list[Migration]:
+        """Apply every migration newer than the database; processes starting together wait for each other."""
+        try:
+            async with self.db.pool.acquire(timeout=CONNECT_TIMEOUT) as connection:
+                return await postgres_migrations.upgrade(connection, self._migrations)
+        except StorageError:
+            raise
+        except Exception as exc:
+            kind = _failure_kind(exc)
+            if kind is None:
+                raise
+            raise _translated(exc, kind) from exc
+
+    async def shared_settings(self) -> dict[str, str]:
+        if await self.db.fetchval("SELECT to_regclass('shared_settings')") is None:
+            return {}  # not migrated yet (`check` before the first start)
+        return {row["name"]: row["value"] for row in await self.db.fetch("SELECT name, value FROM shared_settings")}
+
+    async def record_shared_setting(self, name: str, value: str, *, replace: bool = False) -> str:
+        conflict = "DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at" if replace else "DO NOTHING"
+        await self.db.execute(
+            f"INSERT INTO shared_settings (name, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) {conflict}",
+            name,
+            value,
+            time.time(),
+        )
+        # A statement of its own: its snapshot includes the row of a process whose insert won the conflict.
+        return str(await self.db.fetchval("SELECT value FROM shared_settings WHERE name = $1", name))
+
+    async def forget_member(self, user_id: int, now: float) -> int:
+        today = day_start(now)
+        async with self.db.transaction() as connection:
+            await connection.execute(
+                "INSERT INTO forgotten_usage (guild_id, user_id, day_start, images, last_request_at)"
+                " SELECT guild_id, user_id, $1::float8, SUM(CASE WHEN created_at >= $1 THEN charged_images ELSE 0 END),"
+                " MAX(created_at) FROM jobs"
+                " WHERE user_id = $2 AND posted_at IS NOT NULL AND guild_id IS NOT NULL GROUP BY guild_id, user_id"
+                " ON CONFLICT (guild_id, user_id, day_start) DO UPDATE"
+                " SET images = forgotten_usage.images + EXCLUDED.images,"
+                " last_request_at = GREATEST(COALESCE(forgotten_usage.last_request_at, 0), EXCLUDED.last_request_at)",
+                today,
+                user_id,
+            )
+            status = await connection.execute(
+                "UPDATE jobs SET user_id = 0, request_json = ((request_json::jsonb"
+                " || jsonb_build_object('prompt', '', 'negative_prompt', NULL, 'source_url', NULL))"
+                " #- '{advanced,ip_adapter_image}')::text,"
+                " output_json = NULL, meta_json = NULL,"
+                " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
+                " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
+                " WHERE user_id = $1 AND posted_at IS NOT NULL",
+                user_id,
+            )
+            await connection.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
+            await connection.execute("DELETE FROM member_settings WHERE user_id = $1", user_id)
+            await connection.execute("DELETE FROM forgotten_usage WHERE day_start < $1", today)
+        return _rows_changed(status)
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+class PostgresJobs:
+    """The `JobRepository` on PostgreSQL."""
+
+    _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
+    _INSERT = f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({', '.join(f'${n}' for n in range(1, 19))})"
+    # The values are cast: in an INSERT ... SELECT the target columns do not type the parameters.
+    _INSERT_WITHIN_LIMITS = (
+        f"INSERT INTO jobs ({_INSERT_COLUMNS})"
+        " SELECT $1::text, $2::text, $3::bigint, $4::bigint, $5::bigint, $6::text, $7::text, $8::text, $9::integer,"
+        " $10::bigint, $11::text, $12::float8, $13::integer, $14::integer, $15::text, $16::float8, $17::float8,"
+        " $18::float8"
+        " WHERE job_fits_limits($3, $5, $9, $16, $19, $20, $21, $22, $23)"
+    )
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def insert(self, job: Job) -> None:
+        await self._db.execute(self._INSERT, *job_insert_values(job))
+
+    async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
+        """Store the job only if it fits every limit: one statement, exact across processes (`job_fits_limits`
+        locks the server's quota until the statement commits)."""
+        changed = await self._db.execute(
+            self._INSERT_WITHIN_LIMITS,
+            *job_insert_values(job),
+            day_start(job.created_at),
+            limits.guild_daily,
+            limits.user_daily,
+            limits.user_concurrent,
+            limits.cooldown_seconds,
+        )
+        return changed == 1
+
+    async def usage(self, guild_id: int | None, user_id: int, now: float) -> Usage:
+        guild = _guild_is(guild_id)
+        sql, args = named(
+            "SELECT"
+            f" (SELECT COALESCE(SUM(charged_images), 0) FROM jobs WHERE {guild} AND created_at >= :today),"
+            " (SELECT COALESCE(SUM(charged_images), 0) FROM jobs"
+            f"   WHERE {guild} AND user_id = :user AND created_at >= :today)"
+            " + (SELECT COALESCE(SUM(images), 0) FROM forgotten_usage"
+            f"   WHERE {guild} AND user_id = :user AND day_start = :today),"
+            f" (SELECT COUNT(*) FROM jobs WHERE {guild} AND user_id = :user AND status IN ({RUNNING})),"
+            f" GREATEST((SELECT MAX(created_at) FROM jobs WHERE {guild} AND user_id = :user),"
+            f"   (SELECT MAX(last_request_at) FROM forgotten_usage WHERE {guild} AND user_id = :user))",
+            guild=guild_id,
+            user=user_id,
+            today=day_start(now),
+        )
+        row = await self._db.fetchrow(sql, *args)
+        assert row is not None
+        return Usage(
+            guild_today=int(row[0]), user_today=int(row[1]), user_running=int(row[2]), user_last_request_at=row[3]
+        )
+
+    async def get(self, job_id: str) -> Job | None:
+        row = await self._db.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+        return job_from_row(row) if row else None
+
+    async def ids(self, *, limit: int = 1000) -> list[str]:
+        return [row[0] for row in await self._db.fetch("SELECT id FROM jobs ORDER BY created_at, id LIMIT $1", limit)]
+
+    async def needing_work(self) -> list[Job]:
+        rows = await self._db.fetch("SELECT * FROM jobs WHERE posted_at IS NULL ORDER BY created_at")
+        return [job_from_row(row) for row in rows]
+
+    async def last_served(self, user_ids: list[int]) -> dict[int, float]:
+        if not user_ids:
+            return {}
+        rows = await self._db.fetch(
+            "SELECT user_id, MAX(submitted_at) FROM jobs WHERE user_id = ANY($1::bigint[]) AND submitted_at IS NOT NULL"
+            " GROUP BY user_id",
+            user_ids,
+        )
+        return {int(row[0]): float(row[1]) for row in rows}
+
+    async def set_message(self, job_id: str, message_id: int) -> None:
+        await self._update(job_id, {"message_id": message_id})
+
+    async def mark_submitting(
+        self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
+    ) -> bool:
+        changes: dict[str, Any] = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
+        if deadline_at is not None:
+            changes["deadline_at"] = deadline_at
+        if api_key_ciphertext is not None:
+            changes["api_key_ciphertext"] = api_key_ciphertext
+        return await self._update(job_id, changes, only_from=[JobStatus.QUEUED])
+
+    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
+        return await self._update(
+            job_id, {"status": JobStatus.QUEUED, "retry_after": retry_after}, only_from=[JobStatus.SUBMITTING]
+        )
+
+    async def update_request(self, job_id: str, request: GenerationRequest) -> None:
+        await self._update(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
+
+    async def mark_processing(
+        self,
+        job_id: str,
+        *,
+        modelslab_id: str | None,
+        eta_at: float | None,
+        fetch_url: str | None,
+        meta: Mapping[str, Any],
+    ) -> bool:
+        changes: dict[str, Any] = {"status": JobStatus.PROCESSING, "eta_at": eta_at}
+        if modelslab_id is not None:
+            changes["modelslab_id"] = modelslab_id
+        if fetch_url is not None:
+            changes["fetch_url"] = fetch_url
+        if meta:
+            changes["meta_json"] = json.dumps(dict(meta))
+        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+
+    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> bool:
+        changed = await self._db.execute(
+            "UPDATE jobs SET modelslab_id = $1, updated_at = $2"
+            " WHERE id = $3 AND modelslab_id IS NULL AND status IN ($4, $5)",
+            modelslab_id,
+            time.time(),
+            job_id,
+            JobStatus.SUBMITTING.value,
+            JobStatus.PROCESSING.value,
+        )
+        return changed == 1
+
+    async def finish_success(
+        self,
+        job_id: str,
+        *,
+        modelslab_id: str | None,
+        output_urls: Iterable[str],
+        proxy_urls: Iterable[str],
+        meta: Mapping[str, Any],
+        seed: int | None,
+        generation_time: float | None,
+        charged_images: int,
+        nsfw_detected: bool = False,
+    ) -> bool:
+        changes: dict[str, Any] = {
+            "status": JobStatus.SUCCEEDED,
+            "nsfw_detected": int(nsfw_detected),
+            "output_json": json.dumps({"output": list(output_urls), "proxy": list(proxy_urls)}),
+            "seed": seed,
+            "generation_time": generation_time,
+            "charged_images": charged_images,
+            "finished_at": time.time(),
+        }
+        if meta:
+            changes["meta_json"] = json.dumps(dict(meta))
+        if modelslab_id is not None:
+            changes["modelslab_id"] = modelslab_id
+        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+
+    async def finish_failure(
+        self,
+        job_id: str,
+        *,
+        kind: str,
+        detail: str,
+        retry_after: float | None = None,
+        from_succeeded: bool = False,
+        only_queued: bool = False,
+    ) -> bool:
+        allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
+        if only_queued:
+            allowed = [JobStatus.QUEUED]
+        changes: dict[str, Any] = {
+            "status": JobStatus.FAILED,
+            "error_kind": kind,
+            "error_detail": detail,
+            "retry_after": retry_after,
+            "finished_at": time.time(),
+        }
+        if not from_succeeded:
+            changes["charged_images"] = 0
+        return await self._update(job_id, changes, only_from=allowed)
+
+    async def mark_posted(
+        self,
+        job_id: str,
+        *,
+        image_count: int | None = None,
+        charged_images: int | None = None,
+        message_id: int | None = None,
+    ) -> None:
+        changes: dict[str, Any] = {"posted_at": time.time(), "interaction_token": None, "api_key_ciphertext": None}
+        if image_count is not None:
+            changes["image_count"] = image_count
+        if charged_images is not None:
+            changes["charged_images"] = charged_images
+        if message_id is not None:
+            changes["message_id"] = message_id
+        await self._update(job_id, changes)
+
+    async def history(self, user_id: int, *, guild_id: int | None, offset: int = 0, limit: int = 1000) -> list[Job]:
+        where = "user_id = :user" + ("" if guild_id is None else " AND guild_id = :guild")
+        sql, args = named(
+            f"SELECT * FROM jobs WHERE {where} ORDER BY created_at DESC, id LIMIT :limit OFFSET :offset",
+            user=user_id,
+            guild=guild_id,
+            limit=limit,
+            offset=offset,
+        )
+        return [job_from_row(row) for row in await self._db.fetch(sql, *args)]
+
+    async def history_count(self, user_id: int, *, guild_id: int | None) -> int:
+        where = "user_id = :user" + ("" if guild_id is None else " AND guild_id = :guild")
+        sql, args = named(f"SELECT COUNT(*) FROM jobs WHERE {where}", user=user_id, guild=guild_id)
+        return int(await self._db.fetchval(sql, *args))
+
+    async def save_input(self, job_id: str, image: bytes, width: int, height: int) -> None:
+        await self._db.execute(
+            "INSERT INTO job_inputs (job_id, image, width, height, created_at) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (job_id) DO UPDATE SET image = EXCLUDED.image, width = EXCLUDED.width,"
+            " height = EXCLUDED.height, created_at = EXCLUDED.created_at",
+            job_id,
+            image,
+            width,
+            height,
+            time.time(),
+        )
+
+    async def drop_old_inputs(self, before: float, *, batch: int = 500) -> int:
+        return await self._db.execute(
+            "DELETE FROM job_inputs WHERE job_id IN (SELECT job_inputs.job_id FROM job_inputs"
+            " JOIN jobs ON jobs.id = job_inputs.job_id"
+            " WHERE job_inputs.created_at < $1 AND jobs.posted_at IS NOT NULL LIMIT $2)",
+            before,
+            batch,
+        )
+
+    async def input_image(self, job_id: str) -> bytes | None:
+        image = await self._db.fetchval("SELECT image FROM job_inputs WHERE job_id = $1", job_id)
+        return bytes(image) if image is not None else None
+
+    async def copy_input(self, from_job_id: str, to_job_id: str) -> bool:
+        changed = await self._db.execute(
+            "INSERT INTO job_inputs (job_id, image, width, height, created_at)"
+            " SELECT $1::text, image, width, height, $2::float8 FROM job_inputs WHERE job_id = $3"
+            " ON CONFLICT (job_id) DO UPDATE SET image = EXCLUDED.image, width = EXCLUDED.width,"
+            " height = EXCLUDED.height, created_at = EXCLUDED.created_at",
+            to_job_id,
+            time.time(),
+            from_job_id,
+        )
+        return changed == 1
+
+    async def sealed_key(self, job_id: str) -> bytes | None:
+        sealed = await self._db.fetchval("SELECT api_key_ciphertext FROM jobs WHERE id = $1", job_id)
+        return bytes(sealed) if sealed is not None else None
+
+    async def set_gallery_message(self, job_id: str, message_id: int) -> None:
+        await self._update(job_id, {"gallery_message_id": message_id})
+
+    async def forget_interaction(self, job_id: str) -> None:
+        await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
+
+    async def _update(self, job_id: str, changes: Mapping[str, Any], *, only_from: Iterable[JobStatus] = ()) -> bool:
+        columns = {**changes, "updated_at": time.time()}
+        values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
+        assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(columns, start=1))
+        values.append(job_id)
+        sql = f"UPDATE jobs SET {assignments} WHERE id = ${len(values)}"
+        states = [s.value for s in only_from]
+        if states:
+            values.append(states)
+            sql += f" AND status = ANY(${len(values)}::text[])"
+        return await self._db.execute(sql, *values) == 1
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+class PostgresGuilds:
+    """The `GuildRepository` on PostgreSQL."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def config(self, guild_id: int) -> GuildConfig:
+        # One round trip: the row (if any), its role limits and its blocklist together.
+        row = await self._db.fetchrow(
+            "SELECT g.*,"
+            " ARRAY(SELECT role_id FROM role_limits WHERE guild_id = $1 ORDER BY role_id) AS limit_roles,"
+            " ARRAY(SELECT user_daily FROM role_limits WHERE guild_id = $1 ORDER BY role_id) AS limit_values,"
+            " ARRAY(SELECT pattern FROM blocklist WHERE guild_id = $1 ORDER BY pattern) AS blocklist_patterns"
+            " FROM (SELECT 1) AS one LEFT JOIN guild_settings AS g ON g.guild_id = $1",
+            guild_id,
+        )
+        assert row is not None
+        role_limits = {int(r): int(v) for r, v in zip(row["limit_roles"], row["limit_values"], strict=True)}
+        blocklist = tuple(row["blocklist_patterns"])
+        return guild_config_from_row(guild_id, row if row["guild_id"] is not None else None, role_limits, blocklist)
+
+    async def any_key(self) -> bool:
+        return await self._db.fetchval("SELECT 1 FROM guild_settings WHERE api_key_ciphertext IS NOT NULL LIMIT 1") == 1
+
+    async def sealed_key(self, guild_id: int) -> bytes | None:
+        sealed = await self._db.fetchval("SELECT api_key_ciphertext FROM guild_settings WHERE guild_id = $1", guild_id)
+        return bytes(sealed) if sealed is not None else None
+
+    async def update(self, guild_id: int, **changes: Any) -> None:
+        """Set some columns of the server's row, creating it with the defaults first if needed: one upsert."""
+        unknown = set(changes) - GUILD_SETTING_COLUMNS
+        if unknown:
+            raise ValueError(f"not server settings: {sorted(unknown)}")
+        columns = ["guild_id", "updated_at", *changes]
+        placeholders = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+        assignments = ", ".join(f"{name} = EXCLUDED.{name}" for name in columns[1:])
+        conflict = f"DO UPDATE SET {assignments}" if changes else "DO NOTHING"
+        await self._db.execute(
+            f"INSERT INTO guild_settings ({', '.join(columns)}) VALUES ({placeholders})"
+            f" ON CONFLICT (guild_id) {conflict}",
+            guild_id,
+            time.time(),
+            *changes.values(),
+        )
+
+    async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
+        if user_daily is None:
+            await self._db.execute("DELETE FROM role_limits WHERE guild_id = $1 AND role_id = $2", guild_id, role_id)
+        else:
+            await self._db.execute(
+                "INSERT INTO role_limits (guild_id, role_id, user_daily) VALUES ($1, $2, $3)"
+                " ON CONFLICT (guild_id, role_id) DO UPDATE SET user_daily = EXCLUDED.user_daily",
+                guild_id,
+                role_id,
+                user_daily,
+            )
+
+    async def add_blocklist_rule(self, guild_id: int, pattern: str, added_by: int) -> bool:
+        changed = await self._db.execute(
+            "INSERT INTO blocklist (guild_id, pattern, added_by, added_at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (guild_id, pattern) DO NOTHING",
+            guild_id,
+            pattern,
+            added_by,
+            time.time(),
+        )
+        return changed == 1
+
+    async def remove_blocklist_rule(self, guild_id: int, pattern: str) -> bool:
+        changed = await self._db.execute(
+            "DELETE FROM blocklist WHERE guild_id = $1 AND pattern = $2", guild_id, pattern
+        )
+        return changed == 1
+
+    async def presets(self, guild_id: int) -> dict[str, str]:
+        rows = await self._db.fetch("SELECT name, flags FROM presets WHERE guild_id = $1 ORDER BY name", guild_id)
+        return {row[0]: row[1] for row in rows}
+
+    async def save_preset(self, guild_id: int, name: str, flags: str, created_by: int) -> None:
+        await self._db.execute(
+            "INSERT INTO presets (guild_id, name, flags, created_by, created_at) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (guild_id, name) DO UPDATE SET flags = EXCLUDED.flags, created_by = EXCLUDED.created_by",
+            guild_id,
+            name,
+            flags,
+            created_by,
+            time.time(),
+        )
+
+    async def remove_preset(self, guild_id: int, name: str) -> bool:
+        return await self._db.execute("DELETE FROM presets WHERE guild_id = $1 AND name = $2", guild_id, name) == 1
+
+
+class PostgresMemberDefaults:
+    """The `MemberDefaultsRepository` on PostgreSQL."""
+
+    COLUMNS = MEMBER_DEFAULT_COLUMNS
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def get(self, guild_id: int, user_id: int) -> dict[str, Any] | None:
+        row = await self._db.fetchrow(
+            "SELECT " + ", ".join(self.COLUMNS) + " FROM member_settings WHERE guild_id = $1 AND user_id = $2",
+            guild_id,
+            user_id,
+        )
+        return dict(zip(self.COLUMNS, row, strict=True)) if row is not None else None
+
+    async def save(self, guild_id: int, user_id: int, values: dict[str, Any], now: float) -> None:
+        columns: Sequence[str] = [c for c in self.COLUMNS if c in values]
+        every = ["guild_id", "user_id", *columns, "updated_at"]
+        placeholders = ", ".join(f"${n}" for n in range(1, len(every) + 1))
+        await self._db.execute(
+            f"INSERT INTO member_settings ({', '.join(every)}) VALUES ({placeholders})"
+            " ON CONFLICT (guild_id, user_id) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in [*columns, "updated_at"]),
+            guild_id,
+            user_id,
+            *(values[c] for c in columns),
+            now,
+        )
+
+    async def delete(self, guild_id: int, user_id: int) -> None:
+        await self._db.execute("DELETE FROM member_settings WHERE guild_id = $1 AND user_id = $2", guild_id, user_id)

@@ -1,0 +1,47 @@
+"""Settings every process of one bot must share, recorded in the database by the first process that starts.
+
+On PostgreSQL several processes run one bot: the per-key cap `MODELSLAB_MAX_QUEUED` is global, so two processes that
+disagree on it would each hold the other to a different limit. A process whose value differs from the recorded one
+refuses to start. A single SQLite process is not checked: its settings are the only ones, and changing
+`MODELSLAB_MAX_QUEUED` between two starts is how a new ModelsLab plan is applied.
+"""
+
+from __future__ import annotations
+
+from bot.settings import Settings, SettingsError
+from bot.storage.ports import Storage
+
+
+def shared_values(settings: Settings) -> dict[str, str]:
+    """This process's values of the shared settings, by environment name."""
+    return {"MODELSLAB_MAX_QUEUED": str(settings.modelslab_max_queued)}
+
+
+def disagreement(name: str, mine: str, recorded: str) -> str:
+    return (
+        f"{name} is {mine} here but {recorded} for the other processes of this bot (recorded in the database), and "
+        f"they must all use the same: set {name}={recorded}, or, to change it, stop every process and run "
+        "`python -m bot db record-settings` with the new value"
+    )
+
+
+async def agree_on_shared_settings(storage: Storage, settings: Settings) -> None:
+    """Record this process's shared settings if none are recorded; raise `SettingsError` if they differ."""
+    if settings.database_url is None:
+        return
+    for name, mine in shared_values(settings).items():
+        recorded = await storage.record_shared_setting(name, mine)
+        if recorded != mine:
+            raise SettingsError(disagreement(name, mine, recorded) + ".")
+
+
+async def disagreements(storage: Storage, settings: Settings) -> list[str]:
+    """What `agree_on_shared_settings` would refuse, without recording anything (for `python -m bot check`)."""
+    if settings.database_url is None:
+        return []
+    recorded = await storage.shared_settings()
+    return [
+        disagreement(name, mine, recorded[name])
+        for name, mine in shared_values(settings).items()
+        if recorded.get(name, mine) != mine
+    ]
