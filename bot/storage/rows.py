@@ -54,6 +54,8 @@ def job_from_row(row: Row) -> Job:
         nsfw_detected=bool(row["nsfw_detected"]),
         gallery_message_id=row["gallery_message_id"],
         parent_job_id=row["parent_job_id"],
+        source_flagged=bool(row["source_flagged"]),
+        picture_owner_id=row["picture_owner_id"],
     )
 
 
