@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GONE = "This result's job no longer exists (its history may have been deleted), so this button cannot use it."
+PICTURE_FORGOTTEN = (
+    "The picture this job was made from is no longer kept (the member it came from asked the bot to forget it), "
+    "so it cannot be made again: remix a picture anew."
+)
 NOT_YOURS = "Only the member who asked for it, or a member with Manage Messages, can delete it."
 ACTION = re.compile(r"job:(?P<action>reroll|vary|upscale|edit|info|delete):(?P<job_id>[0-9a-f]{32})(?::(?P<n>[1-4]))?")
 
@@ -110,10 +114,13 @@ class JobAction(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], temp
 
     def _image_url(self, interaction: discord.Interaction) -> str:
         """The picked image, as Discord hands it over with the pressed message."""
+        return self._attachment(interaction).url
+
+    def _attachment(self, interaction: discord.Interaction) -> discord.Attachment:
         attachments = interaction.message.attachments if interaction.message else []
         if self.n is None or self.n > len(attachments):
             raise UserFacingError("That image is no longer in this message.")
-        return attachments[self.n - 1].url
+        return attachments[self.n - 1]
 
 
 async def delete_result(interaction: discord.Interaction, job: Job) -> None:
@@ -125,9 +132,21 @@ async def delete_result(interaction: discord.Interaction, job: Job) -> None:
     log.info("Job %s result deleted by member %s", job.id, interaction.user.id)
 
 
+def made_from_flagged(job: Job) -> bool:
+    """A variation or an upscale of this job's images keeps their NSFW state."""
+    return job.nsfw_detected or job.source_flagged
+
+
+async def require_picture(bot: ImagineBot, job: Job) -> None:
+    """A job made again from a member's picture needs that picture still kept (/history forget deletes it)."""
+    if job.kind == "img2img" and not await bot.jobs.picture_kept(job):
+        raise UserFacingError(PICTURE_FORGOTTEN)
+
+
 async def reroll(bot: ImagineBot, interaction: discord.Interaction, job: Job) -> None:
     """The same request with a new seed."""
     config = await server_config(bot, interaction)
+    await require_picture(bot, job)
     request = dataclasses.replace(
         job.request,
         seed=secrets.randbelow(SEED_MAX + 1),
@@ -143,6 +162,8 @@ async def reroll(bot: ImagineBot, interaction: discord.Interaction, job: Job) ->
         config=config,
         parent_job_id=job.id,
         input_from_job=job.id if job.kind == "img2img" else None,
+        source_flagged=job.source_flagged,
+        picture_owner_id=job.picture_owner_id,
     )
 
 
@@ -178,7 +199,15 @@ async def vary(
         safety_checker=not channel_is_nsfw(interaction),
         layers=layers,
     )
-    await submit_job(bot, interaction, kind="img2img", request=request, config=config, parent_job_id=job.id)
+    await submit_job(
+        bot,
+        interaction,
+        kind="img2img",
+        request=request,
+        config=config,
+        parent_job_id=job.id,
+        source_flagged=made_from_flagged(job),
+    )
 
 
 async def upscale(bot: ImagineBot, interaction: discord.Interaction, job: Job, image_url: str) -> None:
@@ -187,7 +216,15 @@ async def upscale(bot: ImagineBot, interaction: discord.Interaction, job: Job, i
     request = GenerationRequest(
         prompt=job.request.prompt, model_id=job.request.model_id, samples=1, source_url=image_url, upscale_scale=2
     )
-    await submit_job(bot, interaction, kind="upscale", request=request, config=config, parent_job_id=job.id)
+    await submit_job(
+        bot,
+        interaction,
+        kind="upscale",
+        request=request,
+        config=config,
+        parent_job_id=job.id,
+        source_flagged=made_from_flagged(job),
+    )
 
 
 class EditModal(discord.ui.Modal):
@@ -215,6 +252,7 @@ class EditModal(discord.ui.Modal):
             await vary(bot, interaction, job, self.vary_image_url, self.prompt.value, self.negative.value or None)
             return
         config = await server_config(bot, interaction)
+        await require_picture(bot, job)
         typed = parse_flags(self.prompt.value, side_min=SIDE_MIN)  # flags typed in the form win over the job's
         common: dict[str, Any] = {
             "flavour": bot.settings.modelslab_api,
@@ -236,6 +274,8 @@ class EditModal(discord.ui.Modal):
             config=config,
             parent_job_id=job.id,
             input_from_job=job.id if job.kind == "img2img" else None,
+            source_flagged=job.source_flagged,
+            picture_owner_id=job.picture_owner_id,
         )
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import discord
@@ -47,7 +48,13 @@ def check_attachment(attachment: discord.Attachment) -> None:
         raise InvalidOption("image", f"has too many pixels ({attachment.width}×{attachment.height}).")
 
 
-def image_in(message: discord.Message, api_base: str) -> str | None:
+@dataclass(frozen=True)
+class Picture:
+    url: str
+    spoiler: bool  # posted behind a spoiler: what is made from it is shown behind one too
+
+
+def image_in(message: discord.Message, api_base: str) -> Picture | None:
     """The first picture of a message that Discord hosts: an attachment (checked like /remix's), else an
     embed's image or thumbnail through Discord's media proxy. Anything else is never fetched (it could point
     anywhere, an internal address included)."""
@@ -55,7 +62,7 @@ def image_in(message: discord.Message, api_base: str) -> str | None:
         declared = (attachment.content_type or "").split(";")[0].strip().lower()
         if declared in IMAGE_TYPES or attachment.filename.lower().endswith(IMAGE_ENDINGS):
             check_attachment(attachment)
-            return attachment.url
+            return Picture(attachment.url, attachment.is_spoiler())
     policy = discord_media_policy(api_base)
     for embed in message.embeds:
         for picture in (embed.image, embed.thumbnail):
@@ -66,7 +73,7 @@ def image_in(message: discord.Message, api_base: str) -> str | None:
                     policy.check(url)
                 except DownloadRefused:
                     continue
-                return url
+                return Picture(url, spoiler=False)
     return None
 
 
@@ -94,10 +101,10 @@ class RemixModal(discord.ui.Modal, title="Remix this image"):
         default=f"{DEFAULT_STRENGTH:g}",
     )
 
-    def __init__(self, bot: ImagineBot, source_url: str) -> None:
+    def __init__(self, bot: ImagineBot, source: Picture) -> None:
         super().__init__(timeout=900)
         self.bot = bot
-        self.source_url = source_url
+        self.source = source
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         settings = self.bot.settings
@@ -109,13 +116,21 @@ class RemixModal(discord.ui.Modal, title="Remix this image"):
             prompt=typed.prompt,
             negative_prompt=self.negative_prompt.value or None,
             strength=parse_strength(self.strength.value),
-            source_url=self.source_url,
+            source_url=self.source.url,
             safety_checker=not channel_is_nsfw(interaction),
             defaults=server_defaults(config, settings.modelslab_default_remix_model),
             layers=[flag_layer(typed.choices), await member_layer(self.bot, interaction)],
             allowed_models=config.allowed_models,
         )
-        await submit_job(self.bot, interaction, kind="img2img", request=request, config=config)
+        await submit_job(
+            self.bot,
+            interaction,
+            kind="img2img",
+            request=request,
+            config=config,
+            source_flagged=self.source.spoiler,
+            picture_owner_id=interaction.user.id,
+        )
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
         await self.bot.report_error(interaction, error)
@@ -178,7 +193,15 @@ class Remix(commands.Cog):
             layers=[flag_layer(typed.choices), await member_layer(self.bot, interaction)],
             allowed_models=config.allowed_models,
         )
-        await submit_job(self.bot, interaction, kind="img2img", request=request, config=config)
+        await submit_job(
+            self.bot,
+            interaction,
+            kind="img2img",
+            request=request,
+            config=config,
+            source_flagged=image.is_spoiler(),
+            picture_owner_id=interaction.user.id,
+        )
 
     @remix.autocomplete("model")
     async def model_autocomplete(

@@ -68,6 +68,8 @@ async def submit_job(
     config: GuildConfig,
     parent_job_id: str | None = None,
     input_from_job: str | None = None,
+    source_flagged: bool = False,
+    picture_owner_id: int | None = None,
 ) -> None:
     """Check, reserve, store, acknowledge, start. Raises a `UserFacingError` (shown privately) before anything
     is stored when a rule says no."""
@@ -96,6 +98,8 @@ async def submit_job(
         limits=bot.guild_admin.limits_for(config, role_ids),
         parent_job_id=parent_job_id,
         input_from_job=input_from_job,
+        source_flagged=source_flagged,
+        picture_owner_id=picture_owner_id,
     )
     try:
         response = await interaction.response.send_message(

@@ -80,14 +80,14 @@ def result_summary(
     count = len(images)
     content = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
     missing = min(len(job.output_urls), job.request.samples) - count
+    what = (
+        "ModelsLab flagged this result as NSFW" if job.nsfw_detected else "This was made from an image flagged as NSFW"
+    )
     if withheld:
-        content += (
-            "\n🔞 ModelsLab flagged this result as NSFW; this server withholds such images outside "
-            "age-restricted channels."
-        )
+        content += f"\n🔞 {what}; this server withholds such images outside age-restricted channels."
         missing = 0
     elif spoiler:
-        content += "\n🔞 ModelsLab flagged this result as NSFW: it is hidden behind a spoiler."
+        content += f"\n🔞 {what}: it is hidden behind a spoiler."
     if missing > 0:
         content += (
             f"\n⚠️ {missing} of {len(job.output_urls)} images could not be downloaded from ModelsLab; ModelsLab made "

@@ -65,6 +65,14 @@ class Job:
     nsfw_detected: bool = False
     gallery_message_id: int | None = None
     parent_job_id: str | None = None
+    source_flagged: bool = False  # made from an image flagged NSFW (or posted behind a spoiler)
+    picture_owner_id: int | None = None  # the member whose own picture it works from
+
+    @property
+    def flagged(self) -> bool:
+        """Shown behind a spoiler, or withheld, by the server's policy. In age-restricted channels ModelsLab's
+        checker is off and nothing is hidden."""
+        return (self.nsfw_detected or self.source_flagged) and not self.channel_nsfw
 
     @property
     def needs_posting(self) -> bool:

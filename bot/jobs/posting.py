@@ -123,8 +123,9 @@ class ResultPoster:
     async def _show_result(self, job: Job, images: list[ImageFile]) -> None:
         presenter = self._presenter_or_fail()
         config = await self._guilds.config(job.guild_id) if job.guild_id is not None else None
-        # Outside age-restricted channels the safety checker was on; what it still flags follows the server policy.
-        flagged = job.nsfw_detected and not job.channel_nsfw
+        # Outside age-restricted channels the safety checker was on; what it still flags, and what is made from a
+        # flagged image, follows the server policy.
+        flagged = job.flagged
         withheld = flagged and config is not None and config.nsfw_policy == "withhold"
         limit = job.attachment_size_limit or DEFAULT_ATTACHMENT_LIMIT
         if not fits(images, limit):  # re-encoding is Pillow work: a thread; most results fit as they are

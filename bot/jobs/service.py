@@ -154,6 +154,11 @@ class JobService:
     async def get(self, job_id: str) -> Job | None:
         return await self._store.get(job_id)
 
+    async def picture_kept(self, job: Job) -> bool:
+        """Whether a job that works from a member's picture can still be made again: the picture is stored, or its
+        link is (/history forget deletes both)."""
+        return bool(job.request.source_url) or await self._store.has_input(job.id)
+
     def attach_presenter(self, presenter: JobPresenter) -> None:
         self._progress.attach_presenter(presenter)
         self._poster.attach_presenter(presenter)
@@ -180,6 +185,8 @@ class JobService:
         limits: Limits | None = None,
         parent_job_id: str | None = None,
         input_from_job: str | None = None,
+        source_flagged: bool = False,
+        picture_owner_id: int | None = None,
     ) -> Job:
         """Store a new job before anything is sent anywhere, if it fits the server's limits (else `Refused`)."""
         now = self._clock()
@@ -202,6 +209,8 @@ class JobService:
             attachment_size_limit=attachment_size_limit,
             channel_nsfw=channel_nsfw,
             parent_job_id=parent_job_id,
+            source_flagged=source_flagged,
+            picture_owner_id=picture_owner_id,
         )
         if limits is None:
             await self._store.insert(job)

@@ -405,6 +405,19 @@ class PostgresStorage:
                 today,
                 user_id,
             )
+            # The member's pictures go, and their links: in the member's own jobs, and in the copies that other
+            # members' Re-rolls and Edits made of them (jobs still under way keep theirs until they are shown).
+            await connection.execute(
+                "DELETE FROM job_inputs WHERE job_id IN"
+                " (SELECT id FROM jobs WHERE user_id = $1 AND posted_at IS NOT NULL"
+                " UNION SELECT id FROM jobs WHERE picture_owner_id = $1 AND posted_at IS NOT NULL)",
+                user_id,
+            )
+            await connection.execute(
+                "UPDATE jobs SET request_json = (request_json::jsonb || jsonb_build_object('source_url', NULL))::text,"
+                " picture_owner_id = 0 WHERE picture_owner_id = $1 AND posted_at IS NOT NULL",
+                user_id,
+            )
             status = await connection.execute(
                 "UPDATE jobs SET user_id = 0, request_json = ((request_json::jsonb"
                 " || jsonb_build_object('prompt', '', 'negative_prompt', NULL, 'source_url', NULL))"
@@ -415,7 +428,6 @@ class PostgresStorage:
                 " WHERE user_id = $1 AND posted_at IS NOT NULL",
                 user_id,
             )
-            await connection.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
             await connection.execute("DELETE FROM member_settings WHERE user_id = $1", user_id)
             await connection.execute("DELETE FROM forgotten_usage WHERE day_start < $1", today)
         return _rows_changed(status)
@@ -428,14 +440,15 @@ class PostgresJobs:
     """The `JobRepository` on PostgreSQL."""
 
     _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
-    _INSERT = f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({', '.join(f'${n}' for n in range(1, 19))})"
+    _PLACEHOLDERS = ", ".join(f"${n}" for n in range(1, len(JOB_INSERT_COLUMNS) + 1))
+    _INSERT = f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({_PLACEHOLDERS})"
     # The values are cast: in an INSERT ... SELECT the target columns do not type the parameters.
     _INSERT_WITHIN_LIMITS = (
         f"INSERT INTO jobs ({_INSERT_COLUMNS})"
         " SELECT $1::text, $2::text, $3::bigint, $4::bigint, $5::bigint, $6::text, $7::text, $8::text, $9::integer,"
         " $10::bigint, $11::text, $12::float8, $13::integer, $14::integer, $15::text, $16::float8, $17::float8,"
-        " $18::float8"
-        " WHERE job_fits_limits($3, $5, $9, $16, $19, $20, $21, $22, $23)"
+        " $18::float8, $19::integer, $20::bigint"
+        " WHERE job_fits_limits($3, $5, $9, $16, $21, $22, $23, $24, $25)"
     )
 
     def __init__(self, db: PostgresDatabase) -> None:
@@ -661,6 +674,9 @@ class PostgresJobs:
     async def input_image(self, job_id: str) -> bytes | None:
         image = await self._db.fetchval("SELECT image FROM job_inputs WHERE job_id = $1", job_id)
         return bytes(image) if image is not None else None
+
+    async def has_input(self, job_id: str) -> bool:
+        return await self._db.fetchval("SELECT 1 FROM job_inputs WHERE job_id = $1", job_id) is not None
 
     async def copy_input(self, from_job_id: str, to_job_id: str) -> bool:
         changed = await self._db.execute(

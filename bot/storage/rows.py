@@ -55,6 +55,8 @@ def job_from_row(row: Row) -> Job:
         nsfw_detected=bool(row["nsfw_detected"]),
         gallery_message_id=row["gallery_message_id"],
         parent_job_id=row["parent_job_id"],
+        source_flagged=bool(row["source_flagged"]),
+        picture_owner_id=row["picture_owner_id"],
     )
 
 
@@ -62,7 +64,7 @@ def job_from_row(row: Row) -> Job:
 JOB_INSERT_COLUMNS = (
     "id", "kind", "guild_id", "channel_id", "user_id", "request_json", "api_flavour", "status", "charged_images",
     "application_id", "interaction_token", "token_expires_at", "attachment_size_limit", "channel_nsfw",
-    "parent_job_id", "created_at", "deadline_at", "updated_at",
+    "parent_job_id", "created_at", "deadline_at", "updated_at", "source_flagged", "picture_owner_id",
 )  # fmt: skip
 
 
@@ -86,6 +88,8 @@ def job_insert_values(job: Job) -> tuple[Any, ...]:
         job.created_at,
         job.deadline_at,
         job.updated_at,
+        int(job.source_flagged),
+        job.picture_owner_id,
     )
 
 

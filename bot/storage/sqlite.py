@@ -212,6 +212,19 @@ class SqliteStorage:
                 " last_request_at = MAX(COALESCE(last_request_at, 0), excluded.last_request_at)",
                 (today, today, user_id),
             )
+            # The member's pictures go, and their links: in the member's own jobs, and in the copies that other
+            # members' Re-rolls and Edits made of them (jobs still under way keep theirs until they are shown).
+            await self.db.execute(
+                "DELETE FROM job_inputs WHERE job_id IN"
+                " (SELECT id FROM jobs WHERE user_id = ? AND posted_at IS NOT NULL"
+                " UNION SELECT id FROM jobs WHERE picture_owner_id = ? AND posted_at IS NOT NULL)",
+                (user_id, user_id),
+            )
+            await self.db.execute(
+                "UPDATE jobs SET request_json = json_set(request_json, '$.source_url', NULL), picture_owner_id = 0"
+                " WHERE picture_owner_id = ? AND posted_at IS NOT NULL",
+                (user_id,),
+            )
             forgotten = await self.db.execute(
                 "UPDATE jobs SET user_id = 0, request_json = json_remove(json_set(request_json, '$.prompt', '',"
                 " '$.negative_prompt', NULL, '$.source_url', NULL), '$.advanced.ip_adapter_image'),"
@@ -221,7 +234,6 @@ class SqliteStorage:
                 " WHERE user_id = ? AND posted_at IS NOT NULL",
                 (user_id,),
             )
-            await self.db.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE user_id = 0)")
             await self.db.execute("DELETE FROM member_settings WHERE user_id = ?", (user_id,))
             await self.db.execute("DELETE FROM forgotten_usage WHERE day_start < ?", (today,))
         return forgotten
@@ -501,6 +513,9 @@ class SqliteJobs:
     async def input_image(self, job_id: str) -> bytes | None:
         row = await self._db.fetch_one("SELECT image FROM job_inputs WHERE job_id = ?", (job_id,))
         return bytes(row[0]) if row else None
+
+    async def has_input(self, job_id: str) -> bool:
+        return await self._db.fetch_one("SELECT 1 FROM job_inputs WHERE job_id = ?", (job_id,)) is not None
 
     async def copy_input(self, from_job_id: str, to_job_id: str) -> bool:
         changed = await self._db.execute(

@@ -370,3 +370,10 @@ async def test_a_folder_shared_with_other_files_keeps_its_mode_but_the_database_
         pass
     assert stat.S_IMODE(shared.stat().st_mode) == 0o755
     assert stat.S_IMODE((shared / "bot.sqlite3").stat().st_mode) == 0o600
+
+
+async def test_whether_a_job_still_has_its_picture(storage: Storage):
+    await storage.jobs.insert(new_job("a" * 32))
+    assert not await storage.jobs.has_input("a" * 32)
+    await storage.jobs.save_input("a" * 32, b"png", 64, 64)
+    assert await storage.jobs.has_input("a" * 32)
