@@ -3,6 +3,8 @@ own picture is forgotten everywhere it was copied."""
 
 from __future__ import annotations
 
+import pytest
+
 from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.e2e.test_actions import child_of, first_result, press
@@ -58,6 +60,7 @@ async def test_a_remix_of_a_picture_posted_behind_a_spoiler_is_shown_behind_one(
     assert result.filename.startswith("SPOILER_")
 
 
+@pytest.mark.also_on_postgresql
 async def test_forget_deletes_the_members_picture_in_every_copy_and_a_later_reroll_is_refused(
     runner: BotRunner, discord_server: FakeDiscord, modelslab: FakeModelsLab
 ):
