@@ -33,7 +33,14 @@ async def run_bot(settings: Settings) -> None:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, lambda: asyncio.ensure_future(app.shutdown()))
         async with app.bot:
-            await app.bot.start(settings.discord_token.get_secret_value())
+            token = settings.discord_token.get_secret_value()
+            if app.bot.shards_plan.worker:
+                # No gateway shard: log in for the REST calls that post results, then drive jobs until stopped.
+                await app.bot.login(token)
+                log.info("Logged in to Discord as %s, %s", app.bot.user, app.bot.shards_plan.describe())
+                await app.bot.wait_for_close()
+            else:
+                await app.bot.start(token)
 
 
 async def _database_command(settings: Settings, action: str, to: str | None = None) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from bot.discord.client import ImagineBot, point_discord_at
+from bot.discord.client import ImagineBot, make_bot, point_discord_at
+from bot.discord.shards import IDENTIFY_SPACING, ShardPlan
 from bot.guilds.admin import GuildAdmin
 from bot.guilds.keybox import KeyBox
 from bot.images.downloader import ImageDownloader
@@ -30,10 +31,11 @@ from bot.jobs.member_history import MemberHistory
 from bot.jobs.service import DISCORD_RETRY_DELAYS, RETRY_BASE_DELAY, JobPolicy, JobService
 from bot.modelslab.catalog import ModelCatalog
 from bot.modelslab.client import ModelsLabClient
+from bot.operations import recommended_shard_count
 from bot.requests.member_defaults import MemberDefaultsService
-from bot.settings import Settings, ensure_secret_key
+from bot.settings import Settings, SettingsError, ensure_secret_key
 from bot.storage import Storage, open_storage
-from bot.storage.shared import agree_on_shared_settings
+from bot.storage.shared import agree_on_shared_settings, shard_count_of_the_bot
 from bot.web.connection_guard import ConnectionLimits, GuardedSite
 from bot.web.receiver import create_app
 from bot.web.signing import WebhookSigner
@@ -94,6 +96,7 @@ async def running_app(
     ):
         log.info("Database ready at %s (schema version %d)", storage.description, await storage.current_version())
         await agree_on_shared_settings(storage, settings)
+        shards = await _shard_plan(settings, storage, session)
         client = ModelsLabClient(
             session,
             base_url=settings.modelslab_base,
@@ -139,7 +142,9 @@ async def running_app(
             submit_retry_delay=timings.submit_retry_delay,
         )
         member_defaults = MemberDefaultsService(storage.member_defaults)
-        bot = ImagineBot(
+        bot = make_bot(
+            shards,
+            identify_turn=(lambda bucket: storage.identify_turn(bucket, IDENTIFY_SPACING)) if shards.sharded else None,
             settings=settings,
             jobs=jobs,
             guild_admin=guilds,
@@ -150,6 +155,8 @@ async def running_app(
         )
 
         async def healthy() -> bool:
+            if shards.worker:  # no gateway: logged in (REST) is all it needs
+                return bot.user is not None and not bot.is_closed()
             return bot.is_ready() and not bot.is_closed()
 
         # access_log=None: the access log would print webhook URLs, and their tokens, in full.
@@ -173,6 +180,16 @@ async def running_app(
                 await jobs.close()
         finally:
             await runner.cleanup()
+
+
+async def _shard_plan(settings: Settings, storage: Storage, session: aiohttp.ClientSession) -> ShardPlan:
+    count = await shard_count_of_the_bot(storage, settings, lambda: recommended_shard_count(settings, session))
+    try:
+        plan = settings.shard_plan(count)
+    except ValueError as exc:
+        raise SettingsError(f"SHARD_IDS: {exc}.") from None
+    log.info("Gateway: %s", plan.describe())
+    return plan
 
 
 async def _secret_key(settings: Settings) -> bytes:

@@ -16,7 +16,7 @@ import aiohttp
 from bot import PROJECT_URL, __version__
 from bot.discord.texts import failure_sentence
 from bot.modelslab.client import ErrorKind, ModelsLabClient
-from bot.settings import Settings
+from bot.settings import Settings, SettingsError
 from bot.storage import Storage, StorageError, open_storage
 from bot.storage.shared import disagreements, shared_values
 
@@ -86,6 +86,21 @@ def open_to_strangers(bot_public: bool | None, settings: Settings) -> str | None
         f"so anyone who adds the bot to a server generates on MODELSLAB_API_KEY {how_much}; turn Public Bot off "
         f"(developer portal → Bot) {fix}."
     )
+
+
+async def recommended_shard_count(settings: Settings, session: aiohttp.ClientSession) -> int:
+    """Discord's recommendation for `SHARD_COUNT=auto` (GET /gateway/bot)."""
+    base = settings.discord_api_base.rstrip("/")
+    headers = {"Authorization": f"Bot {settings.discord_token.get_secret_value()}", "User-Agent": USER_AGENT}
+    try:
+        async with session.get(f"{base}/gateway/bot", headers=headers) as response:
+            body = await response.json(content_type=None) if response.status == 200 else {}
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise SettingsError(f"SHARD_COUNT=auto: Discord could not be asked for its recommendation ({exc}).") from exc
+    shards = body.get("shards") if isinstance(body, dict) else None
+    if not isinstance(shards, int) or shards < 1:
+        raise SettingsError(f"SHARD_COUNT=auto: Discord answered HTTP {response.status} without a shard count.")
+    return shards
 
 
 async def discord_application(settings: Settings, session: aiohttp.ClientSession) -> DiscordApplication:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.discord.shards import ShardPlan, parse_shard_count, parse_shard_ids
 
 DEFAULT_DISCORD_API_BASE = "https://discord.com/api/v10"
 SECRET_KEY_FILE_NAME = "secret.key"
@@ -17,6 +20,10 @@ SECRET_KEY_FILE_NAME = "secret.key"
 
 class SettingsError(Exception):
     """The settings are unusable; the message says what to fix, in plain words."""
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Settings(BaseSettings):
@@ -48,6 +55,21 @@ class Settings(BaseSettings):
         None, description="postgresql://user:password@host:port/db: PostgreSQL, for several processes; unset: SQLite."
     )
     database_pool_size: int = Field(10, ge=1, le=1000, description="Connections each process keeps to PostgreSQL.")
+    shard_count: int | Literal["auto"] | None = Field(
+        None, description="Gateway shards of the whole bot: a number, or auto (Discord's recommendation); unset: none."
+    )
+    shard_ids: str | None = Field(
+        None, description="This process's shards (0-3, 0,2, all); empty with SHARD_COUNT: a worker, no gateway."
+    )
+    worker_id: str = Field(
+        default_factory=lambda: default_worker_id(),
+        min_length=1,
+        max_length=100,
+        description="This process's name in the database's job leases (default: host and process id).",
+    )
+    lease_seconds: float = Field(
+        30, ge=5, le=3600, description="A process that stops renewing its jobs loses them to the others after this."
+    )
     webhook_host: str = Field("0.0.0.0", description="Interface the webhook receiver listens on.")
     webhook_port: int = Field(8080, ge=0, le=65535, description="Port the webhook receiver listens on (0: any).")
     public_url: AnyHttpUrl | None = Field(None, description="Public base URL of the receiver; unset: polling only.")
@@ -89,6 +111,7 @@ class Settings(BaseSettings):
         "discord_dev_guild_id",
         "public_url",
         "database_url",
+        "shard_ids",
         mode="before",
     )
     @classmethod
@@ -104,6 +127,47 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters long (or unset, to have one generated)")
         return value
+
+    @field_validator("worker_id", mode="before")
+    @classmethod
+    def _blank_worker_id_is_the_default(cls, value: object) -> object:
+        return default_worker_id() if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("shard_count", mode="before")
+    @classmethod
+    def _shard_count(cls, value: object) -> object:
+        return parse_shard_count(value) if isinstance(value, str) else value
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _shard_ids(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_shard_ids(value)
+        return value
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> Settings:
+        if self.shard_ids is not None and self.shard_count is None:
+            raise ValueError("SHARD_IDS needs SHARD_COUNT (the shards of the whole bot)")
+        if self.shard_count is not None:
+            ids = parse_shard_ids(self.shard_ids) if self.shard_ids is not None else ()
+            if isinstance(self.shard_count, int):
+                every = self.shard_plan(self.shard_count).holds_every_shard  # (and every id is a shard of the count)
+            else:
+                every = ids is None  # auto: only "all" can be known to hold every shard
+            if self.database_url is None and not every:
+                raise ValueError(
+                    "several processes can share one bot only on PostgreSQL (DATABASE_URL); on SQLite one process "
+                    "holds every shard: set SHARD_IDS=all"
+                )
+        return self
+
+    def shard_plan(self, count: int | None) -> ShardPlan:
+        """This process's shards, once `SHARD_COUNT=auto` is resolved to `count` (None: unsharded)."""
+        if self.shard_count is None:
+            return ShardPlan(None)
+        ids = parse_shard_ids(self.shard_ids) if self.shard_ids is not None else ()
+        return ShardPlan(count, ids)
 
     @field_validator("metrics_token")
     @classmethod

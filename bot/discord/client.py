@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import discord
@@ -13,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.presenter import CancelJobButton, DiscordPresenter
+from bot.discord.shards import UNSHARDED, ShardPlan
 from bot.errors import UserFacingError
 from bot.guilds.admin import GuildAdmin
 from bot.jobs.member_history import MemberHistory
@@ -120,9 +123,14 @@ class ImagineBot(commands.Bot):
         member_defaults: MemberDefaultsService,
         history: MemberHistory,
         guild_ready_timeout: float = 2.0,
+        shards: ShardPlan = UNSHARDED,
+        identify_turn: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
+        sharding: dict[str, Any] = {}
+        if shards.sharded:
+            sharding = {"shard_count": shards.count, "shard_ids": list(shards.ids) if shards.ids is not None else None}
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -131,7 +139,12 @@ class ImagineBot(commands.Bot):
             guild_ready_timeout=guild_ready_timeout,
             allowed_mentions=discord.AllowedMentions.none(),
             http_trace=user_agent_trace(),
+            **sharding,
         )
+        self.shards_plan = shards
+        self._identify_turn = identify_turn
+        self._max_concurrency: int | None = None
+        self._closed_event = asyncio.Event()
         self.settings = settings
         self.jobs = jobs
         self.guild_admin = guild_admin
@@ -157,7 +170,8 @@ class ImagineBot(commands.Bot):
         self.jobs.attach_presenter(
             DiscordPresenter(self, job_timeout=self.jobs.timeout, result_view=lambda job, n: self._result_view(job, n))
         )
-        await self.sync_commands()
+        if self.shards_plan.syncs_commands:
+            await self.sync_commands()
         await self.jobs.resume()
 
     def _result_view(self, job: Job, shown_images: int) -> discord.ui.View | None:
@@ -174,6 +188,44 @@ class ImagineBot(commands.Bot):
             synced = await self.tree.sync()
             log.info("Synced %d global command(s); Discord may take a while to show them everywhere", len(synced))
 
+    async def wait_for_close(self) -> None:
+        """A worker has no gateway loop to wait on: it waits for `close()` (SIGTERM)."""
+        while not self.is_closed():
+            await self._closed_event.wait()
+
+    async def close(self) -> None:
+        await super().close()
+        self._closed_event.set()
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Discord takes `max_concurrency` IDENTIFYs per 5 s (one per bucket, `shard_id % max_concurrency`), counted
+        for the whole bot: the processes of a sharded bot take turns through the database. Unsharded: discord.py's
+        own spacing."""
+        if self._identify_turn is None or shard_id is None:
+            await super().before_identify_hook(shard_id, initial=initial)
+            return
+        if self._max_concurrency is None:
+            limits = await self.http.get_bot_gateway()
+            self._max_concurrency = max(int(limits[2].get("max_concurrency", 1)), 1)
+        await self._identify_turn(shard_id % self._max_concurrency)
+
     async def on_ready(self) -> None:
         assert self.user is not None
-        log.info("Connected to Discord as %s (%s) in %d server(s)", self.user, self.user.id, len(self.guilds))
+        log.info(
+            "Connected to Discord as %s (%s) in %d server(s), %s",
+            self.user,
+            self.user.id,
+            len(self.guilds),
+            self.shards_plan.describe(),
+        )
+
+
+class ShardedImagineBot(ImagineBot, commands.AutoShardedBot):
+    """The same bot on several gateway shards (`SHARD_COUNT`): each process runs the shards `SHARD_IDS` names."""
+
+
+def make_bot(shards: ShardPlan, **kwargs: Any) -> ImagineBot:
+    """A plain bot unsharded (as a small bot runs), an auto-sharded one with `SHARD_COUNT`."""
+    if shards.sharded:
+        return ShardedImagineBot(shards=shards, **kwargs)
+    return ImagineBot(shards=shards, **kwargs)

@@ -229,6 +229,11 @@ class Storage(Protocol):
         recorded now. Processes starting together agree on the first one's."""
         ...
 
+    async def identify_turn(self, bucket: int, spacing: float) -> None:
+        """Wait until this IDENTIFY rate-limit bucket is free across every process of the bot, and keep it for
+        `spacing` seconds after returning (Discord takes one IDENTIFY per bucket per 5 s)."""
+        ...
+
     async def forget_member(self, user_id: int, now: float) -> int:
         """/history forget, in one transaction across the repositories: the member's finished jobs everywhere are
         anonymised (no prompt, no results, no message, user 0; the counts stay), their pictures and /settings

@@ -70,6 +70,8 @@ LOCK_TIMEOUT = 5.0
 # A statement that has not answered by then is given up (the server, or the network to it, is in trouble).
 COMMAND_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
+# The namespace of the IDENTIFY turn locks (two-int advisory keys: this, then the rate-limit bucket).
+IDENTIFY_LOCK_SPACE = 0x1D3F
 # Waits before trying again after a lost connection (a read, or a change that cannot have been kept) or a refused one.
 RETRY_DELAYS = (0.0, 0.25, 1.0)
 RUNNING = ", ".join(f"'{status.value}'" for status in UNFINISHED)
@@ -290,10 +292,13 @@ def _is_closed(connection: asyncpg.Connection) -> bool:
 class PostgresStorage:
     """The `Storage` on one PostgreSQL database, shared with any number of other processes."""
 
-    def __init__(self, pool: asyncpg.Pool, description: str, migrations: Path) -> None:
+    def __init__(self, pool: asyncpg.Pool, description: str, migrations: Path, url: str = "") -> None:
         self.db = PostgresDatabase(pool)
         self._description = description
         self._migrations = migrations
+        self._url = url
+        self._identify_pool: asyncpg.Pool | None = None
+        self._identify_holds: set[asyncio.Task[None]] = set()
         self.jobs = PostgresJobs(self.db)
         self.guilds = PostgresGuilds(self.db)
         self.member_defaults = PostgresMemberDefaults(self.db)
@@ -345,11 +350,12 @@ class PostgresStorage:
             reason = str(exc).strip().rstrip(".") or type(exc).__name__
             raise StorageError(f"Cannot connect to the {description}: {reason}.") from exc
         try:
-            storage = cls(pool, description, migrations)
+            storage = cls(pool, description, migrations, url)
             if upgrade:
                 await storage.upgrade()
             yield storage
         finally:
+            await storage._close_identify_pool()
             try:
                 await asyncio.wait_for(pool.close(), timeout=10)
             except TimeoutError:
@@ -390,6 +396,42 @@ class PostgresStorage:
         )
         # A statement of its own: its snapshot includes the row of a process whose insert won the conflict.
         return str(await self.db.fetchval("SELECT value FROM shared_settings WHERE name = $1", name))
+
+    async def identify_turn(self, bucket: int, spacing: float) -> None:
+        """A session advisory lock per bucket, held `spacing` seconds after the turn is taken. Its connection comes
+        from a small pool of its own (no lock timeout; asyncpg's reset releases every session lock when the connection
+        goes back), never the main pool, whose connections must hold no session state. A process that dies frees
+        its lock with its connection."""
+        if self._identify_pool is None:
+            import asyncpg
+
+            self._identify_pool = await asyncpg.create_pool(
+                self._url, min_size=0, max_size=4, timeout=CONNECT_TIMEOUT, server_settings={"lock_timeout": "0"}
+            )
+        pool = self._identify_pool
+        connection = await pool.acquire()
+        try:
+            await connection.execute("SELECT pg_advisory_lock($1::integer, $2::integer)", IDENTIFY_LOCK_SPACE, bucket)
+        except BaseException:
+            await pool.release(connection)
+            raise
+
+        async def hold() -> None:
+            try:
+                await asyncio.sleep(spacing)
+            finally:
+                await pool.release(connection)  # the reset unlocks it
+
+        task = asyncio.create_task(hold(), name=f"identify-bucket-{bucket}")
+        self._identify_holds.add(task)
+        task.add_done_callback(self._identify_holds.discard)
+
+    async def _close_identify_pool(self) -> None:
+        for task in list(self._identify_holds):
+            task.cancel()
+        await asyncio.gather(*self._identify_holds, return_exceptions=True)
+        if self._identify_pool is not None:
+            await self._identify_pool.close()
 
     async def forget_member(self, user_id: int, now: float) -> int:
         today = day_start(now)

@@ -8,13 +8,18 @@ refuses to start. A single SQLite process is not checked: its settings are the o
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from bot.settings import Settings, SettingsError
 from bot.storage.ports import Storage
 
 
 def shared_values(settings: Settings) -> dict[str, str]:
     """This process's values of the shared settings, by environment name."""
-    return {"MODELSLAB_MAX_QUEUED": str(settings.modelslab_max_queued)}
+    values = {"MODELSLAB_MAX_QUEUED": str(settings.modelslab_max_queued)}
+    if isinstance(settings.shard_count, int):  # SHARD_COUNT=auto is resolved once, by `shard_count_of_the_bot`
+        values["SHARD_COUNT"] = str(settings.shard_count)
+    return values
 
 
 def disagreement(name: str, mine: str, recorded: str) -> str:
@@ -33,6 +38,24 @@ async def agree_on_shared_settings(storage: Storage, settings: Settings) -> None
         recorded = await storage.record_shared_setting(name, mine)
         if recorded != mine:
             raise SettingsError(disagreement(name, mine, recorded) + ".")
+
+
+async def shard_count_of_the_bot(
+    storage: Storage, settings: Settings, ask_discord: Callable[[], Awaitable[int]]
+) -> int | None:
+    """`SHARD_COUNT` for this process: its own number, or with `auto` the one the bot's processes agreed on (the
+    first process asks Discord and records the answer, so that every process routes servers to the same shards)."""
+    if settings.shard_count is None:
+        return None
+    if isinstance(settings.shard_count, int):
+        return settings.shard_count
+    recorded = (await storage.shared_settings()).get("SHARD_COUNT")
+    if recorded is None:
+        recommended = str(await ask_discord())
+        recorded = (
+            await storage.record_shared_setting("SHARD_COUNT", recommended) if settings.database_url else recommended
+        )
+    return int(recorded)
 
 
 async def disagreements(storage: Storage, settings: Settings) -> list[str]:

@@ -118,6 +118,7 @@ class SqliteStorage:
         self.db = SqliteConnection(connection)
         self.path = path
         self._migrations = migrations
+        self._identify_locks: dict[int, asyncio.Lock] = {}
         self.jobs = SqliteJobs(self.db)
         self.guilds = SqliteGuilds(self.db)
         self.member_defaults = SqliteMemberDefaults(self.db)
@@ -199,6 +200,12 @@ class SqliteStorage:
         row = await self.db.fetch_one("SELECT value FROM shared_settings WHERE name = ?", (name,))
         assert row is not None
         return str(row[0])
+
+    async def identify_turn(self, bucket: int, spacing: float) -> None:
+        # One process on SQLite: its own shards take turns.
+        lock = self._identify_locks.setdefault(bucket, asyncio.Lock())
+        await lock.acquire()
+        asyncio.get_running_loop().call_later(spacing, lock.release)
 
     async def forget_member(self, user_id: int, now: float) -> int:
         today = day_start(now)
