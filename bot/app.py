@@ -96,6 +96,7 @@ async def running_app(
     ):
         log.info("Database ready at %s (schema version %d)", storage.description, await storage.current_version())
         await agree_on_shared_settings(storage, settings)
+        await storage.events.start()
         shards = await _shard_plan(settings, storage, session)
         client = ModelsLabClient(
             session,
@@ -112,6 +113,7 @@ async def running_app(
             default_api_key=api_key,
             allow_default_key=settings.allow_default_key,
             default_key_guild_daily=settings.default_key_guild_daily,
+            events=storage.events,
         )
         if settings.secret_key is None and await guilds.any_server_key():
             log.warning(
@@ -141,7 +143,7 @@ async def running_app(
             discord_retry_delays=timings.discord_retry_delays,
             submit_retry_delay=timings.submit_retry_delay,
         )
-        member_defaults = MemberDefaultsService(storage.member_defaults)
+        member_defaults = MemberDefaultsService(storage.member_defaults, storage.events)
         bot = make_bot(
             shards,
             identify_turn=(lambda bucket: storage.identify_turn(bucket, IDENTIFY_SPACING)) if shards.sharded else None,

@@ -27,6 +27,7 @@ from bot.log import register_secret
 from bot.modelslab.client import ErrorKind, ModelsLabClient
 from bot.requests.flags import parse_flags
 from bot.requests.generation import SIDE_MIN
+from bot.storage.events import Events, LocalEvents
 from bot.storage.ports import GuildRepository, JobRepository
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class GuildAdmin:
         default_api_key: str | None,
         allow_default_key: bool,
         default_key_guild_daily: int = 0,
+        events: Events | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._guilds = guilds
@@ -85,15 +87,33 @@ class GuildAdmin:
         self._default_key_guild_daily = default_key_guild_daily
         self._clock = clock
         self._unreadable_reported: set[int] = set()
-        # Read before every acknowledgement, changed only through this class: kept in memory.
+        # Read before every acknowledgement, changed only through this class (in this process or another, which
+        # says so through the database's events): kept in memory.
         self._configs: dict[int, GuildConfig] = {}
         self._keys: dict[int, str | None] = {}
+        self._events = events or LocalEvents()
+        self._events.subscribe("guild", self._on_changed_elsewhere)
+        self._events.on_reconnect(self.forget_every_cached)
 
     async def config(self, guild_id: int) -> GuildConfig:
         config = self._configs.get(guild_id)
         if config is None:
             config = self._configs[guild_id] = await self._guilds.config(guild_id)
         return config
+
+    async def _changed(self, guild_id: int) -> None:
+        """This process changed the server's settings: its own cache goes now, every other process's too."""
+        self._forget_cached(guild_id)
+        await self._events.publish("guild", str(guild_id))
+
+    def _on_changed_elsewhere(self, detail: str) -> None:
+        if detail.isdigit():
+            self._forget_cached(int(detail))
+
+    def forget_every_cached(self) -> None:
+        """Events may have been missed (the database's event connection was lost): read everything afresh."""
+        self._configs.clear()
+        self._keys.clear()
 
     def _forget_cached(self, guild_id: int) -> None:
         self._configs.pop(guild_id, None)
@@ -141,14 +161,14 @@ class GuildAdmin:
             guild_id, api_key_ciphertext=self._keybox.seal(guild_id, api_key), api_key_last4=last4(api_key)
         )
         register_secret(api_key)  # accepted and stored: from now on a real secret (never before: see register_secret)
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
         self._unreadable_reported.discard(guild_id)
         log.info("Server %s set its ModelsLab API key", guild_id)
         return last4(api_key)
 
     async def clear_api_key(self, guild_id: int) -> None:
         await self._guilds.update(guild_id, api_key_ciphertext=None, api_key_last4=None)
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
         log.info("Server %s removed its ModelsLab API key", guild_id)
 
     def uses_operator_key(self, config: GuildConfig) -> bool:
@@ -180,7 +200,7 @@ class GuildAdmin:
                 raise Refused(f"`{name}` must be from 0 (no limit) to {MAX_LIMIT}.")
             changes[columns[name]] = value
         await self._guilds.update(guild_id, **changes)
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
         return await self.config(guild_id)
 
     async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
@@ -195,7 +215,7 @@ class GuildAdmin:
         if user_daily is not None and role_id not in config.role_limits and len(config.role_limits) >= MAX_ROLE_LIMITS:
             raise Refused(f"A server can have at most {MAX_ROLE_LIMITS} role limits: remove one first.")
         await self._guilds.set_role_limit(guild_id, role_id, user_daily)
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
 
     def limits_for(self, config: GuildConfig, role_ids: Iterable[int]) -> Limits:
         """The limits of a member's request: the server's, and DEFAULT_KEY_GUILD_DAILY if it runs on the operator's
@@ -219,34 +239,34 @@ class GuildAdmin:
                 raise Refused(f"At most {MAX_ALLOWED_CHANNELS} channels can be listed: remove one first.")
             channels.append(channel_id)
         await self._guilds.update(guild_id, allowed_channels_json=json.dumps(channels))
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
         return await self.config(guild_id)
 
     async def allow_everywhere(self, guild_id: int) -> None:
         await self._guilds.update(guild_id, allowed_channels_json="[]")
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
 
     async def set_gallery(self, guild_id: int, channel_id: int | None) -> None:
         await self._guilds.update(guild_id, gallery_channel_id=channel_id)
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
 
     async def set_nsfw_policy(self, guild_id: int, policy: NsfwPolicy) -> None:
         await self._guilds.update(guild_id, nsfw_policy=policy)
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
 
     async def add_blocklist_rule(self, guild_id: int, rule: str, added_by: int) -> str:
         pattern = normalise_rule(rule)
         check_new_rule(pattern, (await self.config(guild_id)).blocklist)
         if not await self._guilds.add_blocklist_rule(guild_id, pattern, added_by):
             raise Refused(f"`{pattern}` is already on the blocklist.")
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
         return pattern
 
     async def remove_blocklist_rule(self, guild_id: int, rule: str) -> str:
         pattern = normalise_rule(rule)
         if not await self._guilds.remove_blocklist_rule(guild_id, pattern):
             raise Refused(f"`{pattern}` is not on the blocklist.")
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
         return pattern
 
     async def presets(self, guild_id: int) -> dict[str, str]:
@@ -277,5 +297,5 @@ class GuildAdmin:
 
     async def set_defaults(self, guild_id: int, **changes: object) -> GuildConfig:
         await self._guilds.update(guild_id, **changes)
-        self._forget_cached(guild_id)
+        await self._changed(guild_id)
         return await self.config(guild_id)

@@ -42,5 +42,5 @@ class MemberHistory:
     async def forget(self, user_id: int, now: float) -> int:
         """/history forget: see `Storage.forget_member`. Returns how many jobs were forgotten."""
         forgotten = await self._storage.forget_member(user_id, now)
-        self._member_defaults.forget_member(user_id)
+        await self._member_defaults.forget_member(user_id)
         return forgotten

@@ -25,6 +25,7 @@ from bot.requests.generation import (
     step_rule,
 )
 from bot.requests.styles import ENHANCE_STYLES
+from bot.storage.events import Events, LocalEvents
 from bot.storage.ports import MemberDefaultsRepository
 
 ASPECTS = ("1:1", "4:5", "5:4", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "1:2", "2:1", "9:21", "21:9")
@@ -165,9 +166,16 @@ class MemberDefaultsService:
 
     CACHE_SIZE = 10_000
 
-    def __init__(self, store: MemberDefaultsRepository) -> None:
+    def __init__(self, store: MemberDefaultsRepository, events: Events | None = None) -> None:
         self._store = store
         self._cache: OrderedDict[tuple[int, int], MemberDefaults] = OrderedDict()
+        # A member's settings changed in another process (or all of them forgotten): read them afresh.
+        self._events = events or LocalEvents()
+        self._events.subscribe("member", self._changed_elsewhere)
+        self._events.subscribe(
+            "member-forgotten", lambda user: self._drop_member(int(user)) if user.isdigit() else None
+        )
+        self._events.on_reconnect(self._cache.clear)
 
     async def get(self, guild_id: int, user_id: int) -> MemberDefaults:
         key = (guild_id, user_id)
@@ -184,17 +192,28 @@ class MemberDefaultsService:
         settings = replace(await self.get(guild_id, user_id), **changes)
         await self._store.save(guild_id, user_id, settings.to_row(), time.time())
         self._remember((guild_id, user_id), settings)
+        await self._events.publish("member", f"{guild_id}:{user_id}")
         return settings
 
     async def reset(self, guild_id: int, user_id: int) -> MemberDefaults:
         await self._store.delete(guild_id, user_id)
         self._remember((guild_id, user_id), MemberDefaults())
+        await self._events.publish("member", f"{guild_id}:{user_id}")
         return MemberDefaults()
 
-    def forget_member(self, user_id: int) -> None:
+    async def forget_member(self, user_id: int) -> None:
         """After /history forget deleted their rows everywhere."""
+        self._drop_member(user_id)
+        await self._events.publish("member-forgotten", str(user_id))
+
+    def _drop_member(self, user_id: int) -> None:
         for key in [k for k in self._cache if k[1] == user_id]:
             del self._cache[key]
+
+    def _changed_elsewhere(self, detail: str) -> None:
+        guild, _, user = detail.partition(":")
+        if guild.isdigit() and user.isdigit():
+            self._cache.pop((int(guild), int(user)), None)
 
     def _remember(self, key: tuple[int, int], settings: MemberDefaults) -> None:
         self._cache[key] = settings

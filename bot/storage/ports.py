@@ -19,6 +19,7 @@ from bot.jobs.model import Job
 from bot.requests.generation import GenerationRequest
 
 if TYPE_CHECKING:
+    from bot.storage.events import Events
     from bot.storage.migrations import Migration
 
 
@@ -204,6 +205,11 @@ class Storage(Protocol):
 
     @property
     def member_defaults(self) -> MemberDefaultsRepository: ...
+
+    @property
+    def events(self) -> Events:
+        """What this process changes that the others must hear of at once (and what they change)."""
+        ...
 
     @property
     def description(self) -> str:

@@ -45,6 +45,7 @@ from bot.jobs.model import UNFINISHED, Job, JobStatus
 from bot.log import register_secret
 from bot.requests.generation import GenerationRequest
 from bot.storage import postgres_migrations
+from bot.storage.events import PostgresEvents
 from bot.storage.migrations import Migration, latest_version
 from bot.storage.ports import StorageBusy, StorageError, StorageFull
 from bot.storage.rows import (
@@ -298,6 +299,7 @@ class PostgresStorage:
         self._migrations = migrations
         self._url = url
         self._identify_pool: asyncpg.Pool | None = None
+        self.events = PostgresEvents(url, pool)
         self._identify_holds: set[asyncio.Task[None]] = set()
         self.jobs = PostgresJobs(self.db)
         self.guilds = PostgresGuilds(self.db)
@@ -355,6 +357,7 @@ class PostgresStorage:
                 await storage.upgrade()
             yield storage
         finally:
+            await storage.events.close()
             await storage._close_identify_pool()
             try:
                 await asyncio.wait_for(pool.close(), timeout=10)

@@ -27,6 +27,7 @@ from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job, JobStatus
 from bot.requests.generation import GenerationRequest
 from bot.settings import private_directory, private_file
+from bot.storage.events import LocalEvents
 from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
 from bot.storage.ports import StorageBusy, StorageError, StorageFull
 from bot.storage.rows import (
@@ -119,6 +120,7 @@ class SqliteStorage:
         self.path = path
         self._migrations = migrations
         self._identify_locks: dict[int, asyncio.Lock] = {}
+        self.events = LocalEvents()
         self.jobs = SqliteJobs(self.db)
         self.guilds = SqliteGuilds(self.db)
         self.member_defaults = SqliteMemberDefaults(self.db)

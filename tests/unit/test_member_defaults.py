@@ -112,7 +112,7 @@ async def test_forgetting_a_member_deletes_their_settings_everywhere(storage: St
     await store.insert(replace(job, request=replace(job.request, advanced=face)))
     await store.mark_posted(job.id)
     await storage.forget_member(3, time.time())
-    service.forget_member(3)
+    await service.forget_member(3)
     assert await service.get(1, 3) == MemberDefaults() and await service.get(2, 3) == MemberDefaults()
     assert (await service.get(1, 4)).steps == 14
     forgotten = await store.get(job.id)
