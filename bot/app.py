@@ -70,6 +70,7 @@ class App:
         log.info("Shutting down: no new jobs; finishing the results being posted")
         await self.jobs.drain()
         await self.jobs.close()
+        await self.jobs.hand_over()
         await self.bot.close()
         log.info("Stopped; waiting jobs stay queued for the next start")
 
@@ -139,9 +140,15 @@ async def running_app(
                 timeout=settings.modelslab_job_timeout,
                 webhook_base=settings.public_base,
                 max_queued=settings.modelslab_max_queued,
+                shared=settings.database_url is not None,
+                lease_seconds=settings.lease_seconds,
+                worker_id=settings.worker_id,
             ),
             discord_retry_delays=timings.discord_retry_delays,
             submit_retry_delay=timings.submit_retry_delay,
+            leases=storage.leases,
+            line=storage.queue,
+            events=storage.events,
         )
         member_defaults = MemberDefaultsService(storage.member_defaults, storage.events)
         bot = make_bot(

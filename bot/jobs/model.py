@@ -67,6 +67,7 @@ class Job:
     parent_job_id: str | None = None
     source_flagged: bool = False  # made from an image flagged NSFW (or posted behind a spoiler)
     picture_owner_id: int | None = None  # the member whose own picture it works from
+    owner: str | None = None  # the process that drives it (WORKER_ID), until its lease runs out
 
     @property
     def flagged(self) -> bool:

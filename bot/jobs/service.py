@@ -37,16 +37,19 @@ from bot.guilds.keybox import KeyBox
 from bot.guilds.rules import Limits, Refused, explain_refusal
 from bot.images.downloader import ImageDownloader
 from bot.jobs.fair_queue import FairQueue
+from bot.jobs.leases import LeaseKeeper
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue
 from bot.jobs.posting import DISCORD_RETRY_DELAYS, INPUT_RETENTION, ResultPoster
 from bot.jobs.progress import ProgressReporter
 from bot.jobs.records import reload_job
+from bot.jobs.shared_queue import SharedQueue
 from bot.jobs.submission import RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
 from bot.jobs.waiting import AnswerRecorder, ResultWaiter, Wakeups, WebhookIntake
 from bot.modelslab.client import ApiFlavour, ErrorKind, ModelsLabClient
 from bot.requests.generation import GenerationRequest
-from bot.storage.ports import JobRepository
+from bot.storage.events import Events, LocalEvents
+from bot.storage.ports import JobRepository, LeaseRepository, QueueRepository
 from bot.web.metrics import Metrics
 from bot.web.signing import WebhookSigner
 
@@ -61,6 +64,9 @@ class JobPolicy:
     timeout: float
     webhook_base: str | None  # PUBLIC_URL, or None for polling only
     max_queued: int = 5  # MODELSLAB_MAX_QUEUED: jobs of one key at ModelsLab at once
+    shared: bool = False  # several processes on one database (PostgreSQL): leases, the line in the database
+    lease_seconds: float = 30.0  # LEASE_SECONDS
+    worker_id: str = "local"  # WORKER_ID: this process, as the jobs' owner
 
 
 class JobService:
@@ -80,8 +86,13 @@ class JobService:
         clock: Callable[[], float] = time.time,
         discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS,
         submit_retry_delay: float = RETRY_BASE_DELAY,
+        leases: LeaseRepository | None = None,
+        line: QueueRepository | None = None,
+        events: Events | None = None,
     ) -> None:
         self._store = store
+        self._events = events or LocalEvents()
+        self._leases = leases
         self._settings = settings
         self._guilds = guilds
         self.metrics = metrics = metrics or Metrics()
@@ -92,7 +103,11 @@ class JobService:
         webhook_base = settings.webhook_base
 
         # The parts, in the order a job meets them; each gets what it uses, and nothing else.
-        self._queue: JobQueue = FairQueue(settings.max_queued, on_change=self._line_changed)
+        self._queue: JobQueue
+        if settings.shared and line is not None:
+            self._queue = SharedQueue(line, settings.max_queued, self._events, on_change=self._line_changed)
+        else:
+            self._queue = FairQueue(settings.max_queued, on_change=self._line_changed)
         metrics.queue_depths = self._queue.depths
         self._progress = ProgressReporter(store=store, queue=self._queue)
         self._wakeups = Wakeups()
@@ -111,6 +126,7 @@ class JobService:
             metrics=metrics,
             timeout=settings.timeout,
             clock=clock,
+            line=line if settings.shared else None,
         )
         self._submitter = Submitter(
             store=store,
@@ -138,6 +154,21 @@ class JobService:
             clock=clock,
         )
         self._webhooks = WebhookIntake(store=store, wake=self.wake)
+        self._keeper = (
+            LeaseKeeper(
+                leases,
+                self._events,
+                shared=settings.shared,
+                lease_seconds=settings.lease_seconds,
+                adopt=self._adopt,
+                lose=self._lose,
+                driving=lambda: set(self._tasks),
+            )
+            if leases is not None
+            else None
+        )
+        self._events.subscribe("job", self._heard_of_job)
+        self._events.subscribe("cancelled", self._heard_of_cancel)
         self._poster = ResultPoster(
             store=store,
             guilds=guilds,
@@ -252,7 +283,10 @@ class JobService:
             return "This job was already sent to ModelsLab (or is finished), so it can no longer be cancelled."
         log.info("Job %s cancelled by member %s", job_id, by_user_id)
         if not self._queue.cancel(job_id):
-            self.start(job_id)  # no driver waiting in line (e.g. between two tries): one will post the outcome
+            if job.owner == self._settings.worker_id:
+                self.start(job_id)  # no driver waiting in line (e.g. between two tries): one will post the outcome
+            else:
+                await self._events.publish("cancelled", job_id)  # its own process takes it out of its line
         return "Cancelled: it will not be sent, and it does not count against the quota."
 
     # ------------------------------------------------------------------------------------------ running
@@ -283,13 +317,37 @@ class JobService:
         The queue is rebuilt before any driver runs (see `Submitter.restore_line`).
         """
         await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
-        jobs = await self._store.needing_work()
-        await self._submitter.restore_line(jobs)
-        for job in jobs:
-            self.start(job.id)
+        jobs = await self._keeper.claim_at_start() if self._keeper is not None else await self._store.needing_work()
+        await self._adopt(jobs)
         if jobs:
             log.info("Resuming %d unfinished job(s)", len(jobs))
         return len(jobs)
+
+    async def _adopt(self, jobs: list[Job]) -> None:
+        """Carry on jobs this process now owns (at start, or taken over from a process that stopped)."""
+        await self._submitter.restore_line(jobs)
+        for job in jobs:
+            self.start(job.id)
+
+    def _lose(self, job_id: str) -> None:
+        """Another process may drive this job now: stop driving it here (its state stays in the database)."""
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+
+    def _heard_of_job(self, job_id: str) -> None:
+        """Another process says this process's job may be done (a webhook reached it): look now."""
+        if job_id in self._tasks:
+            self._wakeups.set(job_id)
+
+    def _heard_of_cancel(self, job_id: str) -> None:
+        if job_id in self._tasks and not self._queue.cancel(job_id):
+            self._wakeups.set(job_id)
+
+    async def hand_over(self) -> None:
+        """After `close()` at a graceful stop: this process's jobs go to the others at once (several processes)."""
+        if self._keeper is not None:
+            await self._keeper.hand_over()
 
     async def wait_idle(self) -> None:
         """Wait until no job is being driven (tests and graceful shutdown)."""
@@ -309,16 +367,24 @@ class JobService:
         """Stop every driver. A submit call under way is let finish (within `grace`) and its answer recorded:
         cut off, its job could be paid at ModelsLab and yet reported lost."""
         self._closing = True
+        if self._keeper is not None:
+            await self._keeper.stop()
         self._progress.close()
         drivers = list(self._tasks.values())
         for task in drivers:
             task.cancel()
         await asyncio.gather(*drivers, self._progress.wait_closed(), return_exceptions=True)
+        if isinstance(self._queue, SharedQueue):
+            await self._queue.close()
         await self._sender.wait_in_flight(grace=grace)
 
     async def _drive(self, job_id: str) -> None:
         job = await self._store.get(job_id)
         if job is None:
+            return
+        if job.owner != self._settings.worker_id:
+            # Another process drives it (a webhook or a button reached this one): tell that process instead.
+            await self._events.publish("job", job_id)
             return
         try:
             if job.status is JobStatus.QUEUED and job.message_id is None:

@@ -30,7 +30,7 @@ from bot.jobs.progress import ProgressReporter
 from bot.jobs.records import fail_job, reload_job
 from bot.jobs.waiting import AnswerRecorder, Wakeups
 from bot.modelslab.client import Answer, ApiFlavour, ErrorKind, Failure, GenerationKind, ModelsLabClient
-from bot.storage.ports import JobRepository
+from bot.storage.ports import JobRepository, QueueRepository
 from bot.web.metrics import Metrics
 from bot.web.signing import WebhookSigner
 
@@ -117,17 +117,28 @@ class PayloadBuilder:
 class RecentPayloads:
     """The payloads sent per key in the last `SPAM_WINDOW` seconds: ModelsLab refuses an identical one."""
 
-    def __init__(self, *, store: JobRepository, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, *, store: JobRepository, clock: Callable[[], float] = time.time, line: QueueRepository | None = None
+    ) -> None:
         self._store = store
         self._clock = clock
         self._sent_at: dict[tuple[str, str], float] = {}
+        # Several processes: the payloads are recorded in the database, so that the rule holds whoever sends.
+        self._line = line
+        self._stamping: set[asyncio.Task[None]] = set()
 
     def stamp(self, key: str, job: Job) -> None:
         self._sent_at[(key, _payload_ref(job))] = self._clock()
+        if self._line is not None:
+            task = asyncio.create_task(self._line.stamp_payload(key, _payload_ref(job), self._clock()))
+            self._stamping.add(task)
+            task.add_done_callback(self._stamping.discard)
 
     async def make_distinct(self, job: Job, key: str) -> Job:
         """Never send a payload identical to one sent for this key in the last 30 s (ModelsLab's spam filter):
         a seed the bot chose is chosen again; a seed the member chose is kept, and the job waits."""
+        if self._line is not None:
+            return await self._make_distinct_everywhere(job, key, self._line)
         now = self._clock()
         for stamp in [k for k, at in self._sent_at.items() if now - at >= SPAM_WINDOW]:
             del self._sent_at[stamp]
@@ -140,6 +151,18 @@ class RecentPayloads:
             return await reload_job(self._store, job.id)
         await asyncio.sleep(max(sent_at + SPAM_WINDOW - now, 0))
         return job
+
+    async def _make_distinct_everywhere(self, job: Job, key: str, line: QueueRepository) -> Job:
+        while True:
+            sent_at = await line.claim_payload(key, _payload_ref(job), self._clock(), SPAM_WINDOW)
+            if sent_at is None:
+                return job  # recorded as being sent now: a twin in another process waits for this one
+            if job.request.seed_is_random:
+                request = dataclasses.replace(job.request, seed=secrets.randbelow(2**32))
+                await self._store.update_request(job.id, request)
+                job = await reload_job(self._store, job.id)
+            else:
+                await asyncio.sleep(max(sent_at + SPAM_WINDOW - self._clock(), 0.01))
 
 
 class Sender:
@@ -156,6 +179,7 @@ class Sender:
         metrics: Metrics,
         timeout: float,
         clock: Callable[[], float] = time.time,
+        line: QueueRepository | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -165,7 +189,7 @@ class Sender:
         self._metrics = metrics
         self._timeout = timeout
         self._clock = clock
-        self._recent = RecentPayloads(store=store, clock=clock)
+        self._recent = RecentPayloads(store=store, clock=clock, line=line)
         self._in_flight: set[asyncio.Task[tuple[Job, Answer | None]]] = set()
 
     async def send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:

@@ -19,11 +19,19 @@ async def open_storage(settings: Settings, *, upgrade: bool = True) -> AsyncIter
     if settings.database_url is not None:
         from bot.storage.postgres import PostgresStorage
 
-        url = settings.database_url.get_secret_value()
-        async with PostgresStorage.open(url, pool_size=settings.database_pool_size, upgrade=upgrade) as storage:
+        async with PostgresStorage.open(
+            settings.database_url.get_secret_value(),
+            pool_size=settings.database_pool_size,
+            upgrade=upgrade,
+            application_name=f"modelslab-imagine-bot {settings.worker_id}"[:63],
+            owner=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+        ) as storage:
             yield storage
         return
     from bot.storage.sqlite import SqliteStorage
 
-    async with SqliteStorage.open(settings.database_path, upgrade=upgrade) as storage:
+    async with SqliteStorage.open(
+        settings.database_path, upgrade=upgrade, owner=settings.worker_id, lease_seconds=settings.lease_seconds
+    ) as storage:
         yield storage

@@ -12,6 +12,7 @@ happened, so that when the webhook and the poller race to finish the same job, e
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bot.guilds.rules import GuildConfig, Limits, Usage
@@ -158,6 +159,75 @@ class JobRepository(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class WaitingJob:
+    """A job in a key's line, as the fair order needs it."""
+
+    job_id: str
+    user_id: int
+    served_seq: int | None  # when its member was last given a slot (None: never)
+    first: bool  # sent back by ModelsLab: it goes first
+    enqueued_at: float
+
+
+@dataclass(frozen=True)
+class LineState:
+    paused_until: float
+    waiting: list[WaitingJob]
+
+
+class LeaseRepository(Protocol):
+    """Which process drives which job. A job is driven by its owner only, until its lease runs out; every state
+    change of the job repository is conditional on still owning it. Lease times are the hosts' clocks: keep them
+    in step (NTP), as any distributed lease needs."""
+
+    async def claim(self, *, limit: int, everything: bool = False, mine: bool = False) -> list[Job]:
+        """Take, for this process, unshown jobs nobody drives: without an owner, or whose owner's lease ran out;
+        oldest first. `mine`: also those this process owns (at start: a restart with the same WORKER_ID).
+        `everything`: every unshown job (the only process of the bot, at start). They come back as they now are."""
+        ...
+
+    async def renew(self) -> set[str]:
+        """Extend this process's leases; the ids of the unshown jobs it still owns (one missing was lost)."""
+        ...
+
+    async def release(self) -> int:
+        """Give this process's unshown jobs up at once (it is stopping): the others may claim them now."""
+        ...
+
+
+class QueueRepository(Protocol):
+    """The fair line in front of ModelsLab, in the database, for a bot of several processes: at most `limit` jobs of
+    a key at ModelsLab at once, each free slot to the member served least recently (round robin by member)."""
+
+    async def enqueue(self, job_id: str, key_ref: str, *, first: bool = False) -> bool:
+        """The job waits in its key's line (`first`: sent back by ModelsLab, it and its member go first). True if
+        it already holds a slot (granted before its process stopped)."""
+        ...
+
+    async def grant(self, key_ref: str, limit: int, now: float) -> list[tuple[str, str | None]]:
+        """Give the key's free slots to the next jobs in the fair order, atomically across processes; the jobs
+        granted now, with their owners. Nothing while the key is paused."""
+        ...
+
+    async def pause(self, key_ref: str, until: float) -> float:
+        """ModelsLab said the key's queue is full: no slot is given before `until` (a later pause wins)."""
+        ...
+
+    async def line(self, key_ref: str) -> LineState:
+        """The key's waiting jobs and pause, for places in line."""
+        ...
+
+    async def claim_payload(self, key_ref: str, payload_ref: str, now: float, window: float) -> float | None:
+        """Record that this payload is being sent for this key, unless an identical one was sent within `window`
+        seconds (then nothing is recorded and the time it was sent comes back)."""
+        ...
+
+    async def stamp_payload(self, key_ref: str, payload_ref: str, now: float) -> None:
+        """The payload's submit call was answered: the window counts from now."""
+        ...
+
+
 class GuildRepository(Protocol):
     """The per-server settings of /config. The API key is stored only as the ciphertext the caller sealed."""
 
@@ -205,6 +275,12 @@ class Storage(Protocol):
 
     @property
     def member_defaults(self) -> MemberDefaultsRepository: ...
+
+    @property
+    def leases(self) -> LeaseRepository: ...
+
+    @property
+    def queue(self) -> QueueRepository: ...
 
     @property
     def events(self) -> Events:

@@ -47,7 +47,7 @@ from bot.requests.generation import GenerationRequest
 from bot.storage import postgres_migrations
 from bot.storage.events import PostgresEvents
 from bot.storage.migrations import Migration, latest_version
-from bot.storage.ports import StorageBusy, StorageError, StorageFull
+from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
 from bot.storage.rows import (
     GUILD_SETTING_COLUMNS,
     JOB_INSERT_COLUMNS,
@@ -293,7 +293,16 @@ def _is_closed(connection: asyncpg.Connection) -> bool:
 class PostgresStorage:
     """The `Storage` on one PostgreSQL database, shared with any number of other processes."""
 
-    def __init__(self, pool: asyncpg.Pool, description: str, migrations: Path, url: str = "") -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        description: str,
+        migrations: Path,
+        url: str = "",
+        *,
+        owner: str = "local",
+        lease_seconds: float = 30.0,
+    ) -> None:
         self.db = PostgresDatabase(pool)
         self._description = description
         self._migrations = migrations
@@ -301,7 +310,9 @@ class PostgresStorage:
         self._identify_pool: asyncpg.Pool | None = None
         self.events = PostgresEvents(url, pool)
         self._identify_holds: set[asyncio.Task[None]] = set()
-        self.jobs = PostgresJobs(self.db)
+        self.jobs = PostgresJobs(self.db, owner=owner, lease_seconds=lease_seconds)
+        self.leases = PostgresLeases(self.db, owner=owner, lease_seconds=lease_seconds)
+        self.queue = PostgresQueue(self.db)
         self.guilds = PostgresGuilds(self.db)
         self.member_defaults = PostgresMemberDefaults(self.db)
 
@@ -321,6 +332,8 @@ class PostgresStorage:
         lock_timeout: float = LOCK_TIMEOUT,
         command_timeout: float = COMMAND_TIMEOUT,
         application_name: str = "modelslab-imagine-bot",
+        owner: str = "local",
+        lease_seconds: float = 30.0,
     ) -> AsyncIterator[PostgresStorage]:
         description = describe_url(url)
         for secret in url_secrets(url):
@@ -352,7 +365,7 @@ class PostgresStorage:
             reason = str(exc).strip().rstrip(".") or type(exc).__name__
             raise StorageError(f"Cannot connect to the {description}: {reason}.") from exc
         try:
-            storage = cls(pool, description, migrations, url)
+            storage = cls(pool, description, migrations, url, owner=owner, lease_seconds=lease_seconds)
             if upgrade:
                 await storage.upgrade()
             yield storage
@@ -492,22 +505,27 @@ class PostgresJobs:
         f"INSERT INTO jobs ({_INSERT_COLUMNS})"
         " SELECT $1::text, $2::text, $3::bigint, $4::bigint, $5::bigint, $6::text, $7::text, $8::text, $9::integer,"
         " $10::bigint, $11::text, $12::float8, $13::integer, $14::integer, $15::text, $16::float8, $17::float8,"
-        " $18::float8, $19::integer, $20::bigint"
-        " WHERE job_fits_limits($3, $5, $9, $16, $21, $22, $23, $24, $25)"
+        " $18::float8, $19::integer, $20::bigint, $21::text, $22::float8"
+        " WHERE job_fits_limits($3, $5, $9, $16, $23, $24, $25, $26, $27)"
     )
 
-    def __init__(self, db: PostgresDatabase) -> None:
+    def __init__(self, db: PostgresDatabase, *, owner: str = "local", lease_seconds: float = 30.0) -> None:
         self._db = db
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+
+    def _insert_values(self, job: Job) -> tuple[Any, ...]:
+        return job_insert_values(job, self._owner, time.time() + self._lease_seconds)
 
     async def insert(self, job: Job) -> None:
-        await self._db.execute(self._INSERT, *job_insert_values(job))
+        await self._db.execute(self._INSERT, *self._insert_values(job))
 
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
         """Store the job only if it fits every limit: one statement, exact across processes (`job_fits_limits`
         locks the server's quota until the statement commits)."""
         changed = await self._db.execute(
             self._INSERT_WITHIN_LIMITS,
-            *job_insert_values(job),
+            *self._insert_values(job),
             day_start(job.created_at),
             limits.guild_daily,
             limits.user_daily,
@@ -574,7 +592,9 @@ class PostgresJobs:
 
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
         return await self._update(
-            job_id, {"status": JobStatus.QUEUED, "retry_after": retry_after}, only_from=[JobStatus.SUBMITTING]
+            job_id,
+            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None},
+            only_from=[JobStatus.SUBMITTING],
         )
 
     async def update_request(self, job_id: str, request: GenerationRequest) -> None:
@@ -660,7 +680,8 @@ class PostgresJobs:
         }
         if not from_succeeded:
             changes["charged_images"] = 0
-        return await self._update(job_id, changes, only_from=allowed)
+        # A cancel may come from any process (see `SqliteJobs.finish_failure`).
+        return await self._update(job_id, changes, only_from=allowed, any_owner=only_queued)
 
     async def mark_posted(
         self,
@@ -745,17 +766,189 @@ class PostgresJobs:
     async def forget_interaction(self, job_id: str) -> None:
         await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
 
-    async def _update(self, job_id: str, changes: Mapping[str, Any], *, only_from: Iterable[JobStatus] = ()) -> bool:
+    async def _update(
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        *,
+        only_from: Iterable[JobStatus] = (),
+        any_owner: bool = False,
+    ) -> bool:
         columns = {**changes, "updated_at": time.time()}
         values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
         assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(columns, start=1))
         values.append(job_id)
         sql = f"UPDATE jobs SET {assignments} WHERE id = ${len(values)}"
+        if not any_owner:
+            values.append(self._owner)
+            sql += f" AND owner = ${len(values)}"
         states = [s.value for s in only_from]
         if states:
             values.append(states)
             sql += f" AND status = ANY(${len(values)}::text[])"
         return await self._db.execute(sql, *values) == 1
+
+
+# ---------------------------------------------------------------------------------------------- leases, line
+
+
+class PostgresLeases:
+    """The `LeaseRepository` on PostgreSQL: orphans are claimed with FOR UPDATE SKIP LOCKED, so two processes
+    claiming at once never take the same job (a row locked by one is skipped by the other; a lease renewed
+    meanwhile is re-checked under the row lock)."""
+
+    def __init__(self, db: PostgresDatabase, *, owner: str, lease_seconds: float) -> None:
+        self._db = db
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+
+    async def claim(self, *, limit: int, everything: bool = False, mine: bool = False) -> list[Job]:
+        now = time.time()
+        free = (
+            "" if everything else " AND (owner IS NULL OR lease_expires_at < $3" + (" OR owner = $2)" if mine else ")")
+        )
+        rows = await self._db.fetch(
+            "UPDATE jobs SET owner = $2, lease_expires_at = $1 WHERE id IN (SELECT id FROM jobs"
+            f" WHERE posted_at IS NULL{free} ORDER BY created_at LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *",
+            now + self._lease_seconds,
+            self._owner,
+            now,
+            limit,
+        )
+        return sorted((job_from_row(row) for row in rows), key=lambda job: job.created_at)
+
+    async def renew(self) -> set[str]:
+        rows = await self._db.fetch(
+            "UPDATE jobs SET lease_expires_at = $1 WHERE owner = $2 AND posted_at IS NULL RETURNING id",
+            time.time() + self._lease_seconds,
+            self._owner,
+        )
+        return {row["id"] for row in rows}
+
+    async def release(self) -> int:
+        return await self._db.execute(
+            "UPDATE jobs SET owner = NULL, lease_expires_at = 0 WHERE owner = $1 AND posted_at IS NULL", self._owner
+        )
+
+
+class PostgresQueue:
+    """The `QueueRepository` on PostgreSQL. Giving slots is serialised per key by a transaction-level advisory lock,
+    so the cap holds whatever number of processes give slots at once."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def enqueue(self, job_id: str, key_ref: str, *, first: bool = False) -> bool:
+        async with self._db.transaction() as connection:
+            row = await connection.fetchrow(
+                "UPDATE jobs SET key_ref = $1, enqueued_at = COALESCE(enqueued_at, $2), first_in_line = $3"
+                " WHERE id = $4 AND status = 'queued' RETURNING granted_at, user_id",
+                key_ref,
+                time.time(),
+                int(first),
+                job_id,
+            )
+            if row is not None and first:
+                await connection.execute(
+                    "INSERT INTO queue_members (key_ref, user_id, served_seq) SELECT $1::text, $2::bigint,"
+                    " COALESCE((SELECT MIN(served_seq) FROM queue_members WHERE key_ref = $1), 0) - 1"
+                    " ON CONFLICT (key_ref, user_id) DO UPDATE SET served_seq = EXCLUDED.served_seq",
+                    key_ref,
+                    row["user_id"],
+                )
+        return row is not None and row["granted_at"] is not None
+
+    async def grant(self, key_ref: str, limit: int, now: float) -> list[tuple[str, str | None]]:
+        granted: list[tuple[str, str | None]] = []
+        async with self._db.transaction() as connection:
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended('queue:' || $1, 0))", key_ref)
+            await connection.execute(
+                "INSERT INTO queue_keys (key_ref) VALUES ($1) ON CONFLICT (key_ref) DO NOTHING", key_ref
+            )
+            row = await connection.fetchrow(
+                "SELECT grants, paused_until,"
+                " (SELECT COUNT(*) FROM jobs WHERE key_ref = $1 AND status IN ('submitting', 'processing'))"
+                " + (SELECT COUNT(*) FROM jobs WHERE key_ref = $1 AND status = 'queued' AND granted_at IS NOT NULL)"
+                " AS active FROM queue_keys WHERE key_ref = $1",
+                key_ref,
+            )
+            grants, paused_until, active = int(row["grants"]), float(row["paused_until"]), int(row["active"])
+            if paused_until > now:
+                return []
+            while active < limit:
+                nxt = await connection.fetchrow(
+                    "SELECT j.id, j.user_id, j.owner FROM jobs j LEFT JOIN queue_members m"
+                    " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
+                    " WHERE j.key_ref = $1 AND j.status = 'queued' AND j.granted_at IS NULL"
+                    " ORDER BY COALESCE(m.served_seq, -1), j.first_in_line DESC, j.enqueued_at, j.id LIMIT 1",
+                    key_ref,
+                )
+                if nxt is None:
+                    break
+                await connection.execute("UPDATE jobs SET granted_at = $1 WHERE id = $2", now, nxt["id"])
+                await connection.execute(
+                    "INSERT INTO queue_members (key_ref, user_id, served_seq) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (key_ref, user_id) DO UPDATE SET served_seq = EXCLUDED.served_seq",
+                    key_ref,
+                    nxt["user_id"],
+                    grants,
+                )
+                grants += 1
+                active += 1
+                granted.append((nxt["id"], nxt["owner"]))
+            await connection.execute("UPDATE queue_keys SET grants = $1 WHERE key_ref = $2", grants, key_ref)
+        return granted
+
+    async def pause(self, key_ref: str, until: float) -> float:
+        value = await self._db.fetchval(
+            "INSERT INTO queue_keys (key_ref, paused_until) VALUES ($1, $2) ON CONFLICT (key_ref)"
+            " DO UPDATE SET paused_until = GREATEST(queue_keys.paused_until, EXCLUDED.paused_until)"
+            " RETURNING paused_until",
+            key_ref,
+            until,
+        )
+        return float(value)
+
+    async def line(self, key_ref: str) -> LineState:
+        paused = await self._db.fetchval("SELECT paused_until FROM queue_keys WHERE key_ref = $1", key_ref)
+        rows = await self._db.fetch(
+            "SELECT j.id, j.user_id, m.served_seq, j.first_in_line, j.enqueued_at FROM jobs j LEFT JOIN queue_members m"
+            " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
+            " WHERE j.key_ref = $1 AND j.status = 'queued' AND j.granted_at IS NULL",
+            key_ref,
+        )
+        waiting = [
+            WaitingJob(
+                r["id"], int(r["user_id"]), r["served_seq"], bool(r["first_in_line"]), float(r["enqueued_at"] or 0)
+            )
+            for r in rows
+        ]
+        return LineState(float(paused) if paused is not None else 0.0, waiting)
+
+    async def claim_payload(self, key_ref: str, payload_ref: str, now: float, window: float) -> float | None:
+        changed = await self._db.execute(
+            "INSERT INTO recent_payloads (key_ref, payload_ref, sent_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (key_ref, payload_ref) DO UPDATE SET sent_at = EXCLUDED.sent_at"
+            " WHERE recent_payloads.sent_at <= $3::float8 - $4::float8",
+            key_ref,
+            payload_ref,
+            now,
+            window,
+        )
+        if changed:
+            return None
+        value = await self._db.fetchval(
+            "SELECT sent_at FROM recent_payloads WHERE key_ref = $1 AND payload_ref = $2", key_ref, payload_ref
+        )
+        return float(value) if value is not None else None
+
+    async def stamp_payload(self, key_ref: str, payload_ref: str, now: float) -> None:
+        await self._db.execute(
+            "UPDATE recent_payloads SET sent_at = GREATEST(sent_at, $1) WHERE key_ref = $2 AND payload_ref = $3",
+            now,
+            key_ref,
+            payload_ref,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- servers

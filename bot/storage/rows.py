@@ -57,6 +57,7 @@ def job_from_row(row: Row) -> Job:
         parent_job_id=row["parent_job_id"],
         source_flagged=bool(row["source_flagged"]),
         picture_owner_id=row["picture_owner_id"],
+        owner=row["owner"],
     )
 
 
@@ -64,11 +65,13 @@ def job_from_row(row: Row) -> Job:
 JOB_INSERT_COLUMNS = (
     "id", "kind", "guild_id", "channel_id", "user_id", "request_json", "api_flavour", "status", "charged_images",
     "application_id", "interaction_token", "token_expires_at", "attachment_size_limit", "channel_nsfw",
-    "parent_job_id", "created_at", "deadline_at", "updated_at", "source_flagged", "picture_owner_id",
+    "parent_job_id", "created_at", "deadline_at", "updated_at", "source_flagged", "picture_owner_id", "owner",
+    "lease_expires_at",
 )  # fmt: skip
 
 
-def job_insert_values(job: Job) -> tuple[Any, ...]:
+def job_insert_values(job: Job, owner: str, lease_expires_at: float) -> tuple[Any, ...]:
+    """A new job is driven by the process that stores it."""
     return (
         job.id,
         job.kind,
@@ -90,6 +93,8 @@ def job_insert_values(job: Job) -> tuple[Any, ...]:
         job.updated_at,
         int(job.source_flagged),
         job.picture_owner_id,
+        owner,
+        lease_expires_at,
     )
 
 

@@ -29,7 +29,7 @@ from bot.requests.generation import GenerationRequest
 from bot.settings import private_directory, private_file
 from bot.storage.events import LocalEvents
 from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
-from bot.storage.ports import StorageBusy, StorageError, StorageFull
+from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
 from bot.storage.rows import (
     GUILD_SETTING_COLUMNS,
     JOB_INSERT_COLUMNS,
@@ -115,13 +115,23 @@ class SqliteConnection:
 class SqliteStorage:
     """The `Storage` on one SQLite file."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path, migrations: Path = SQLITE_MIGRATIONS) -> None:
+    def __init__(
+        self,
+        connection: aiosqlite.Connection,
+        path: Path,
+        migrations: Path = SQLITE_MIGRATIONS,
+        *,
+        owner: str = "local",
+        lease_seconds: float = 30.0,
+    ) -> None:
         self.db = SqliteConnection(connection)
         self.path = path
         self._migrations = migrations
         self._identify_locks: dict[int, asyncio.Lock] = {}
         self.events = LocalEvents()
-        self.jobs = SqliteJobs(self.db)
+        self.jobs = SqliteJobs(self.db, owner=owner, lease_seconds=lease_seconds)
+        self.leases = SqliteLeases(self.db, owner=owner, lease_seconds=lease_seconds)
+        self.queue = SqliteQueue(self.db)
         self.guilds = SqliteGuilds(self.db)
         self.member_defaults = SqliteMemberDefaults(self.db)
 
@@ -132,7 +142,13 @@ class SqliteStorage:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, path: Path, *, upgrade: bool = True, migrations: Path = SQLITE_MIGRATIONS
+        cls,
+        path: Path,
+        *,
+        upgrade: bool = True,
+        migrations: Path = SQLITE_MIGRATIONS,
+        owner: str = "local",
+        lease_seconds: float = 30.0,
     ) -> AsyncIterator[SqliteStorage]:
         try:
             await asyncio.to_thread(_private_database_file, path)
@@ -147,7 +163,7 @@ class SqliteStorage:
             # which matters for the job insert made before Discord's 3-second acknowledgement.
             await connection.execute("PRAGMA synchronous = NORMAL")
             await connection.execute("PRAGMA foreign_keys = ON")
-            storage = cls(connection, path, migrations)
+            storage = cls(connection, path, migrations, owner=owner, lease_seconds=lease_seconds)
             if upgrade:
                 await storage.upgrade()
             yield storage
@@ -261,15 +277,20 @@ def _private_database_file(path: Path) -> None:
 
 
 class SqliteJobs:
-    """The `JobRepository` on SQLite."""
+    """The `JobRepository` on SQLite. State changes are this process's only while it owns the job (`owner`)."""
 
-    def __init__(self, db: SqliteConnection) -> None:
+    def __init__(self, db: SqliteConnection, *, owner: str = "local", lease_seconds: float = 30.0) -> None:
         self._db = db
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+
+    def _insert_values(self, job: Job) -> tuple[Any, ...]:
+        return job_insert_values(job, self._owner, time.time() + self._lease_seconds)
 
     _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
 
     async def insert(self, job: Job) -> None:
-        values = job_insert_values(job)
+        values = self._insert_values(job)
         placeholders = ", ".join("?" for _ in values)
         await self._db.execute(f"INSERT INTO jobs ({self._INSERT_COLUMNS}) VALUES ({placeholders})", values)
 
@@ -279,7 +300,7 @@ class SqliteJobs:
         With a limit of 10 and 50 requests at once, exactly 10 images are admitted, whatever the interleaving,
         and across processes too. A job's charge counts from here until it fails (which sets it to 0).
         """
-        values = job_insert_values(job)
+        values = self._insert_values(job)
         placeholders = ", ".join(f"?{index}" for index in range(1, len(values) + 1))
         today = day_start(job.created_at)
         running = ", ".join(f"'{s.value}'" for s in UNFINISHED)
@@ -381,7 +402,9 @@ class SqliteJobs:
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
         """ModelsLab did not take the job (a full queue, a passing fault): it waits in line again."""
         return await self._update(
-            job_id, {"status": JobStatus.QUEUED, "retry_after": retry_after}, only_from=[JobStatus.SUBMITTING]
+            job_id,
+            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None},
+            only_from=[JobStatus.SUBMITTING],
         )
 
     async def update_request(self, job_id: str, request: GenerationRequest) -> None:
@@ -466,7 +489,9 @@ class SqliteJobs:
         }
         if not from_succeeded:
             changes["charged_images"] = 0
-        return await self._update(job_id, changes, only_from=allowed)
+        # A cancel may come from any process (the member pressed the button there): never sent, nobody else changes
+        # a waiting job but to send it, which is conditional on the status too.
+        return await self._update(job_id, changes, only_from=allowed, any_owner=only_queued)
 
     async def mark_posted(
         self,
@@ -545,12 +570,22 @@ class SqliteJobs:
         """The interaction was never answered: its token is useless, the job is shown through the channel."""
         await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
 
-    async def _update(self, job_id: str, changes: Mapping[str, Any], *, only_from: Iterable[JobStatus] = ()) -> bool:
+    async def _update(
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        *,
+        only_from: Iterable[JobStatus] = (),
+        any_owner: bool = False,
+    ) -> bool:
         columns = {**changes, "updated_at": time.time()}
         assignments = ", ".join(f"{name} = ?" for name in columns)
         values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
         sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
         values.append(job_id)
+        if not any_owner:
+            sql += " AND owner = ?"
+            values.append(self._owner)
         states = [s.value for s in only_from]
         if states:
             sql += f" AND status IN ({', '.join('?' for _ in states)})"
@@ -562,6 +597,141 @@ class SqliteJobs:
 def _named(values: tuple[Any, ...], **named: Any) -> dict[str, Any]:
     """Positional `?` values as named parameters `?1`, `?2`, ... next to the named ones (sqlite3 takes one style)."""
     return {**{str(index): value for index, value in enumerate(values, start=1)}, **named}
+
+
+# ---------------------------------------------------------------------------------------------- leases, line
+
+
+class SqliteLeases:
+    """The `LeaseRepository` on SQLite (one process: it claims everything at start; the rest is the same)."""
+
+    def __init__(self, db: SqliteConnection, *, owner: str, lease_seconds: float) -> None:
+        self._db = db
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+
+    async def claim(self, *, limit: int, everything: bool = False, mine: bool = False) -> list[Job]:
+        now = time.time()
+        free = (
+            "" if everything else " AND (owner IS NULL OR lease_expires_at < ?3" + (" OR owner = ?2)" if mine else ")")
+        )
+        rows = await self._db.fetch_all(
+            "UPDATE jobs SET owner = ?2, lease_expires_at = ?1 WHERE id IN (SELECT id FROM jobs"
+            f" WHERE posted_at IS NULL{free} ORDER BY created_at LIMIT ?4) RETURNING *",
+            (now + self._lease_seconds, self._owner, now, limit),
+        )
+        return sorted((job_from_row(row) for row in rows), key=lambda job: job.created_at)
+
+    async def renew(self) -> set[str]:
+        rows = await self._db.fetch_all(
+            "UPDATE jobs SET lease_expires_at = ? WHERE owner = ? AND posted_at IS NULL RETURNING id",
+            (time.time() + self._lease_seconds, self._owner),
+        )
+        return {row[0] for row in rows}
+
+    async def release(self) -> int:
+        return await self._db.execute(
+            "UPDATE jobs SET owner = NULL, lease_expires_at = 0 WHERE owner = ? AND posted_at IS NULL", (self._owner,)
+        )
+
+
+class SqliteQueue:
+    """The `QueueRepository` on SQLite (one process uses the in-memory line; this keeps the dialects alike)."""
+
+    def __init__(self, db: SqliteConnection) -> None:
+        self._db = db
+
+    async def enqueue(self, job_id: str, key_ref: str, *, first: bool = False) -> bool:
+        async with self._db.transaction():
+            rows = await self._db.fetch_all(
+                "UPDATE jobs SET key_ref = ?, enqueued_at = COALESCE(enqueued_at, ?), first_in_line = ?"
+                " WHERE id = ? AND status = 'queued' RETURNING granted_at, user_id",
+                (key_ref, time.time(), int(first), job_id),
+            )
+            if rows and first:
+                await self._db.execute(
+                    "INSERT INTO queue_members (key_ref, user_id, served_seq) SELECT ?1, ?2,"
+                    " COALESCE((SELECT MIN(served_seq) FROM queue_members WHERE key_ref = ?1), 0) - 1"
+                    " ON CONFLICT (key_ref, user_id) DO UPDATE SET served_seq = excluded.served_seq",
+                    (key_ref, rows[0][1]),
+                )
+        return bool(rows) and rows[0][0] is not None
+
+    async def grant(self, key_ref: str, limit: int, now: float) -> list[tuple[str, str | None]]:
+        granted: list[tuple[str, str | None]] = []
+        async with self._db.transaction():
+            await self._db.execute("INSERT INTO queue_keys (key_ref) VALUES (?) ON CONFLICT DO NOTHING", (key_ref,))
+            row = await self._db.fetch_one(
+                "SELECT grants, paused_until,"
+                " (SELECT COUNT(*) FROM jobs WHERE key_ref = ?1 AND status IN ('submitting', 'processing'))"
+                " + (SELECT COUNT(*) FROM jobs WHERE key_ref = ?1 AND status = 'queued' AND granted_at IS NOT NULL)"
+                " FROM queue_keys WHERE key_ref = ?1",
+                (key_ref,),
+            )
+            assert row is not None
+            grants, paused_until, active = int(row[0]), float(row[1]), int(row[2])
+            if paused_until > now:
+                return []
+            while active < limit:
+                nxt = await self._db.fetch_one(
+                    "SELECT j.id, j.user_id, j.owner FROM jobs j LEFT JOIN queue_members m"
+                    " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
+                    " WHERE j.key_ref = ? AND j.status = 'queued' AND j.granted_at IS NULL"
+                    " ORDER BY COALESCE(m.served_seq, -1), j.first_in_line DESC, j.enqueued_at, j.id LIMIT 1",
+                    (key_ref,),
+                )
+                if nxt is None:
+                    break
+                await self._db.execute("UPDATE jobs SET granted_at = ? WHERE id = ?", (now, nxt[0]))
+                await self._db.execute(
+                    "INSERT INTO queue_members (key_ref, user_id, served_seq) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key_ref, user_id) DO UPDATE SET served_seq = excluded.served_seq",
+                    (key_ref, nxt[1], grants),
+                )
+                grants += 1
+                active += 1
+                granted.append((nxt[0], nxt[2]))
+            await self._db.execute("UPDATE queue_keys SET grants = ? WHERE key_ref = ?", (grants, key_ref))
+        return granted
+
+    async def pause(self, key_ref: str, until: float) -> float:
+        rows = await self._db.fetch_all(
+            "INSERT INTO queue_keys (key_ref, paused_until) VALUES (?1, ?2) ON CONFLICT (key_ref)"
+            " DO UPDATE SET paused_until = MAX(paused_until, ?2) RETURNING paused_until",
+            (key_ref, until),
+        )
+        return float(rows[0][0])
+
+    async def line(self, key_ref: str) -> LineState:
+        key = await self._db.fetch_one("SELECT paused_until FROM queue_keys WHERE key_ref = ?", (key_ref,))
+        rows = await self._db.fetch_all(
+            "SELECT j.id, j.user_id, m.served_seq, j.first_in_line, j.enqueued_at FROM jobs j LEFT JOIN queue_members m"
+            " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
+            " WHERE j.key_ref = ? AND j.status = 'queued' AND j.granted_at IS NULL",
+            (key_ref,),
+        )
+        waiting = [WaitingJob(r[0], int(r[1]), r[2], bool(r[3]), float(r[4] or 0)) for r in rows]
+        return LineState(float(key[0]) if key else 0.0, waiting)
+
+    async def claim_payload(self, key_ref: str, payload_ref: str, now: float, window: float) -> float | None:
+        changed = await self._db.execute(
+            "INSERT INTO recent_payloads (key_ref, payload_ref, sent_at) VALUES (?1, ?2, ?3)"
+            " ON CONFLICT (key_ref, payload_ref) DO UPDATE SET sent_at = excluded.sent_at"
+            " WHERE recent_payloads.sent_at <= ?3 - ?4",
+            (key_ref, payload_ref, now, window),
+        )
+        if changed:
+            return None
+        row = await self._db.fetch_one(
+            "SELECT sent_at FROM recent_payloads WHERE key_ref = ? AND payload_ref = ?", (key_ref, payload_ref)
+        )
+        return float(row[0]) if row else None
+
+    async def stamp_payload(self, key_ref: str, payload_ref: str, now: float) -> None:
+        await self._db.execute(
+            "UPDATE recent_payloads SET sent_at = MAX(sent_at, ?) WHERE key_ref = ? AND payload_ref = ?",
+            (now, key_ref, payload_ref),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- servers

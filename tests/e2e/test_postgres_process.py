@@ -173,6 +173,12 @@ async def grow_sqlite_bot(path: Path) -> None:
             await storage.member_defaults.save(guild, FORGETTER, {"model": "fluxdev", "guidance": 7.5}, now)
         assert await storage.forget_member(FORGETTER, now) > 0  # forgotten jobs and today's usage carried over
         await storage.record_shared_setting("MODELSLAB_MAX_QUEUED", "5")
+        # The shared line's own tables: who was served, a pause, a payload sent.
+        waiting = [job for job in await jobs.needing_work() if job.status is JobStatus.QUEUED]
+        await storage.queue.enqueue(waiting[0].id, "key-a", first=True)
+        await storage.queue.grant("key-a", 5, now)
+        await storage.queue.pause("key-a", now + 30)
+        assert await storage.queue.claim_payload("key-a", "payload", now, 30) is None
 
 
 def sqlite_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
