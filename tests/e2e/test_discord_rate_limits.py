@@ -142,3 +142,26 @@ async def test_a_proxys_own_429_and_a_408_do_not_drop_the_result(
     assert any("(408)" in line for line in lines)
     assert not any("refuses every request" in line for line in lines)  # not taken for a ban
     assert metric(runner, 'imagine_discord_rate_limited_total{scope="proxy"}') == 1
+
+
+async def test_a_global_429_on_the_channel_route_holds_the_bot_and_the_result_is_posted_once(
+    runner: BotRunner, discord_server: FakeDiscord, modelslab: FakeModelsLab, logs: LogCapture
+):
+    """After the interaction token (Discord refuses it: 401), the result goes through the channel's message route,
+    which discord.py's REST client sends: a global 429 there holds every request of the bot for its retry_after."""
+    modelslab.default_behaviour = Queued(eta=300)
+    await runner.start()
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "late result"})
+    job = await runner.generating(interaction)
+    discord_server.expire_interaction(interaction)
+    discord_server.force_rate_limit("PATCH", r"^/channels/\d+/messages/\d+$", "global", retry_after=0.05)
+    assert job.modelslab_id is not None
+    modelslab.complete(job.modelslab_id)
+    runner.jobs.wake(job.id)
+    job = await runner.wait_posted(job.id)
+    assert job.status is JobStatus.SUCCEEDED and len(images_in(interaction)) == 1
+    posted = [r for r in discord_server.requests if r.method == "PATCH" and r.files and 200 <= r.status < 300]
+    assert len(posted) == 1 and posted[0].path.startswith("/channels/")
+    assert [a.scope for a in discord_server.rate_limited] == ["global"]
+    assert any("(scope global" in line and "PATCH /channels/" in line for line in rate_limit_lines(logs))
+    assert metric(runner, 'imagine_discord_rate_limited_total{scope="global"}') == 1
