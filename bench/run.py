@@ -1,6 +1,6 @@
 """Speed benchmark: the real bot, as a process of its own, against the fake Discord and the fake ModelsLab.
 
-    python -m bench.run                       # every scenario, default sizes (about a minute and a half)
+    python -m bench.run                       # every scenario, default sizes (about two and a half minutes)
     python -m bench.run --modes ack,webhook   # some of them
     python -m bench.run --help                # sizes, latencies, profiling
 
@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first on the 
 from aiohttp import web  # noqa: E402
 from PIL import Image, ImageChops  # noqa: E402
 
+from bot.jobs.progress import PROGRESS_MIN_INTERVAL  # noqa: E402
 from bot.jobs.waiting import poll_delays  # noqa: E402
 from tests.fakes.discord_rate_limits import DiscordBudget  # noqa: E402
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction  # noqa: E402
@@ -62,6 +63,10 @@ WEBHOOK_P50_TARGET = 0.300
 POLLING_MARGIN = 0.300
 STALL_TARGET = 0.100
 MEMORY_TARGET_MB = 150.0
+HAPPY_PATH_REQUESTS = 3  # the acknowledgement, one status edit, the result
+PENDING_MEAN_REQUESTS = 6.0  # per job, on average, with 1000 pending
+INVALID_SHARE_TARGET = 0.01  # of Discord's ban threshold, in the worst 10 minutes
+HAPPY_PATH_SCENARIOS = ("webhook/stall", "polling")  # MODELSLAB_MAX_QUEUED=100: no job waits in the bot's line
 # The alternatives, for the comparison line.
 VENDOR_BOT_WAIT = 130.0  # the vendor's sample Discord bot sleeps this long, then fetches once
 SDK_POLL_INTERVAL = 60.0  # the vendor's Python SDK polls this often
@@ -364,6 +369,53 @@ class Fakes:
         return result
 
 
+@dataclass
+class EditCheck:
+    """What members saw of their status messages, from the requests the fake Discord recorded."""
+
+    edits: int = 0  # accepted edits of status messages (progress and outcomes)
+    identical: int = 0  # edits that showed what the message already showed (words, embeds, buttons)
+    too_close: int = 0  # progress edits less than PROGRESS_MIN_INTERVAL after the previous edit of their message
+
+    @classmethod
+    def measure(cls, fake: FakeDiscord, interactions: Iterable[FakeInteraction]) -> EditCheck:
+        check = cls()
+        by_message: dict[int, FakeInteraction] = {}
+        by_interaction: dict[int, FakeInteraction] = {}
+        for interaction in interactions:
+            by_interaction[interaction.id] = interaction
+            if interaction.original_message_id is not None:
+                by_message[interaction.original_message_id] = interaction
+        edits: dict[int, list[Any]] = {}
+        for rec in fake.requests:
+            if rec.method != "PATCH" or not 200 <= rec.status < 300:
+                continue
+            owner = by_interaction.get(rec.interaction_id) if rec.interaction_id is not None else None
+            if owner is None or not rec.path.endswith("/messages/@original"):
+                tail = rec.path.rsplit("/", 1)[-1]
+                owner = by_message.get(int(tail)) if tail.isdigit() else owner
+            if owner is not None:
+                edits.setdefault(owner.id, []).append(rec)
+        for interaction_id, recs in edits.items():
+            callback = by_interaction[interaction_id].callback
+            showing = _shown(((callback.json or {}) if callback else {}).get("data"))
+            previous_at: float | None = None
+            for rec in sorted(recs, key=lambda r: r.at):
+                now = _shown(rec.json)
+                check.edits += 1
+                check.identical += now == showing
+                outcome = isinstance(rec.json, dict) and "attachments" in rec.json
+                if not outcome and previous_at is not None and rec.at - previous_at < PROGRESS_MIN_INTERVAL - 0.05:
+                    check.too_close += 1
+                showing, previous_at = now, rec.at
+        return check
+
+
+def _shown(payload: Any) -> tuple[Any, ...]:
+    payload = payload if isinstance(payload, dict) else {}
+    return (payload.get("content"), payload.get("embeds") or [], payload.get("components") or [])
+
+
 class LoopMonitor:
     """The same stall monitor as in the bot, for this process's loop: the fakes timestamp what reaches them, so a
     stall here would make the bot look slower than it is."""
@@ -612,7 +664,8 @@ async def scenario_ack(options: argparse.Namespace, workdir: Path, report: Repor
                     f"{ms(min(run_latencies))} / {ms(percentile(run_latencies, 0.5))} / "
                     f"{ms(percentile(run_latencies, 0.99))}"
                 )
-                await fakes.wait_quiet(0.3, within=10)
+                # Every waiting member is shown a place (within the bot's edit budgets: a second of quiet is the end).
+                await fakes.wait_quiet(1.2, within=30)
     if not latencies:
         return
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
@@ -829,7 +882,7 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
     count = options.pending
     async with Fakes(options.members, Images("solid")) as fakes:
         fakes.behave(Queued(eta=NEVER), options.api_latency)
-        env = {"PLAIN": "1", "MODELSLAB_MAX_QUEUED": str(options.max_queued)}
+        env = {"PLAIN": "1", "MODELSLAB_MAX_QUEUED": str(options.max_queued), **webhook_env()}
         async with running_bot(fakes, workdir, "memory", options, **env) as bot:
             await fakes.wait_quiet(0.5)
             idle = bot.memory_mb()
@@ -838,12 +891,14 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
             start = time.monotonic()
             await fakes.imagine_paced(prompts, options.pending_rate)
             await fakes.wait_acknowledged(prompts, within=120)
-            await fakes.wait_quiet(1.0, within=60)
+            # Every waiting member is shown a place (front first, within the bot's edit budgets), then all is quiet.
+            await fakes.wait_quiet(1.0, within=180)
             cpu = bot.cpu_seconds() - cpu
             end = time.monotonic()
             memory = bot.memory_mb()
             statuses = _job_statuses(bot.directory / "data" / "bot.sqlite3")
             edits = fakes.edits_between(start, end)
+            head_edits = await move_the_head(fakes, prompts)
     interactions = [fakes.interactions[p] for p in prompts]
     latencies = [i.callback_latency for i in interactions if i.callback_latency is not None]
     refused = sum(1 for i in interactions if not i.acknowledged)
@@ -870,6 +925,10 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
         "    ...bot CPU while they came in and settled; status edits",
         f"{cpu:.1f} s in {end - start:.1f} s; {edits} edits",
     )
+    report.add(
+        f"    ...status edits when the head of that line moved (one of {options.max_queued} at ModelsLab finished)",
+        f"{head_edits} of {waiting} waiting",
+    )
     report.data["memory"] = {
         "pending": count,
         "statuses": statuses,
@@ -882,8 +941,23 @@ async def scenario_memory(options: argparse.Namespace, workdir: Path, report: Re
         "bot_cpu_s": cpu,
         "elapsed_s": end - start,
         "status_edits": edits,
+        "status_edits_when_the_head_moved": head_edits,
         "fakes_max_stall_s": MONITOR.max_stall(start, end),
     }
+
+
+async def move_the_head(fakes: Fakes, prompts: Sequence[str]) -> int:
+    """One job at ModelsLab finishes (its webhook comes): its result is posted, the next in line is sent, and
+    everybody behind moves up one place. How many status edits (not the result) that took."""
+    fakes.scan()
+    running = [p for p in prompts if p in fakes.jobs]
+    if not running:
+        return 0
+    start = time.monotonic()
+    fakes.modelslab.complete(fakes.jobs[running[0]].id)
+    await fakes.wait_posted(running[:1], within=30)
+    await fakes.wait_quiet(PROGRESS_MIN_INTERVAL + 1.0, within=60)  # the edits that waited for their message's turn
+    return fakes.edits_between(start, time.monotonic())
 
 
 def _job_statuses(database: Path) -> dict[str, int]:
@@ -913,7 +987,7 @@ def comparison(report: Report) -> str:
 
 def print_table(report: Report) -> None:
     headers = ("Measure", "Result", "Target", "")
-    order = {name: n for n, name in enumerate(("1", "2a", "2b", "3", "4", "5"))}
+    order = {name: n for n, name in enumerate(("1", "2a", "2b", "3", "4", "5", "6"))}
     ordered = sorted(report.rows, key=lambda r: order.get(r.section, len(order)))
     rows = [(r.measure, r.result, r.target, r.verdict) for r in ordered]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -1008,10 +1082,70 @@ async def run(options: argparse.Namespace, workdir: Path) -> Report:
         print(f"  {name} took {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
         # What the fake Discord (its default rate limits on) recorded in this scenario, per /imagine.
         budget = DiscordBudget.measure((f.discord, f.interactions.values()) for f in OPENED[opened:])
+        check = EditCheck()
+        for fakes in OPENED[opened:]:
+            one = EditCheck.measure(fakes.discord, fakes.interactions.values())
+            check.edits, check.identical, check.too_close = (
+                check.edits + one.edits,
+                check.identical + one.identical,
+                check.too_close + one.too_close,
+            )
         report.notes.extend(f"{name}: {line}" for line in budget.lines())
-        report.data.setdefault("discord", {})[name] = budget.as_dict()
+        per_job = budget.per_job.get("all", [])
+        mean = sum(per_job) / len(per_job) if per_job else math.nan
+        report.notes.append(
+            f"{name}: {mean:.2f} Discord requests per job on average; {check.edits} edits of status messages, "
+            f"{check.identical} identical to what the message showed, {check.too_close} progress edits less than "
+            f"{PROGRESS_MIN_INTERVAL:g} s after the previous edit of their message"
+        )
+        report.data.setdefault("discord", {})[name] = budget.as_dict() | {"mean_per_job": mean} | check.__dict__
     await MONITOR.stop()
+    budget_rows(report)
     return report
+
+
+def budget_rows(report: Report) -> None:
+    """Section 6: Discord's budget, over the scenarios that ran."""
+    spent: dict[str, dict[str, Any]] = report.data.get("discord", {})
+    if not spent:
+        return
+    report.section = "6"
+    happy = [spent[name] for name in HAPPY_PATH_SCENARIOS if name in spent and spent[name]["jobs"]]
+    if happy:
+        worst = max(data["requests_per_job"]["all"]["max"] for data in happy)
+        report.add(
+            "6. Discord requests per job, no wait in the bot's line (2a, 2b, 3, 5): max",
+            f"{worst}",
+            f"<= {HAPPY_PATH_REQUESTS}",
+            worst <= HAPPY_PATH_REQUESTS,
+        )
+    for name, label, target in (("ack", "200 at once", None), ("memory", "1000 pending", PENDING_MEAN_REQUESTS)):
+        data = spent.get(name)
+        if data is None or not data["jobs"]:
+            continue
+        spread = data["requests_per_job"]["all"]
+        result = f"{data['mean_per_job']:.2f} (p50 {spread['p50']:g} / p99 {spread['p99']:g} / max {spread['max']})"
+        passed = data["mean_per_job"] <= target if target is not None else None
+        report.add(f"    ...{label}: mean", result, f"<= {target:g}" if target is not None else "", passed)
+    identical = sum(data["identical"] for data in spent.values())
+    report.add("    ...edits identical to what the message showed", str(identical), "0", identical == 0)
+    close = sum(data["too_close"] for data in spent.values())
+    report.add(f"    ...progress edits of one message within {PROGRESS_MIN_INTERVAL:g} s", str(close), "0", close == 0)
+    unasked = {name: data["unasked_rate_limited"] for name, data in spent.items()}
+    report.add(
+        "    ...429s received, by scenario",
+        ", ".join(f"{name} {n}" for name, n in unasked.items()),
+        "0 each",
+        not any(unasked.values()),
+    )
+    invalid = max(data["worst_invalid_window"] for data in spent.values())
+    limit = max(data["invalid_limit"] for data in spent.values())
+    report.add(
+        "    ...invalid requests in the worst 10 minutes (worst scenario)",
+        f"{invalid} ({100 * invalid / limit:.2f}% of {limit})",
+        f"<= {INVALID_SHARE_TARGET:.0%}",
+        invalid <= INVALID_SHARE_TARGET * limit,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -161,6 +161,7 @@ async def running_app(
             member_defaults=member_defaults,
             history=MemberHistory(storage, member_defaults),
             guild_ready_timeout=guild_ready_timeout,
+            discord_retry_delays=timings.discord_retry_delays,
         )
 
         async def healthy() -> bool:

@@ -15,11 +15,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.presenter import CancelJobButton, DiscordPresenter
+from bot.discord.rate_limits import DiscordWatch
 from bot.discord.shards import UNSHARDED, ShardPlan
 from bot.errors import UserFacingError
 from bot.guilds.admin import GuildAdmin
 from bot.jobs.member_history import MemberHistory
 from bot.jobs.model import Job
+from bot.jobs.posting import DISCORD_RETRY_DELAYS
 from bot.jobs.service import JobService
 from bot.modelslab.catalog import ModelCatalog
 from bot.operations import USER_AGENT, open_to_strangers
@@ -125,12 +127,18 @@ class ImagineBot(commands.Bot):
         guild_ready_timeout: float = 2.0,
         shards: ShardPlan = UNSHARDED,
         identify_turn: Callable[[int], Awaitable[None]] | None = None,
+        discord_retry_delays: tuple[float, ...] = DISCORD_RETRY_DELAYS,
     ) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
         sharding: dict[str, Any] = {}
         if shards.sharded:
             sharding = {"shard_count": shards.count, "shard_ids": list(shards.ids) if shards.ids is not None else None}
+        # Every answer from Discord is watched: 429s and a ban are logged and counted (/metrics), and while the bot
+        # is banned its posts go one at a time, as patiently as posting retries.
+        self.discord_watch = DiscordWatch(jobs.metrics, probe_delays=discord_retry_delays)
+        trace = user_agent_trace()
+        self.discord_watch.install(trace)
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -138,7 +146,7 @@ class ImagineBot(commands.Bot):
             tree_cls=ImagineCommandTree,
             guild_ready_timeout=guild_ready_timeout,
             allowed_mentions=discord.AllowedMentions.none(),
-            http_trace=user_agent_trace(),
+            http_trace=trace,
             **sharding,
         )
         self.shards_plan = shards
@@ -168,7 +176,12 @@ class ImagineBot(commands.Bot):
             await self.load_extension(extension)
         self.add_dynamic_items(CancelJobButton)
         self.jobs.attach_presenter(
-            DiscordPresenter(self, job_timeout=self.jobs.timeout, result_view=lambda job, n: self._result_view(job, n))
+            DiscordPresenter(
+                self,
+                job_timeout=self.jobs.timeout,
+                result_view=lambda job, n: self._result_view(job, n),
+                watch=self.discord_watch,
+            )
         )
         if self.shards_plan.syncs_commands:
             await self.sync_commands()

@@ -33,8 +33,19 @@ def escape_markdown(text: str) -> str:
     return text
 
 
-def status_text(job: Job, *, position: int | None = None, waiting: int | None = None, retry_in: float = 0.0) -> str:
-    """The status message while a job is under way: its place in line, then ModelsLab's ETA."""
+def status_text(
+    job: Job,
+    *,
+    position: int | None = None,
+    waiting: int | None = None,
+    retry_in: float = 0.0,
+    about_ahead: int | None = None,
+) -> str:
+    """The status message while a job is under way: its place in line, then ModelsLab's ETA.
+
+    Exact places for the front of the line; further back a round number ("about 300 ahead"), which changes
+    seldom, so that a line of a thousand does not mean a thousand edits each time it moves.
+    """
     head = f"**{prompt_preview(job.request.prompt)}** — <@{job.user_id}>"
     if job.status is JobStatus.QUEUED:
         if retry_in > 0:
@@ -44,7 +55,9 @@ def status_text(job: Job, *, position: int | None = None, waiting: int | None = 
         if position is not None:
             # Not "of N": every new arrival would change every waiting member's message.
             return f"{head}\n⏳ Queued: position {position} in line."
-        return f"{head}\n⏳ Queued: sending to ModelsLab…"
+        if about_ahead is not None:
+            return f"{head}\n⏳ Queued: about {about_ahead} requests ahead in line."
+        return f"{head}\n⏳ Queued."
     if job.status is JobStatus.SUBMITTING:
         return f"{head}\n⏳ Sending to ModelsLab…"
     if job.eta_at is not None:

@@ -84,7 +84,8 @@ class Job:
 class Progress:
     """Where a job stands, for its status message."""
 
-    position: int | None = None  # place in the bot's queue for its key (1 = next)
+    position: int | None = None  # place in the bot's queue for its key (1 = next), for the first few in line
+    about_ahead: int | None = None  # further back: roughly how many jobs are ahead (a round number)
     waiting: int | None = None  # jobs waiting for that key
     retry_in: float = 0.0  # ModelsLab sent it back (429): seconds before it is tried again
     cancellable: bool = False

@@ -15,13 +15,33 @@ from bot.jobs.model import Job, Progress
 
 
 class PresentationRefused(Exception):
-    """Discord refused the message for good (a 4xx other than 429): retrying the same thing cannot help."""
+    """Discord refused the message for good (a 4xx other than 408 and 429): retrying the same thing cannot help."""
+
+
+class PresentationDeferred(Exception):
+    """Discord (or a proxy in front of it) said "not now": a rate limit, a ban, a timeout. Try the same thing again,
+    no sooner than `retry_after` seconds if it is given."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class JobPresenter(Protocol):
     """Shows a job to the members: implemented for Discord in `bot.discord.presenter`."""
 
-    async def show_progress(self, job: Job, progress: Progress) -> None: ...
+    async def show_progress(self, job: Job, progress: Progress) -> None:
+        """Show where the job stands. Sends nothing if the message already shows exactly that, or its outcome."""
+        ...
+
+    def edit_lane(self, job: Job) -> str | None:
+        """The rate limit an edit of the job's message spends from, if it shares one with other messages (say, its
+        channel's); None if the message has a limit of its own (an interaction's token)."""
+        ...
+
+    def forget(self, job_id: str) -> None:
+        """The job is done with: whatever was remembered of its message may go."""
+        ...
 
     async def show_result(self, job: Job, images: list[ImageFile], *, spoiler: bool, withheld: bool) -> int | None:
         """Show the images (behind spoilers, or not at all if withheld); return the id of the message that shows

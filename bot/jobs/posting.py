@@ -18,7 +18,7 @@ from typing import TypeVar
 from bot.images.downloader import DownloadFailed, ImageDownloader
 from bot.images.processing import ImageFile, fit_to_limit, fits
 from bot.jobs.model import Job, JobStatus
-from bot.jobs.ports import GuildDirectory, JobPresenter, PresentationRefused
+from bot.jobs.ports import GuildDirectory, JobPresenter, PresentationDeferred, PresentationRefused
 from bot.jobs.records import fail_job
 from bot.modelslab.client import ErrorKind
 from bot.storage.ports import JobRepository
@@ -187,7 +187,8 @@ class ResultPoster:
     async def _keep_trying(self, job: Job, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Discord can be unavailable for a while: try again, ever more patiently, until it answers.
 
-        `PresentationRefused` (Discord said no for good) is not retried.
+        `PresentationRefused` (Discord said no for good) is not retried; after `PresentationDeferred` (a rate
+        limit, a ban, a timeout: "not now") the wait is at least what Discord asked for.
         """
         delays = itertools.chain(self._discord_retry_delays, itertools.repeat(self._discord_retry_delays[-1]))
         for attempt in itertools.count(1):
@@ -197,6 +198,8 @@ class ResultPoster:
                 raise
             except Exception as exc:
                 delay = next(delays)
+                if isinstance(exc, PresentationDeferred) and exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)
                 log.warning("Job %s: the %s failed (try %d: %s); again in %.0f s", job.id, what, attempt, exc, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")

@@ -109,7 +109,7 @@ class JobService:
         else:
             self._queue = FairQueue(settings.max_queued, on_change=self._line_changed)
         metrics.queue_depths = self._queue.depths
-        self._progress = ProgressReporter(store=store, queue=self._queue)
+        self._progress = ProgressReporter(queue=self._queue)
         self._wakeups = Wakeups()
         answers = AnswerRecorder(
             store=store, progress=self._progress, metrics=metrics, webhook_base=webhook_base, clock=clock

@@ -294,7 +294,7 @@ class Submitter:
             if job.status is not JobStatus.QUEUED:
                 return job  # cancelled (between two tries, say)
             self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
-            self._progress.show_place_in_line_soon(job.id)
+            self._progress.joined_line(job)
             not_sent = await self._wait_turn(job)
             if not_sent is not None:
                 return not_sent

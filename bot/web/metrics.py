@@ -5,6 +5,9 @@
 - `imagine_queue_depth{key}`: jobs waiting in the bot's own queue, by API key (a short fingerprint)
 - `imagine_ack_latency_seconds`: from the command to Discord's acknowledgement
 - `imagine_ready_to_posted_seconds`: from the result known at ModelsLab to the images posted
+- `imagine_discord_rate_limited_total{scope}`: Discord's 429 answers, by scope (`user`, `shared`, `global`), and the
+  ones that were not Discord's own limits: `ban` (Cloudflare's answer to a banned IP), `proxy` (made up by a REST proxy)
+- `imagine_discord_banned`: 1 while Discord's edge refuses the bot (a ban), else 0
 """
 
 from __future__ import annotations
@@ -83,6 +86,12 @@ class Metrics:
             "imagine_ready_to_posted_seconds", "From the result known at ModelsLab to the images posted in Discord."
         )
         self.queue_depths: Callable[[], Mapping[str, int]] = dict
+        self.discord_rate_limited = LabelledCounter(
+            "imagine_discord_rate_limited_total",
+            "Discord answers of 429, by scope (user, shared, global; ban: Cloudflare's ban; proxy: made by a proxy).",
+            ("scope",),
+        )
+        self.discord_banned: Callable[[], bool] = lambda: False
 
     def render(self) -> str:
         lines = [*self.jobs.render(), *self.modelslab_errors.render()]
@@ -92,5 +101,10 @@ class Metrics:
         ]
         for key, depth in sorted(self.queue_depths().items()):
             lines.append(f"imagine_queue_depth{_labels({'key': key})} {depth}")
-        lines += [*self.ack_latency.render(), *self.ready_to_posted.render()]
+        lines += [*self.ack_latency.render(), *self.ready_to_posted.render(), *self.discord_rate_limited.render()]
+        lines += [
+            "# HELP imagine_discord_banned 1 while Discord's edge refuses every request of the bot (a ban), else 0.",
+            "# TYPE imagine_discord_banned gauge",
+            f"imagine_discord_banned {int(self.discord_banned())}",
+        ]
         return "\n".join(lines) + "\n"
