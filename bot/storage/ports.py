@@ -73,7 +73,8 @@ class JobRepository(Protocol):
         ...
 
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
-        """ModelsLab did not take the job (a full queue, a passing fault): it waits in line again."""
+        """ModelsLab did not take the job (a full queue, a passing fault): it leaves the line, and its slot, until
+        it joins it again (first)."""
         ...
 
     async def update_request(self, job_id: str, request: GenerationRequest) -> None: ...

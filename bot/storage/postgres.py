@@ -593,7 +593,7 @@ class PostgresJobs:
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
         return await self._update(
             job_id,
-            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None},
+            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None, "enqueued_at": None},
             only_from=[JobStatus.SUBMITTING],
         )
 
@@ -804,8 +804,10 @@ class PostgresLeases:
 
     async def claim(self, *, limit: int, everything: bool = False, mine: bool = False) -> list[Job]:
         now = time.time()
+        mine_too = " OR owner = $2" if mine else ""
+        # ($3 is typed even when unused: everything is taken, whatever the leases.)
         free = (
-            "" if everything else " AND (owner IS NULL OR lease_expires_at < $3" + (" OR owner = $2)" if mine else ")")
+            " AND $3::float8 IS NOT NULL" if everything else f" AND (owner IS NULL OR lease_expires_at < $3{mine_too})"
         )
         rows = await self._db.fetch(
             "UPDATE jobs SET owner = $2, lease_expires_at = $1 WHERE id IN (SELECT id FROM jobs"
@@ -879,7 +881,8 @@ class PostgresQueue:
                 nxt = await connection.fetchrow(
                     "SELECT j.id, j.user_id, j.owner FROM jobs j LEFT JOIN queue_members m"
                     " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
-                    " WHERE j.key_ref = $1 AND j.status = 'queued' AND j.granted_at IS NULL"
+                    " WHERE j.key_ref = $1 AND j.status = 'queued'"
+                    " AND j.granted_at IS NULL AND j.enqueued_at IS NOT NULL"
                     " ORDER BY COALESCE(m.served_seq, -1), j.first_in_line DESC, j.enqueued_at, j.id LIMIT 1",
                     key_ref,
                 )
@@ -914,7 +917,7 @@ class PostgresQueue:
         rows = await self._db.fetch(
             "SELECT j.id, j.user_id, m.served_seq, j.first_in_line, j.enqueued_at FROM jobs j LEFT JOIN queue_members m"
             " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
-            " WHERE j.key_ref = $1 AND j.status = 'queued' AND j.granted_at IS NULL",
+            " WHERE j.key_ref = $1 AND j.status = 'queued' AND j.granted_at IS NULL AND j.enqueued_at IS NOT NULL",
             key_ref,
         )
         waiting = [

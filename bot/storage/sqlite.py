@@ -403,7 +403,7 @@ class SqliteJobs:
         """ModelsLab did not take the job (a full queue, a passing fault): it waits in line again."""
         return await self._update(
             job_id,
-            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None},
+            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None, "enqueued_at": None},
             only_from=[JobStatus.SUBMITTING],
         )
 
@@ -676,7 +676,8 @@ class SqliteQueue:
                 nxt = await self._db.fetch_one(
                     "SELECT j.id, j.user_id, j.owner FROM jobs j LEFT JOIN queue_members m"
                     " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
-                    " WHERE j.key_ref = ? AND j.status = 'queued' AND j.granted_at IS NULL"
+                    " WHERE j.key_ref = ? AND j.status = 'queued'"
+                    " AND j.granted_at IS NULL AND j.enqueued_at IS NOT NULL"
                     " ORDER BY COALESCE(m.served_seq, -1), j.first_in_line DESC, j.enqueued_at, j.id LIMIT 1",
                     (key_ref,),
                 )
@@ -707,7 +708,7 @@ class SqliteQueue:
         rows = await self._db.fetch_all(
             "SELECT j.id, j.user_id, m.served_seq, j.first_in_line, j.enqueued_at FROM jobs j LEFT JOIN queue_members m"
             " ON m.key_ref = j.key_ref AND m.user_id = j.user_id"
-            " WHERE j.key_ref = ? AND j.status = 'queued' AND j.granted_at IS NULL",
+            " WHERE j.key_ref = ? AND j.status = 'queued' AND j.granted_at IS NULL AND j.enqueued_at IS NOT NULL",
             (key_ref,),
         )
         waiting = [WaitingJob(r[0], int(r[1]), r[2], bool(r[3]), float(r[4] or 0)) for r in rows]
