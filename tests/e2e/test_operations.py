@@ -8,6 +8,8 @@ import sys
 import tomllib
 from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -245,3 +247,121 @@ def test_the_container_files_follow_the_rules():
     assert "env_file: .env" in compose and "/data" in compose
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".env" in ignored and "data/" in ignored and "*.sqlite3" in ignored
+
+
+# ---------------------------------------------------------------------------------------------- docker-compose.yml
+
+# Issue 15's settings, named in the compose file's "large" profile before they reach `Settings` (then drop this).
+PENDING_SETTINGS = {"SHARD_COUNT", "SHARD_IDS", "WORKER_ID", "LEASE_SECONDS"}
+
+
+def read_yaml_subset(text: str) -> Any:
+    """The block-style YAML that docker-compose.yml is written in: mappings, lists of scalars, flow lists of
+    scalars ([a, "b c"]), quoted or plain scalars, comments. Anything else (anchors, multi-line strings) raises, so
+    that the file stays readable by this test and by people."""
+    lines: list[tuple[int, str]] = []
+    for raw in text.splitlines():
+        content = _without_comment(raw).rstrip()
+        if content.strip():
+            if re.search(r"(^|\s)[&*]\w|<<:|: [|>]", content):
+                raise ValueError(f"not in the subset this test reads: {raw!r}")
+            lines.append((len(content) - len(content.lstrip()), content.strip()))
+
+    def block(start: int, indent: int) -> tuple[Any, int]:
+        if lines[start][1].startswith("- "):
+            items: list[Any] = []
+            index = start
+            while index < len(lines) and lines[index][0] == indent and lines[index][1].startswith("- "):
+                items.append(_scalar(lines[index][1][2:]))
+                index += 1
+            return items, index
+        mapping: dict[str, Any] = {}
+        index = start
+        while index < len(lines) and lines[index][0] == indent:
+            key, _, value = lines[index][1].partition(":")
+            if value.strip():
+                mapping[key] = _scalar(value)
+                index += 1
+            elif index + 1 < len(lines) and lines[index + 1][0] > indent:
+                mapping[key], index = block(index + 1, lines[index + 1][0])
+            else:
+                mapping[key] = None
+                index += 1
+        return mapping, index
+
+    parsed, end = block(0, 0)
+    assert end == len(lines), f"could not read line {lines[end]}"
+    return parsed
+
+
+def _without_comment(line: str) -> str:
+    quote = None
+    for index, char in enumerate(line):
+        if char in "\"'" and quote in (None, char):
+            quote = None if quote else char
+        elif char == "#" and quote is None and (index == 0 or line[index - 1] == " "):
+            return line[:index]
+    return line
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [_scalar(part) for part in re.findall(r'"[^"]*"|\'[^\']*\'|[^,\s][^,]*', text[1:-1])]
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def test_docker_compose_up_still_runs_one_process_on_sqlite():
+    services = read_yaml_subset((ROOT / "docker-compose.yml").read_text())["services"]
+    assert [name for name, service in services.items() if "profiles" not in service] == ["bot"]
+    assert services["bot"] == {
+        "build": ".",
+        "image": "modelslab-imagine-bot",
+        "env_file": ".env",
+        "environment": {"DATABASE_PATH": "/data/bot.sqlite3", "WEBHOOK_HOST": "0.0.0.0", "WEBHOOK_PORT": "8080"},
+        "volumes": ["data:/data"],
+        "ports": ["8080:8080"],
+        "restart": "unless-stopped",
+        "stop_grace_period": "45s",
+    }
+
+
+def test_the_large_profile_runs_two_shards_on_postgresql_behind_one_rest_proxy():
+    compose = read_yaml_subset((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    large = {name: service for name, service in services.items() if "large" in service.get("profiles", [])}
+    bots = {name: service for name, service in large.items() if service.get("image") == services["bot"]["image"]}
+    assert len(bots) == 2 and set(large) - set(bots) == {"db", "discord-proxy"}
+
+    db = services["db"]
+    assert re.fullmatch(r"postgres:\d+(-alpine)?", db["image"]) and "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert db["volumes"] == ["pgdata:/var/lib/postgresql/data"] and "pgdata" in compose["volumes"]
+    proxy = services["discord-proxy"]
+    assert re.fullmatch(r"ghcr\.io/germanoeich/nirn-proxy:v\d+\.\d+\.\d+", proxy["image"])  # pinned, not latest
+    assert int(proxy["environment"]["REQUEST_TIMEOUT"]) >= 60_000  # ms: its 5 s default cuts large uploads short
+    assert "ports" not in proxy  # plain HTTP with the bot's token: never published
+
+    environments = [bot["environment"] for bot in bots.values()]
+    shared = {"DATABASE_URL", "DISCORD_API_BASE", "SHARD_COUNT"}
+    for name in shared:
+        assert len({environment[name] for environment in environments}) == 1, name
+    settings = {name.upper() for name in Settings.model_fields} | PENDING_SETTINGS
+    url = urlsplit(environments[0]["DATABASE_URL"])
+    assert (url.scheme, url.hostname, url.port, url.path) == ("postgresql", "db", 5432, "/imagine")
+    assert (url.username, url.password) == (db["environment"]["POSTGRES_USER"], "${POSTGRES_PASSWORD:-}")
+    assert environments[0]["DISCORD_API_BASE"] == f"http://discord-proxy:{proxy['environment']['PORT']}/api/v10"
+    count = int(environments[0]["SHARD_COUNT"])
+    assert sorted(int(environment["SHARD_IDS"]) for environment in environments) == list(range(count))
+    assert len({environment["WORKER_ID"] for environment in environments}) == 2
+    for bot in bots.values():
+        # SECRET_KEY, PUBLIC_URL, MODELSLAB_MAX_QUEUED: from the one .env, so the same in both processes.
+        assert bot["env_file"] == ".env" and set(bot["environment"]) <= settings
+        assert not {"SECRET_KEY", "MODELSLAB_MAX_QUEUED"} & set(bot["environment"])
+        assert bot["depends_on"] == {
+            "db": {"condition": "service_healthy"},
+            "discord-proxy": {"condition": "service_started"},
+        }
+        assert all(port.startswith("127.0.0.1:") for port in bot["ports"])  # behind the operator's TLS proxy
+    assert "asyncpg==" in (ROOT / "requirements.lock").read_text()  # the image can reach PostgreSQL
