@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         description="This process's name in the database's job leases (default: host and process id).",
     )
     lease_seconds: float = Field(
-        30, ge=5, le=3600, description="A process that stops renewing its jobs loses them to the others after this."
+        30, ge=1, le=3600, description="A process that stops renewing its jobs loses them to the others after this."
     )
     webhook_host: str = Field("0.0.0.0", description="Interface the webhook receiver listens on.")
     webhook_port: int = Field(8080, ge=0, le=65535, description="Port the webhook receiver listens on (0: any).")

@@ -54,10 +54,7 @@ class LeaseKeeper:
     async def claim_at_start(self) -> list[Job]:
         """The jobs this process carries on as it starts: every unshown one if it is the only process, else those
         nobody drives (its own from before a restart with the same WORKER_ID, and those of stopped processes)."""
-        if self._shared:
-            jobs = await self._leases.claim(limit=CLAIM_BATCH, mine=True)
-        else:
-            jobs = await self._leases.claim(limit=AT_START, everything=True)
+        jobs = await self._leases.claim(limit=AT_START, everything=not self._shared, mine=self._shared)
         if self._task is None:
             self._task = asyncio.create_task(self._keep(), name="job-leases")
         return jobs

@@ -85,7 +85,10 @@ class SharedQueue:
     # ------------------------------------------------------------------------------------------ entering
 
     def hold(self, key: str, job_id: str, user_id: int) -> None:
-        """A job at ModelsLab holds its slot in the database already."""
+        """A job at ModelsLab holds its slot in the database already; when it is released, its key's next job
+        gets the slot."""
+        self._line(key)
+        self._key_of[job_id] = key
 
     def remember_served(self, key: str, last_served: dict[int, float]) -> None:
         """Who was served when is in the database already."""

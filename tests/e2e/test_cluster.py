@@ -27,7 +27,6 @@ from tests.cluster import (
 from tests.fakes.discord_server import FakeDiscord, FakeGuild, FakeInteraction
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab, Hang, Queued, RecordedCall
 
-PENDING = "issue 15: leases and the shared queue are not on main yet"
 LEASE_SECONDS = 3
 # ModelsLab's estimate for every job: no job here is finished by the bot's polling (its first fetch comes at the
 # ETA), only by a webhook that wakes the job's owner, wherever the webhook lands.
@@ -61,7 +60,6 @@ def submitted_prompts(modelslab: FakeModelsLab, since: int = 0) -> list[str]:
 # ---------------------------------------------------------------------------------------------- two processes
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING)
 async def test_a_process_and_a_worker_on_one_database_drive_each_job_once(
     cluster: Cluster, discord_server: FakeDiscord, modelslab: FakeModelsLab
 ):
@@ -260,7 +258,6 @@ async def test_one_process_killed_while_it_owns_jobs_in_every_state_finishes_the
     assert cluster.errors() == []
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING)
 @pytest.mark.timeout(240)
 async def test_three_processes_survive_one_killed_while_it_owns_jobs_in_every_state(
     cluster: Cluster, discord_server: FakeDiscord, modelslab: FakeModelsLab
