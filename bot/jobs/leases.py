@@ -87,7 +87,9 @@ class LeaseKeeper:
 
     async def _beat_once(self) -> None:
         owned = await self._leases.renew()
-        for job_id in self._driving() - owned:
+        # A driver may outlive its job's showing by a moment (no longer renewed then): only a job another process
+        # owns now was lost.
+        for job_id in await self._leases.taken(self._driving() - owned):
             log.warning("Job %s: this process lost its lease (another process may drive it now); stopping", job_id)
             self._lose(job_id)
         if self._shared:

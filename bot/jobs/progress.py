@@ -308,6 +308,9 @@ class ProgressReporter:
             if message.shows == display.shows:
                 message.shows = None  # what the message shows is unknown now: the next change is sent
         finally:
+            # The interval counts from Discord's answer too: an edit held up on its way (a busy loop, discord.py's
+            # own pacing) must not arrive less than the interval before the next.
+            message.last_edit = max(message.last_edit, time.monotonic())
             message.sending = None
             if message.wanted is not None and not self._closed and self._messages.get(message.job_id) is message:
                 self._pending[message.job_id] = message

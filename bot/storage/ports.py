@@ -196,6 +196,10 @@ class LeaseRepository(Protocol):
         """Give this process's unshown jobs up at once (it is stopping): the others may claim them now."""
         ...
 
+    async def taken(self, job_ids: Iterable[str]) -> set[str]:
+        """Those of `job_ids` that another process owns now (or nobody): this one lost them."""
+        ...
+
 
 class QueueRepository(Protocol):
     """The fair line in front of ModelsLab, in the database, for a bot of several processes: at most `limit` jobs of

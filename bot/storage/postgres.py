@@ -827,6 +827,12 @@ class PostgresLeases:
         )
         return {row["id"] for row in rows}
 
+    async def taken(self, job_ids: Iterable[str]) -> set[str]:
+        rows = await self._db.fetch(
+            "SELECT id FROM jobs WHERE id = ANY($1::text[]) AND owner IS DISTINCT FROM $2", list(job_ids), self._owner
+        )
+        return {row["id"] for row in rows}
+
     async def release(self) -> int:
         return await self._db.execute(
             "UPDATE jobs SET owner = NULL, lease_expires_at = 0 WHERE owner = $1 AND posted_at IS NULL", self._owner

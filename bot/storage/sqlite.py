@@ -629,6 +629,16 @@ class SqliteLeases:
         )
         return {row[0] for row in rows}
 
+    async def taken(self, job_ids: Iterable[str]) -> set[str]:
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        marks = ", ".join("?" for _ in ids)
+        rows = await self._db.fetch_all(
+            f"SELECT id FROM jobs WHERE id IN ({marks}) AND (owner IS NULL OR owner != ?)", (*ids, self._owner)
+        )
+        return {row[0] for row in rows}
+
     async def release(self) -> int:
         return await self._db.execute(
             "UPDATE jobs SET owner = NULL, lease_expires_at = 0 WHERE owner = ? AND posted_at IS NULL", (self._owner,)

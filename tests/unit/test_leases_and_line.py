@@ -195,3 +195,15 @@ async def test_twelve_processes_giving_slots_at_once_never_pass_the_cap(processe
             await owner.jobs.finish_failure(job_id, kind="generation_failed", detail="x")
     assert len(granted) == len(set(granted)) == 30
     assert granted[:7] == [jobs[n].id for n in range(7)]  # one job of each of the 7 members first
+
+
+async def test_a_job_is_lost_only_when_another_process_owns_it(tmp_path):
+    path = tmp_path / "bot.sqlite3"
+    async with SqliteStorage.open(path, owner="a") as a, SqliteStorage.open(path, owner="b") as b:
+        for job_id in ("1" * 32, "2" * 32, "3" * 32):
+            await a.jobs.insert(new_job(job_id))
+        await a.jobs.mark_posted("1" * 32)  # shown: no longer renewed, but still a's
+        await a.db.execute("UPDATE jobs SET lease_expires_at = 0 WHERE id = ?", ("2" * 32,))
+        await b.leases.claim(limit=1)  # b takes "2..."
+        assert await a.leases.renew() == {"3" * 32}
+        assert await a.leases.taken({"1" * 32, "2" * 32}) == {"2" * 32}
