@@ -345,6 +345,7 @@ class ClusterProcess:
     async def stop(self, timeout: float = 60) -> int:
         """SIGTERM, as `docker compose stop` sends it; the exit code (-9: it had to be killed after `timeout`)."""
         assert self.process is not None
+        self.killed_at = time.monotonic()  # stopped on purpose: not a crash
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
             try:

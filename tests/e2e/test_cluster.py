@@ -284,3 +284,42 @@ async def test_three_processes_survive_one_killed_while_it_owns_jobs_in_every_st
     assert await cluster.stop_all() == {"shard-0": 0, "worker": 0}
     await day.check()
     assert cluster.errors() == []
+
+
+# ---------------------------------------------------------------------------------------------- handing over
+
+
+async def test_a_stopped_process_hands_its_jobs_over_at_once_and_a_cancel_reaches_their_new_owner(
+    cluster: Cluster, discord_server: FakeDiscord, modelslab: FakeModelsLab
+):
+    """SIGTERM: the process's jobs go to the others at once, not after LEASE_SECONDS (a minute here). Then a member
+    presses Cancel in the process that answers the server's commands, while their job waits in line in another."""
+    modelslab.default_behaviour = Queued(eta=ETA)
+    cluster.common.update(LEASE_SECONDS="60", MODELSLAB_MAX_QUEUED="1")
+    cluster.add("bot")
+    cluster.add("worker", SHARD_COUNT="1", SHARD_IDS="")
+    await cluster.start()
+    guild, member = discord_server.guild, discord_server.member_id
+    running = await imagine(discord_server, "running", user_id=member, guild_id=guild.id)
+    waiting = await imagine(discord_server, "waiting", user_id=member, guild_id=guild.id)
+    await cluster.wait_job("running", lambda row: row.status == "processing", "at ModelsLab")
+    assert set((await cluster.owners()).values()) == {"bot"}  # it stored both: they are its own
+
+    assert await cluster.stop("bot") == 0
+    took = await cluster.wait_until_owned_by_none("bot", timeout=20)
+    assert took < 30 and set((await cluster.owners()).values()) == {"worker"}
+
+    await cluster.start("bot")  # back, as a supervisor restarts it: it answers the commands, the worker drives
+    job = await cluster.job("waiting")
+    assert job is not None
+    cancel = await discord_server.invoke_component(waiting.original.id, f"job:cancel:{job.id}", user_id=member)
+    await cancel.wait_callback()
+    assert "Cancelled: it will not be sent" in cancel.original.content
+    await eventually(lambda: "Cancelled by" in (waiting.original.content or ""), "the status to say cancelled")
+    modelslab.complete_all()
+    await eventually(lambda: images_shown(running) == 1, "the running job's result", timeout=20)
+    assert submitted_prompts(modelslab) == ["running"]
+    rows = {row.prompt: row for row in await cluster.jobs()}
+    assert (rows["waiting"].status, rows["waiting"].charged_images, rows["waiting"].posted) == ("failed", 0, True)
+    assert await cluster.stop_all() == {"bot": 0, "worker": 0}
+    assert cluster.errors() == []
