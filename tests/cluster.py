@@ -356,6 +356,17 @@ class ClusterProcess:
         assert self.process.returncode is not None
         return self.process.returncode
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far (all its threads); 0 once it has exited."""
+        if not self.running:
+            return 0.0
+        assert self.process is not None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -483,11 +494,12 @@ class Cluster:
 
     # ------------------------------------------------------------------------------------------ starting
 
-    async def start(self, *names: str, timeout: float = START_TIMEOUT) -> None:
+    async def start(self, *names: str, timeout: float = START_TIMEOUT, check_gateway: bool = True) -> None:
         """Start the processes (all added ones by default; again after a kill, on the same database) together, and
         wait until each is healthy and the fake Discord has exactly the gateway sessions their settings ask for.
         Fails at once, saying why, when a process exits or a session appears that none of them should have opened
-        (an unsharded one among sharded processes, a worker's, a second one for a shard)."""
+        (an unsharded one among sharded processes, a worker's, a second one for a shard). `check_gateway=False`:
+        only wait until each process is healthy (to watch a bot whose processes do not shard as they should)."""
         chosen = [self.processes[n] for n in names] if names else list(self.processes.values())
         if any(process.process is not None for process in chosen):
             # A process restarted by a supervisor comes back after seconds, where this takes milliseconds: let
@@ -504,13 +516,15 @@ class Cluster:
                 address = process.listening_address()
                 if address is not None:
                     self.proxy.add_backend(address)
-            self.check_gateway_sessions(chosen, after=identified)
-            if self.expected_sessions(chosen) - self.live_sessions(after=identified):
-                return False
+            if check_gateway:
+                self.check_gateway_sessions(chosen, after=identified)
+                if self.expected_sessions(chosen) - self.live_sessions(after=identified):
+                    return False
             statuses = await asyncio.gather(*(process.healthz(session) for process in chosen))
             if any(status != 200 for status in statuses):
                 return False
-            self.check_gateway_sessions(chosen, after=identified)  # a worker connected before it said it was healthy
+            if check_gateway:
+                self.check_gateway_sessions(chosen, after=identified)  # a worker connected before it was healthy
             return True
 
         def describe() -> str:
