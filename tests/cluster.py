@@ -12,6 +12,8 @@ The harness of the multi-process tests (`tests/e2e/test_cluster.py`) and of `ben
   `SECRET_KEY`, `PUBLIC_URL` shared), starts them together as a supervisor would, and waits until every one answers
   `/healthz` with 200 and the fake Discord has exactly the gateway sessions their settings ask for (one per shard,
   none for a worker). It kills (SIGKILL) or stops (SIGTERM) one, and reads the shared database.
+- `Cluster.webhook_url(job_id, at="worker")` / `post_webhook(...)`: a job's signed webhook URL at the proxy or at one
+  process (to make a webhook land on a chosen process).
 - What a member would notice, checked from outside: `fair_order_problems` (round robin by member in the order jobs
   reached ModelsLab), `uploads_by_interaction` (each job's images uploaded to Discord once).
 
@@ -49,6 +51,7 @@ from typing import IO, Any
 
 import aiohttp
 
+from bot.web.signing import WebhookSigner
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
 
@@ -595,6 +598,17 @@ class Cluster:
         for process in self.processes.values():
             process.close()
         return {p.name: code for p, code in zip(running, codes, strict=True)}
+
+    def webhook_url(self, job_id: str, at: str | None = None) -> str:
+        """The job's signed webhook URL, at the proxy (as ModelsLab calls it) or at one process's receiver."""
+        base = self.proxy.url if at is None else self.processes[at].url
+        return WebhookSigner(SECRET_KEY.encode()).webhook_url(base, job_id)
+
+    async def post_webhook(self, job_id: str, body: dict[str, Any], at: str | None = None) -> int:
+        """POST a webhook body for the job as ModelsLab would, to the proxy or to one process; the HTTP status."""
+        assert self._session is not None
+        async with self._session.post(self.webhook_url(job_id, at), json=body) as response:
+            return response.status
 
     def errors(self, expected: Iterable[str] = ()) -> list[str]:
         """Every process's unexpected ERROR lines (see `ClusterProcess.errors`)."""
