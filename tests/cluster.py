@@ -12,6 +12,8 @@ The harness of the multi-process tests (`tests/e2e/test_cluster.py`) and of `ben
   `SECRET_KEY`, `PUBLIC_URL` shared), starts them together as a supervisor would, and waits until every one answers
   `/healthz` with 200 and the fake Discord has exactly the gateway sessions their settings ask for (one per shard,
   none for a worker). It kills (SIGKILL) or stops (SIGTERM) one, and reads the shared database.
+- `Cluster.webhook_url(job_id, at="worker")` / `post_webhook(...)`: a job's signed webhook URL at the proxy or at one
+  process (to make a webhook land on a chosen process).
 - What a member would notice, checked from outside: `fair_order_problems` (round robin by member in the order jobs
   reached ModelsLab), `uploads_by_interaction` (each job's images uploaded to Discord once).
 
@@ -49,6 +51,7 @@ from typing import IO, Any
 
 import aiohttp
 
+from bot.web.signing import WebhookSigner
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction
 from tests.fakes.modelslab_server import DEFAULT_KEY, FakeModelsLab
 
@@ -357,6 +360,17 @@ class ClusterProcess:
         assert self.process.returncode is not None
         return self.process.returncode
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far (all its threads); 0 once it has exited."""
+        if not self.running:
+            return 0.0
+        assert self.process is not None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -484,11 +498,12 @@ class Cluster:
 
     # ------------------------------------------------------------------------------------------ starting
 
-    async def start(self, *names: str, timeout: float = START_TIMEOUT) -> None:
+    async def start(self, *names: str, timeout: float = START_TIMEOUT, check_gateway: bool = True) -> None:
         """Start the processes (all added ones by default; again after a kill, on the same database) together, and
         wait until each is healthy and the fake Discord has exactly the gateway sessions their settings ask for.
         Fails at once, saying why, when a process exits or a session appears that none of them should have opened
-        (an unsharded one among sharded processes, a worker's, a second one for a shard)."""
+        (an unsharded one among sharded processes, a worker's, a second one for a shard). `check_gateway=False`:
+        only wait until each process is healthy (to watch a bot whose processes do not shard as they should)."""
         chosen = [self.processes[n] for n in names] if names else list(self.processes.values())
         if any(process.process is not None for process in chosen):
             # A process restarted by a supervisor comes back after seconds, where this takes milliseconds: let
@@ -505,13 +520,15 @@ class Cluster:
                 address = process.listening_address()
                 if address is not None:
                     self.proxy.add_backend(address)
-            self.check_gateway_sessions(chosen, after=identified)
-            if self.expected_sessions(chosen) - self.live_sessions(after=identified):
-                return False
+            if check_gateway:
+                self.check_gateway_sessions(chosen, after=identified)
+                if self.expected_sessions(chosen) - self.live_sessions(after=identified):
+                    return False
             statuses = await asyncio.gather(*(process.healthz(session) for process in chosen))
             if any(status != 200 for status in statuses):
                 return False
-            self.check_gateway_sessions(chosen, after=identified)  # a worker connected before it said it was healthy
+            if check_gateway:
+                self.check_gateway_sessions(chosen, after=identified)  # a worker connected before it was healthy
             return True
 
         def describe() -> str:
@@ -582,6 +599,17 @@ class Cluster:
         for process in self.processes.values():
             process.close()
         return {p.name: code for p, code in zip(running, codes, strict=True)}
+
+    def webhook_url(self, job_id: str, at: str | None = None) -> str:
+        """The job's signed webhook URL, at the proxy (as ModelsLab calls it) or at one process's receiver."""
+        base = self.proxy.url if at is None else self.processes[at].url
+        return WebhookSigner(SECRET_KEY.encode()).webhook_url(base, job_id)
+
+    async def post_webhook(self, job_id: str, body: dict[str, Any], at: str | None = None) -> int:
+        """POST a webhook body for the job as ModelsLab would, to the proxy or to one process; the HTTP status."""
+        assert self._session is not None
+        async with self._session.post(self.webhook_url(job_id, at), json=body) as response:
+            return response.status
 
     def errors(self, expected: Iterable[str] = ()) -> list[str]:
         """Every process's unexpected ERROR lines (see `ClusterProcess.errors`)."""

@@ -219,6 +219,8 @@ class BusyDay:
             numbers = [number_of(prompt) for prompt in in_line if member_of(prompt) == member.label]
             assert numbers == sorted(numbers), (member.label, numbers)
         assert all(d.status == 200 for d in self.modelslab.webhook_deliveries), self.modelslab.webhook_deliveries
+        for call in self.modelslab.submissions():  # every webhook through the proxy, signed with the one SECRET_KEY
+            assert call.json["webhook"] == self.cluster.webhook_url(call.json["track_id"])
 
 
 def next_sent(modelslab: FakeModelsLab, sent: int) -> Callable[[], bool]:
