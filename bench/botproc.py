@@ -9,6 +9,10 @@ Run by `bench/run.py` as `python -m bench.botproc`, configured by the same envir
 * ``BENCH_SLOW_CALLBACK``: ``loop.slow_callback_duration`` in seconds (asyncio logs, in debug mode, every callback
   that ran longer; set ``PYTHONASYNCIODEBUG=1`` too).
 * ``BENCH_PROFILE``: write a cProfile of the main thread (the event loop) to this file when the process ends.
+* ``BENCH_SQL_STATS``: count every SQL statement the bot's SQLite connections run (a trace callback, set on each
+  connection as it opens), by statement; on ``SIGUSR1`` the counts so far are written to this file as JSON
+  (``{"seq": <n-th dump>, "total": <statements>, "statements": {<statement, values elided>: <count>}}``), which the
+  benchmark reads before and after a scenario.
 
 The loop is created by ``asyncio.run`` inside ``main()``; an event loop policy hooks the monitor onto it, so the
 bot's own code runs unchanged.
@@ -17,12 +21,59 @@ bot's own code runs unchanged.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import os
+import re
+import signal
+import sqlite3
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 STALL_RECORD_THRESHOLD = 0.001  # seconds of overshoot worth writing down
+_VALUES = re.compile(r"'(?:[^']|'')*'|x'[0-9a-fA-F]*'|\b\d+(?:\.\d+)?(?:e[+-]?\d+)?\b")
+
+
+class StatementCounter:
+    """Counts the statements SQLite runs, by their text with the values elided (the trace callback may see them
+    expanded). Counted in the database thread; read from the main thread on a signal."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._dumps = 0
+
+    def install(self) -> None:
+        original = sqlite3.connect
+
+        def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            connection = original(*args, **kwargs)
+            connection.set_trace_callback(self._count)
+            return connection
+
+        sqlite3.connect = connect  # aiosqlite looks it up when it opens a connection
+        signal.signal(signal.SIGUSR1, lambda signum, frame: self.dump())
+
+    def _count(self, statement: str) -> None:
+        self._counts[statement[:200]] += 1  # the values are elided only when dumped: the callback stays cheap
+
+    def dump(self) -> None:
+        self._dumps += 1
+        while True:
+            try:  # the database thread may add a statement meanwhile
+                counts = list(self._counts.items())
+                break
+            except RuntimeError:
+                continue
+        merged: collections.Counter[str] = collections.Counter()
+        for statement, count in counts:
+            merged[" ".join(_VALUES.sub("?", statement).split())[:160]] += count
+        text = json.dumps({"seq": self._dumps, "total": sum(merged.values()), "statements": dict(merged)})
+        temporary = self._path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, self._path)
 
 
 async def _monitor(out: TextIO, interval: float) -> None:
@@ -69,6 +120,9 @@ def main() -> int:
     interval = float(os.environ.get("BENCH_STALL_INTERVAL", "0.005"))
     slow = os.environ.get("BENCH_SLOW_CALLBACK")
     asyncio.set_event_loop_policy(_BenchPolicy(stall_file, interval, float(slow) if slow else None))
+    sql_stats = os.environ.get("BENCH_SQL_STATS")
+    if sql_stats:
+        StatementCounter(sql_stats).install()
 
     from bot.__main__ import main as bot_main
 
