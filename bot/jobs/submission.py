@@ -27,8 +27,8 @@ from bot.jobs.fair_queue import Cancelled
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobQueue
 from bot.jobs.progress import ProgressReporter
-from bot.jobs.records import fail_job, reload_job
-from bot.jobs.waiting import AnswerRecorder, Wakeups
+from bot.jobs.records import changed_or_reloaded, fail_job, reload_job
+from bot.jobs.waiting import AnswerRecorder, SentKeys, Wakeups
 from bot.modelslab.client import Answer, ApiFlavour, ErrorKind, Failure, GenerationKind, ModelsLabClient
 from bot.storage.ports import JobRepository
 from bot.web.metrics import Metrics
@@ -136,8 +136,7 @@ class RecentPayloads:
             return job
         if job.request.seed_is_random:
             request = dataclasses.replace(job.request, seed=secrets.randbelow(2**32))
-            await self._store.update_request(job.id, request)
-            return await reload_job(self._store, job.id)
+            return await changed_or_reloaded(self._store, job.id, await self._store.update_request(job.id, request))
         await asyncio.sleep(max(sent_at + SPAM_WINDOW - now, 0))
         return job
 
@@ -153,6 +152,7 @@ class Sender:
         keybox: KeyBox,
         payloads: PayloadBuilder,
         answers: AnswerRecorder,
+        sent_keys: SentKeys,
         metrics: Metrics,
         timeout: float,
         clock: Callable[[], float] = time.time,
@@ -162,6 +162,7 @@ class Sender:
         self._keybox = keybox
         self._payloads = payloads
         self._answers = answers
+        self._sent_keys = sent_keys
         self._metrics = metrics
         self._timeout = timeout
         self._clock = clock
@@ -184,8 +185,11 @@ class Sender:
         ModelsLab taking the job and us writing that down."""
         sealed = self._keybox.seal_for_job(job.id, api_key)
         deadline = self._clock() + self._timeout
-        if not await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed):
+        submitting = await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed)
+        if submitting is None:  # no longer queued (cancelled, say)
             return await reload_job(self._store, job.id), None
+        job = submitting
+        self._sent_keys.remember(job.id, api_key)  # for the fetches of this job's driver
         payload = await self._payloads.build(job)
         # Stamped before the call (a twin sent meanwhile waits) and again once answered (see below).
         self._recent.stamp(queue_key(api_key), job)
@@ -198,9 +202,9 @@ class Sender:
             # Stamped once answered: never earlier than ModelsLab saw it, so the 30 s count errs on the safe side.
             self._recent.stamp(queue_key(api_key), job)
             if isinstance(answer, Failure) and sent_back(answer):
-                await self._store.requeue(job.id, retry_after=answer.retry_after)
-                return await reload_job(self._store, job.id), answer
-            return await self._answers.record(job.id, answer, submitting=True), answer
+                requeued = await self._store.requeue(job.id, retry_after=answer.retry_after)
+                return await changed_or_reloaded(self._store, job.id, requeued), answer
+            return await self._answers.record(job, answer, submitting=True), answer
 
         call = asyncio.create_task(send(), name=f"submit-{job.id}")
         self._in_flight.add(call)
@@ -259,6 +263,8 @@ class Submitter:
 
         failed_tries = 0
         first_in_line = False
+        # The caller has just read the job, unless its input image was being fetched meanwhile.
+        stale = job.kind in INPUT_KINDS
         while True:
             if self._clock() >= job.created_at + QUEUE_MAX_WAIT:
                 return await fail_job(self._store, job.id, ErrorKind.EXPIRED, "not sent within the queue's time limit")
@@ -266,23 +272,23 @@ class Submitter:
             if api_key is None:
                 return await fail_job(self._store, job.id, ErrorKind.NO_KEY, "no API key configured")
             key = queue_key(api_key)
-            job = await reload_job(self._store, job.id)
-            if job.status is not JobStatus.QUEUED:
-                return job  # cancelled (between two tries, say)
+            if stale:
+                job = await reload_job(self._store, job.id)
+                if job.status is not JobStatus.QUEUED:
+                    return job  # cancelled (between two tries, say)
             self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
             self._progress.show_place_in_line_soon(job.id)
             not_sent = await self._wait_turn(job)
             if not_sent is not None:
                 return not_sent
-            job = await reload_job(self._store, job.id)
-            if job.status is not JobStatus.QUEUED:
-                return job  # cancelled while it waited
+            # Cancelled while it waited, it was taken out of the line (`_wait_turn` says so); cancelled in the
+            # instant its turn came, `mark_submitting` (only from queued) finds out.
             job, answer = await self._sender.send(job, api_key)
             if job.status is not JobStatus.QUEUED:
                 return job  # at ModelsLab, finished, or failed for good
             # Sent back: it keeps its place at the head of the line. A full queue pauses the whole key first
             # (or its slot would go straight to the next job); after a passing fault the slot is passed on.
-            first_in_line = True
+            first_in_line = stale = True
             if isinstance(answer, Failure) and answer.kind is ErrorKind.QUEUE_FULL:
                 wait = answer.retry_after or 30.0
                 log.info("Job %s: ModelsLab's queue is full; trying again in %.0f s", job.id, wait)
@@ -349,10 +355,12 @@ class LostSubmissions:
                     return job
         if job.modelslab_id is None:
             return await fail_job(self._store, job.id, ErrorKind.LOST, "submit answer unknown")
-        await self._store.mark_processing(job.id, modelslab_id=job.modelslab_id, eta_at=None, fetch_url=None, meta={})
+        processing = await self._store.mark_processing(
+            job.id, modelslab_id=job.modelslab_id, eta_at=None, fetch_url=None, meta={}
+        )
         # The webhook that told us the id also said the job is done: look now.
         self._wakeups.set(job.id)
-        return await reload_job(self._store, job.id)
+        return await changed_or_reloaded(self._store, job.id, processing)
 
 
 def _payload_ref(job: Job) -> str:
