@@ -20,6 +20,7 @@ steps themselves are parts, each in its module of `bot.jobs`:
   ModelsLab's answers written down (`AnswerRecorder`);
 - `posting`: the outcome shown to the member (`ResultPoster`);
 - `progress`: the status message's place in line and ETA (`ProgressReporter`);
+- `housekeeping`: old members' pictures and expired tokens deleted on a timer (`Housekeeping`);
 - `ports`: what the domain needs from outside (Discord, the servers, the queue).
 """
 
@@ -37,9 +38,10 @@ from bot.guilds.keybox import KeyBox
 from bot.guilds.rules import Limits, Refused, explain_refusal
 from bot.images.downloader import ImageDownloader
 from bot.jobs.fair_queue import FairQueue
+from bot.jobs.housekeeping import Housekeeping
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue
-from bot.jobs.posting import DISCORD_RETRY_DELAYS, INPUT_RETENTION, ResultPoster
+from bot.jobs.posting import DISCORD_RETRY_DELAYS, ResultPoster
 from bot.jobs.progress import ProgressReporter
 from bot.jobs.records import reload_job
 from bot.jobs.submission import RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
@@ -149,6 +151,7 @@ class JobService:
             clock=clock,
             discord_retry_delays=discord_retry_delays,
         )
+        self.housekeeping = Housekeeping(store=store, clock=clock)
 
     @property
     def timeout(self) -> float:
@@ -276,9 +279,9 @@ class JobService:
     async def resume(self) -> int:
         """After a start-up: carry on every job that is not finished or not yet shown.
 
-        The queue is rebuilt before any driver runs (see `Submitter.restore_line`).
+        The queue is rebuilt before any driver runs (see `Submitter.restore_line`). Housekeeping starts too.
         """
-        await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
+        self.housekeeping.start()
         jobs = await self._store.needing_work()
         await self._submitter.restore_line(jobs)
         for job in jobs:
@@ -306,6 +309,7 @@ class JobService:
         cut off, its job could be paid at ModelsLab and yet reported lost."""
         self._closing = True
         self._progress.close()
+        await self.housekeeping.stop()
         drivers = list(self._tasks.values())
         for task in drivers:
             task.cancel()

@@ -505,6 +505,15 @@ class SqliteJobs:
             (before, batch),
         )
 
+    async def forget_expired_tokens(self, now: float, *, batch: int = 500) -> int:
+        """Interaction tokens past their expiry on jobs not shown yet (shown jobs keep none): useless, and not kept.
+        At most `batch` at a time; returns how many went. Only not-yet-shown jobs are read (a partial index)."""
+        return await self._db.execute(
+            "UPDATE jobs SET interaction_token = NULL WHERE id IN (SELECT id FROM jobs"
+            " WHERE posted_at IS NULL AND interaction_token IS NOT NULL AND token_expires_at < ? LIMIT ?)",
+            (now, batch),
+        )
+
     async def input_image(self, job_id: str) -> bytes | None:
         row = await self._db.fetch_one("SELECT image FROM job_inputs WHERE job_id = ?", (job_id,))
         return bytes(row[0]) if row else None

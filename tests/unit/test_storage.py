@@ -198,6 +198,21 @@ async def test_pictures_go_in_batches_and_only_once_their_time_is_past(storage: 
     assert [await store.drop_old_inputs(time.time() + 1, batch=2) for _ in range(4)] == [2, 2, 1, 0]
 
 
+async def test_expired_interaction_tokens_of_jobs_not_shown_are_forgotten_in_batches(storage: Storage):
+    store = storage.jobs
+    now = time.time()
+    for n in range(3):  # not shown, token expired
+        await store.insert(new_job(f"{n:032x}", interaction_token=f"token-{n}", token_expires_at=now - 10))
+    await store.insert(new_job("a" * 32, interaction_token="fresh", token_expires_at=now + 600))
+    assert await store.forget_expired_tokens(now, batch=2) == 2
+    assert await store.forget_expired_tokens(now, batch=2) == 1
+    assert await store.forget_expired_tokens(now, batch=2) == 0
+    expired = await store.get(f"{0:032x}")
+    assert expired is not None and expired.interaction_token is None and expired.token_expires_at == now - 10
+    fresh = await store.get("a" * 32)
+    assert fresh is not None and fresh.interaction_token == "fresh"  # still usable: kept
+
+
 async def test_the_quota_reservation_is_exact_when_fifty_requests_race(storage: Storage):
     limits = Limits(guild_daily=10)
     jobs = [new_job(f"{n:032x}", user_id=100 + n) for n in range(50)]
