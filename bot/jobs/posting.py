@@ -164,13 +164,22 @@ class ResultPoster:
 
     async def _download_images(self, job: Job) -> list[ImageFile]:
         """Every image that can be had; the ones that cannot are left out (still counted: ModelsLab billed them)."""
-        downloads = []
+        candidates = []
         for index, url in enumerate(job.output_urls[: job.request.samples]):
             urls = [url]
             if index < len(job.proxy_urls) and job.proxy_urls[index] != url:
                 urls.append(job.proxy_urls[index])
-            downloads.append(self._downloader.download(urls))
-        results = await asyncio.gather(*downloads, return_exceptions=True)
+            candidates.append(urls)
+        results: list[ImageFile | BaseException]
+        if len(candidates) == 1:  # most jobs: awaited here, without a task of its own
+            try:
+                results = [await self._downloader.download(candidates[0])]
+            except DownloadFailed as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(
+                *(self._downloader.download(urls) for urls in candidates), return_exceptions=True
+            )
         images = []
         for result in results:
             if isinstance(result, DownloadFailed):

@@ -17,6 +17,7 @@ import logging
 import random
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,25 +121,32 @@ class RecentPayloads:
     def __init__(self, *, store: JobRepository, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
-        self._sent_at: dict[tuple[str, str], float] = {}
+        self._sent_at: OrderedDict[tuple[str, str], float] = OrderedDict()  # the oldest stamp first
 
-    def stamp(self, key: str, job: Job) -> None:
-        self._sent_at[(key, _payload_ref(job))] = self._clock()
+    def stamp(self, key: str, payload_ref: str) -> None:
+        self._sent_at[(key, payload_ref)] = self._clock()
+        self._sent_at.move_to_end((key, payload_ref))
 
-    async def make_distinct(self, job: Job, key: str) -> Job:
+    async def make_distinct(self, job: Job, key: str) -> tuple[Job, str]:
         """Never send a payload identical to one sent for this key in the last 30 s (ModelsLab's spam filter):
-        a seed the bot chose is chosen again; a seed the member chose is kept, and the job waits."""
+        a seed the bot chose is chosen again; a seed the member chose is kept, and the job waits. Returns the job
+        and what names its payload (for `stamp`)."""
         now = self._clock()
-        for stamp in [k for k, at in self._sent_at.items() if now - at >= SPAM_WINDOW]:
-            del self._sent_at[stamp]
-        sent_at = self._sent_at.get((key, _payload_ref(job)))
-        if sent_at is None:
-            return job
+        while self._sent_at:  # the stamps that have expired go, oldest first: no scan of them all
+            oldest, at = next(iter(self._sent_at.items()))
+            if now - at < SPAM_WINDOW:
+                break
+            del self._sent_at[oldest]
+        ref = _payload_ref(job)
+        sent_at = self._sent_at.get((key, ref))
+        if sent_at is None or now - sent_at >= SPAM_WINDOW:
+            return job, ref
         if job.request.seed_is_random:
             request = dataclasses.replace(job.request, seed=secrets.randbelow(2**32))
-            return await changed_or_reloaded(self._store, job.id, await self._store.update_request(job.id, request))
+            job = await changed_or_reloaded(self._store, job.id, await self._store.update_request(job.id, request))
+            return job, _payload_ref(job)
         await asyncio.sleep(max(sent_at + SPAM_WINDOW - now, 0))
-        return job
+        return job, ref
 
 
 class Sender:
@@ -172,15 +180,16 @@ class Sender:
     async def send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
         """Send the job (a twin of one sent in the last 30 s is made distinct, or waits, first). Returns the job
         as it then is, and ModelsLab's answer (None if the job was no longer queued)."""
-        job = await self._recent.make_distinct(job, queue_key(api_key))
-        return await self._submit(job, api_key)
+        key = queue_key(api_key)
+        job, payload_ref = await self._recent.make_distinct(job, key)
+        return await self._submit(job, api_key, key, payload_ref)
 
     async def wait_in_flight(self, *, grace: float) -> None:
         """Let the submit calls under way finish (within `grace`) and their answers be recorded."""
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=grace)
 
-    async def _submit(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
+    async def _submit(self, job: Job, api_key: str, key: str, payload_ref: str) -> tuple[Job, Answer | None]:
         """One submit call, and the record of its answer, shielded: a shutdown must not cut it off between
         ModelsLab taking the job and us writing that down."""
         sealed = self._keybox.seal_for_job(job.id, api_key)
@@ -192,7 +201,7 @@ class Sender:
         self._sent_keys.remember(job.id, api_key)  # for the fetches of this job's driver
         payload = await self._payloads.build(job)
         # Stamped before the call (a twin sent meanwhile waits) and again once answered (see below).
-        self._recent.stamp(queue_key(api_key), job)
+        self._recent.stamp(key, payload_ref)
         log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
 
         async def send() -> tuple[Job, Answer | None]:
@@ -200,7 +209,7 @@ class Sender:
             if isinstance(answer, Failure):
                 self._metrics.modelslab_errors.inc(answer.kind.value)
             # Stamped once answered: never earlier than ModelsLab saw it, so the 30 s count errs on the safe side.
-            self._recent.stamp(queue_key(api_key), job)
+            self._recent.stamp(key, payload_ref)
             if isinstance(answer, Failure) and sent_back(answer):
                 requeued = await self._store.requeue(job.id, retry_after=answer.retry_after)
                 return await changed_or_reloaded(self._store, job.id, requeued), answer
@@ -309,9 +318,8 @@ class Submitter:
         """Until the job holds a slot of its key (then None). If it was cancelled meanwhile, or waited past
         `QUEUE_MAX_WAIT` (it is then failed), it will not be sent: returns the job as it now is."""
         try:
-            await asyncio.wait_for(
-                self._queue.wait_turn(job.id), timeout=max(job.created_at + QUEUE_MAX_WAIT - self._clock(), 0.01)
-            )
+            async with asyncio.timeout(max(job.created_at + QUEUE_MAX_WAIT - self._clock(), 0.01)):
+                await self._queue.wait_turn(job.id)  # a timeout, not `wait_for`: no second task per waiting job
         except Cancelled:
             return await reload_job(self._store, job.id)
         except TimeoutError:
@@ -348,7 +356,8 @@ class LostSubmissions:
             event = self._wakeups.event(job.id)
             while job.modelslab_id is None and self._clock() < job.deadline_at:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=max(job.deadline_at - self._clock(), 0.01))
+                    async with asyncio.timeout(max(job.deadline_at - self._clock(), 0.01)):
+                        await event.wait()
                 event.clear()
                 job = await reload_job(self._store, job.id)
                 if job.status is not JobStatus.SUBMITTING:

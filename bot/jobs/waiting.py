@@ -195,7 +195,8 @@ class ResultWaiter:
             remaining = job.deadline_at - self._clock()
             if remaining > 0 and not event.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=min(next(delays), remaining))
+                    async with asyncio.timeout(min(next(delays), remaining)):  # no task of its own, as `wait_for` makes
+                        await event.wait()
             event.clear()
             if job.modelslab_id is None:
                 # Only a webhook changes a job at ModelsLab meanwhile, and only to name its id: read it again.
