@@ -286,7 +286,8 @@ class Submitter:
                 if job.status is not JobStatus.QUEUED:
                     return job  # cancelled (between two tries, say)
             self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
-            self._progress.show_place_in_line_soon(job.id)
+            if self._queue.position(job.id) is not None:  # it waits: its message shows its place in line
+                self._progress.show_place_in_line_soon(job.id)
             not_sent = await self._wait_turn(job)
             if not_sent is not None:
                 return not_sent
