@@ -67,6 +67,9 @@ HAPPY_PATH_REQUESTS = 3  # the acknowledgement, one status edit, the result
 PENDING_MEAN_REQUESTS = 6.0  # per job, on average, with 1000 pending
 INVALID_SHARE_TARGET = 0.01  # of Discord's ban threshold, in the worst 10 minutes
 HAPPY_PATH_SCENARIOS = ("webhook/stall", "polling")  # MODELSLAB_MAX_QUEUED=100: no job waits in the bot's line
+WEBHOOK_CPU_TARGET_MS = 8.0  # the bot's CPU per job, paced webhook path (2a)
+BURST_CPU_TARGET_MS = 5.0  # the same when the results are ready at once (5)
+STATEMENTS_TARGET = 8  # SQL statements per job
 # The alternatives, for the comparison line.
 VENDOR_BOT_WAIT = 130.0  # the vendor's sample Discord bot sleeps this long, then fetches once
 SDK_POLL_INTERVAL = 60.0  # the vendor's Python SDK polls this often
@@ -193,6 +196,27 @@ class BenchDiscord(FakeDiscord):
         self._port = int(self._runner.addresses[0][1])
 
 
+class BenchModelsLab(FakeModelsLab):
+    """The fake ModelsLab, with every job's result images replaced by the benchmark's realistic ones (`Images`) the
+    moment the job is made: whenever the bot downloads them, and however the scenario paces its commands, it gets
+    the realistic bytes. The fake's behaviour is otherwise its own."""
+
+    def __init__(self, images: Images) -> None:
+        super().__init__()
+        self.images = images
+        self.image_style: str | None = None
+
+    async def _create_job(self, *args: Any, **kwargs: Any) -> FakeJob:
+        job = await super()._create_job(*args, **kwargs)
+        data = self.images.get(job.size, self.image_style)
+        if data is not None:
+            for url in job.outputs:
+                entry = self._images.get(url.rsplit("/", 1)[-1])
+                if entry is not None:
+                    entry.data = data
+        return job
+
+
 def listen_overflows() -> int:
     """The system's count of connections dropped because a listen queue was full (TcpExt ListenOverflows)."""
     try:
@@ -214,7 +238,7 @@ class Fakes:
 
     def __init__(self, members: int, images: Images) -> None:
         self.discord: FakeDiscord = BenchDiscord(token=BOT_TOKEN)
-        self.modelslab = FakeModelsLab()
+        self.modelslab = BenchModelsLab(images)
         self.images = images
         self.member_ids = [MEMBER_BASE_ID + n for n in range(max(members, 1))]
         for user_id in self.member_ids:
@@ -223,9 +247,9 @@ class Fakes:
         self._by_token: dict[str, str] = {}  # interaction token -> prompt
         self.posted_at: dict[str, float] = {}  # prompt -> when the PATCH with the images reached Discord
         self.jobs: dict[str, FakeJob] = {}  # prompt -> the job at ModelsLab
+        self.realistic: set[str] = set()  # prompts whose posted images are all the benchmark's realistic ones
         self._request_cursor = 0
         self._job_cursor = 0
-        self._image_style: str | None = None
 
     async def __aenter__(self) -> Fakes:
         OPENED.append(self)  # for the Discord budget of each scenario (run())
@@ -269,13 +293,12 @@ class Fakes:
         return list(await asyncio.gather(*(self.imagine(p, self.member(n), **options) for n, p in enumerate(prompts))))
 
     def scan(self) -> None:
-        """Take note of new jobs at ModelsLab (and give them realistic images) and of results posted to Discord."""
+        """Take note of new jobs at ModelsLab and of results posted to Discord (and whether their images were the
+        realistic ones)."""
         jobs = self.modelslab.jobs
         if len(jobs) > self._job_cursor:
             for job in itertools.islice(jobs.values(), self._job_cursor, None):
-                prompt = str(job.request.get("prompt"))
-                self.jobs[prompt] = job
-                self._dress(job)
+                self.jobs[str(job.request.get("prompt"))] = job
             self._job_cursor = len(jobs)
         requests = self.discord.requests
         first_unanswered = None
@@ -292,20 +315,19 @@ class Fakes:
             shown = self._by_token.get(token) if token else None
             if shown is not None and shown not in self.posted_at:
                 self.posted_at[shown] = rec.at
+                job = self.jobs.get(shown)
+                realistic = self.images.get(job.size, self.modelslab.image_style) if job is not None else None
+                if realistic is not None and all(file.data == realistic for file in rec.files):
+                    self.realistic.add(shown)
         self._request_cursor = first_unanswered if first_unanswered is not None else len(requests)
 
     def use_images(self, style: str | None) -> None:
-        self._image_style = style
+        """The style of the realistic images of the jobs made from now on (None: the scenario's own)."""
+        self.modelslab.image_style = style
 
-    def _dress(self, job: FakeJob) -> None:
-        data = self.images.get(job.size, self._image_style)
-        if data is None:
-            return
-        for url in job.outputs:
-            name = url.rsplit("/", 1)[-1]
-            entry = self.modelslab._images.get(name)
-            if entry is not None:
-                entry.data = data
+    def realistic_text(self, prompts: Sequence[str]) -> str:
+        """How many of these jobs posted the realistic image (the rest posted the fake's tiny solid colour)."""
+        return f"{sum(1 for p in prompts if p in self.realistic)} of {len(prompts)}"
 
     async def wait(self, what: str, done: Callable[[], bool], within: float, poll: float = 0.01) -> None:
         deadline = time.monotonic() + within
@@ -453,6 +475,27 @@ MONITOR = LoopMonitor()
 # ---------------------------------------------------------------------------------------------- the bot
 
 
+@dataclass
+class Statements:
+    """SQL statements counted in the bot (`bench.botproc`): how many, and how many of each kind."""
+
+    seq: int = 0
+    total: int = 0
+    by_statement: dict[str, int] = field(default_factory=dict)
+
+    def __sub__(self, before: Statements) -> Statements:
+        counts = {k: v - before.by_statement.get(k, 0) for k, v in self.by_statement.items()}
+        return Statements(self.seq, self.total - before.total, {k: v for k, v in counts.items() if v})
+
+    def per_job(self, jobs: int) -> float:
+        return self.total / jobs if jobs else math.nan
+
+    def top(self, jobs: int, n: int = 6) -> str:
+        """The most frequent statements, per job."""
+        ranked = sorted(self.by_statement.items(), key=lambda item: -item[1])[:n]
+        return "; ".join(f"{count / jobs:.1f} x {statement[:70]}" for statement, count in ranked)
+
+
 class BotProcess:
     """The bot as a separate process, configured only through environment variables."""
 
@@ -464,6 +507,7 @@ class BotProcess:
         self.log_path = self.directory / "bot.log"
         self.stall_path = self.directory / "stalls.txt"
         self.profile_path = self.directory / "bot.prof"
+        self.sql_stats_path = self.directory / "sql.json"
         self.plain = env.pop("PLAIN", "") == "1"
         self.module = "bot" if self.plain else "bench.botproc"
         self.env = self._environment(env)
@@ -490,6 +534,7 @@ class BotProcess:
         }
         if not self.plain:
             env["BENCH_STALL_FILE"] = str(self.stall_path)
+            env["BENCH_SQL_STATS"] = str(self.sql_stats_path)
             if self.options.asyncio_debug:
                 env["PYTHONASYNCIODEBUG"] = "1"
                 env["BENCH_SLOW_CALLBACK"] = str(self.options.slow_callback)
@@ -581,6 +626,44 @@ class BotProcess:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def threads_cpu_seconds(self) -> tuple[float, float]:
+        """CPU time of the bot's threads so far, in nanoseconds' precision (/proc/<pid>/task/*/schedstat, where
+        /proc/<pid>/stat counts 10 ms ticks): (all its threads, its main thread alone: the event loop). Threads that
+        ended are not in it; the bot's (the database thread, the thread pool's) live as long as it does."""
+        total = loop = 0.0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that just ended
+            total += seconds
+            if task.name == str(self.pid):
+                loop = seconds
+        return total, loop
+
+    async def statements(self, within: float = 10) -> Statements:
+        """The SQL statements the bot has run so far (bench.botproc counts them; not in the plain `python -m bot`)."""
+        if self.plain:
+            return Statements()
+        seq = self._statements_read(self.sql_stats_path).seq
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + within
+        while True:
+            found = self._statements_read(self.sql_stats_path)
+            if found.seq > seq:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError("the bot did not report its SQL statements")
+            await asyncio.sleep(0.01)
+
+    @staticmethod
+    def _statements_read(path: Path) -> Statements:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return Statements()
+        return Statements(int(data["seq"]), int(data["total"]), dict(data["statements"]))
+
     def problems(self) -> list[str]:
         """ERROR lines and tracebacks in the bot's log."""
         return [line for line in self.log_text().splitlines() if " ERROR " in line or line.startswith("Traceback")]
@@ -604,6 +687,83 @@ def stalls_row(report: Report, bot: BotProcess, start: float, end: float, cpu: f
         text += f"; bot CPU {cpu:.2f} s in {end - start:.2f} s"
     report.add("    ...largest event-loop stall meanwhile", text)
     return stall
+
+
+IDLE_CALIBRATION = 1.0  # seconds the idle bot is watched before a measured window
+
+
+@dataclass
+class Costs:
+    """The bot's CPU time and SQL statements from `begin()` to `end()`, to be divided by the jobs served.
+
+    The bot runs the benchmark's stall monitor (bench.botproc), which wakes its loop every 5 ms and costs CPU even
+    when the bot has nothing to do. `begin()` first watches the idle bot for `IDLE_CALIBRATION` seconds; `cpu_s` is
+    what the window cost beyond that idle rate (`gross_cpu_s` all of it). While the loop is busy the monitor costs
+    less than idle, so `cpu_s` errs low by at most the subtracted `idle_cpu_s`, which the table shows.
+    """
+
+    bot: BotProcess
+    gross_cpu_s: float = 0.0
+    loop_cpu_s: float = 0.0  # of which the main thread, the event loop (gross)
+    idle_cpu_s: float = 0.0  # what the idle bot would have used over the window
+    statements: Statements = field(default_factory=Statements)
+    _began: float = 0.0
+    _idle_rate: float = 0.0
+
+    @property
+    def cpu_s(self) -> float:
+        return self.gross_cpu_s - self.idle_cpu_s
+
+    async def begin(self) -> Costs:
+        total, _ = self.bot.threads_cpu_seconds()
+        await asyncio.sleep(IDLE_CALIBRATION)
+        self._idle_rate = (self.bot.threads_cpu_seconds()[0] - total) / IDLE_CALIBRATION
+        self.statements = await self.bot.statements()
+        self.gross_cpu_s, self.loop_cpu_s = self.bot.threads_cpu_seconds()
+        self._began = time.monotonic()
+        return self
+
+    async def end(self) -> Costs:
+        """Read once the bot has settled (its last writes after the last post included)."""
+        total, loop = self.bot.threads_cpu_seconds()
+        self.gross_cpu_s, self.loop_cpu_s = total - self.gross_cpu_s, loop - self.loop_cpu_s
+        self.idle_cpu_s = self._idle_rate * (time.monotonic() - self._began)
+        self.statements = await self.bot.statements() - self.statements
+        return self
+
+
+def per_job_rows(
+    report: Report, costs: Costs, jobs: int, realistic: str, cpu_target_ms: float | None
+) -> dict[str, Any]:
+    """The bot's CPU and SQL statements per job, and how many jobs carried the realistic image."""
+    per_job = 1000 / jobs if jobs else math.nan
+    cpu_ms, gross_ms, idle_ms = costs.cpu_s * per_job, costs.gross_cpu_s * per_job, costs.idle_cpu_s * per_job
+    loop_ms = costs.loop_cpu_s * per_job
+    statements = costs.statements.per_job(jobs)
+    report.add(
+        "    ...bot CPU per job (/proc schedstat, all threads), less the idle monitor",
+        f"{cpu_ms:.1f} ms (gross {gross_ms:.1f}, idle {idle_ms:.1f}; loop {loop_ms:.1f})",
+        f"<= {cpu_target_ms:g} ms" if cpu_target_ms is not None else "",
+        cpu_ms <= cpu_target_ms if cpu_target_ms is not None else None,
+    )
+    report.add(  # the targets are the webhook path's (2a, 5); polling (2b) is shown for comparison
+        "    ...SQL statements per job",
+        f"{statements:.1f}",
+        f"<= {STATEMENTS_TARGET}" if cpu_target_ms is not None else "",
+        statements <= STATEMENTS_TARGET if cpu_target_ms is not None else None,
+    )
+    report.add("    ...jobs whose posted image was the realistic one", realistic)
+    if jobs and costs.statements.total:
+        report.note(f"{report.section}: statements per job: {costs.statements.top(jobs)}")
+    return {
+        "bot_cpu_ms_per_job": cpu_ms,
+        "gross_cpu_ms_per_job": gross_ms,
+        "idle_cpu_ms_per_job": idle_ms,
+        "loop_cpu_ms_per_job": loop_ms,
+        "statements_per_job": statements,
+        "statements": costs.statements.by_statement,
+        "realistic_images": realistic,
+    }
 
 
 @contextlib.asynccontextmanager
@@ -764,13 +924,21 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
     """`--jobs` commands at `--rate` per second; ModelsLab finishes each `--job-time` s after its submission and
     calls the webhook; from that moment to the PATCH with the images at Discord."""
     fakes.behave(Queued(eta=WEBHOOK_ETA, ready_after_seconds=options.job_time), options.api_latency)
+    # A bot that has served each member before (what it keeps in memory, such as their /settings, is loaded).
+    warm_up = [f"webhook warm-up {n}" for n in range(len(fakes.member_ids))]
+    await fakes.imagine_at_once(warm_up)
+    await fakes.wait_posted(warm_up, within=60)
+    await fakes.wait_quiet(0.3)
     prompts = [f"webhook paced {n}" for n in range(options.jobs)]
+    costs = await Costs(bot).begin()
     cpu = bot.cpu_seconds()
     start = time.monotonic()
     await fakes.imagine_paced(prompts, options.rate)
     await fakes.wait_posted(prompts, within=60 + options.jobs / options.rate + options.job_time)
     end = max(fakes.posted_at[p] for p in prompts)
     cpu = bot.cpu_seconds() - cpu
+    await fakes.wait_quiet(0.3)
+    await costs.end()
     delays = fakes.delays(prompts)
     p50 = percentile(delays, 0.5)
     report.section = "2a"
@@ -782,12 +950,14 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
     )
     report.add("    ...webhook p99 / max", f"{ms(percentile(delays, 0.99))} / {ms(max(delays))}")
     stall = stalls_row(report, bot, start, end, cpu)
+    per_job = per_job_rows(report, costs, len(prompts), fakes.realistic_text(prompts), WEBHOOK_CPU_TARGET_MS)
     report.data["webhook"] = {
         "jobs": len(delays),
         "p50_s": p50,
         "p99_s": percentile(delays, 0.99),
         "max_stall_s": stall,
         "bot_cpu_s": cpu,
+        **per_job,
     }
 
 
@@ -799,12 +969,15 @@ async def webhook_burst(options: argparse.Namespace, fakes: Fakes, bot: BotProce
     await fakes.wait_acknowledged(prompts)
     await fakes.wait_submitted(prompts)
     await fakes.wait_quiet(0.5)
+    costs = await Costs(bot).begin()
     cpu = bot.cpu_seconds()
     start = time.monotonic()
     for prompt in prompts:
         fakes.modelslab.complete(fakes.jobs[prompt].id)
     await fakes.wait_posted(prompts, within=120)
     cpu = bot.cpu_seconds() - cpu
+    await fakes.wait_quiet(0.3)
+    await costs.end()
     first_ready = min(fakes.jobs[p].finished_at or start for p in prompts)
     last_posted = max(fakes.posted_at[p] for p in prompts)
     elapsed = last_posted - first_ready
@@ -818,6 +991,7 @@ async def webhook_burst(options: argparse.Namespace, fakes: Fakes, bot: BotProce
     )
     report.add("    ...their ready -> posted delays", spread(delays))
     stall = stalls_row(report, bot, start, last_posted, cpu)
+    per_job = per_job_rows(report, costs, len(prompts), fakes.realistic_text(prompts), BURST_CPU_TARGET_MS)
     report.data["throughput"] = {
         "jobs": len(prompts),
         "jobs_per_s": throughput,
@@ -826,6 +1000,7 @@ async def webhook_burst(options: argparse.Namespace, fakes: Fakes, bot: BotProce
         "p99_s": percentile(delays, 0.99),
         "max_stall_s": stall,
         "bot_cpu_s": cpu,
+        **per_job,
     }
 
 
@@ -841,12 +1016,15 @@ async def scenario_polling(options: argparse.Namespace, workdir: Path, report: R
     ):
         fakes.behave(Queued(eta=eta, ready_after_fetches=1), options.api_latency)
         prompts = [f"polling paced {n}" for n in range(options.jobs)]
+        costs = await Costs(bot).begin()
         cpu = bot.cpu_seconds()
         start = time.monotonic()
         await fakes.imagine_paced(prompts, options.rate)
         await fakes.wait_posted(prompts, within=60 + options.jobs / options.rate + eta + interval)
         end = max(fakes.posted_at[p] for p in prompts)
         cpu = bot.cpu_seconds() - cpu
+        await fakes.wait_quiet(0.3)
+        await costs.end()
         delays = fakes.delays(prompts)
         fetches = [len(fakes.modelslab.fetches(fakes.jobs[p].id)) for p in prompts if p in fakes.jobs]
         p50 = percentile(delays, 0.5)
@@ -860,6 +1038,7 @@ async def scenario_polling(options: argparse.Namespace, workdir: Path, report: R
         )
         report.add("    ...polling p99 / max", f"{ms(percentile(delays, 0.99))} / {ms(max(delays))}")
         stall = stalls_row(report, bot, start, end, cpu)
+        per_job = per_job_rows(report, costs, len(prompts), fakes.realistic_text(prompts), None)
     twice = sum(1 for f in fetches if f == 2)
     report.note(
         f"polling: ModelsLab's ETA {eta:g} s; the bot's fetches come at {first_poll:g} s after the submit answer, then "
@@ -874,6 +1053,7 @@ async def scenario_polling(options: argparse.Namespace, workdir: Path, report: R
         "p50_s": p50,
         "p99_s": percentile(delays, 0.99),
         "max_stall_s": stall,
+        **per_job,
     }
 
 

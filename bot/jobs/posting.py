@@ -30,7 +30,6 @@ T = TypeVar("T")
 DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024
 # Waits between tries when Discord is unavailable; the last one repeats for as long as it takes.
 DISCORD_RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
-INPUT_RETENTION = 86400.0  # members' pictures are kept a day (Re-roll, Edit), then deleted
 
 
 class ResultPoster:
@@ -148,7 +147,6 @@ class ResultPoster:
         # Images that could not be downloaded were still made and billed: the charge stays as recorded.
         await self._store.mark_posted(job.id, image_count=len(images), message_id=message_id)
         self._announce_posted(job.id)
-        await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
         self._metrics.jobs.inc(job.kind, "succeeded")
         if job.finished_at is not None:
             self._metrics.ready_to_posted.observe(max(self._clock() - job.finished_at, 0.0))
@@ -167,13 +165,22 @@ class ResultPoster:
 
     async def _download_images(self, job: Job) -> list[ImageFile]:
         """Every image that can be had; the ones that cannot are left out (still counted: ModelsLab billed them)."""
-        downloads = []
+        candidates = []
         for index, url in enumerate(job.output_urls[: job.request.samples]):
             urls = [url]
             if index < len(job.proxy_urls) and job.proxy_urls[index] != url:
                 urls.append(job.proxy_urls[index])
-            downloads.append(self._downloader.download(urls))
-        results = await asyncio.gather(*downloads, return_exceptions=True)
+            candidates.append(urls)
+        results: list[ImageFile | BaseException]
+        if len(candidates) == 1:  # most jobs: awaited here, without a task of its own
+            try:
+                results = [await self._downloader.download(candidates[0])]
+            except DownloadFailed as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(
+                *(self._downloader.download(urls) for urls in candidates), return_exceptions=True
+            )
         images = []
         for result in results:
             if isinstance(result, DownloadFailed):

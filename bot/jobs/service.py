@@ -20,6 +20,7 @@ steps themselves are parts, each in its module of `bot.jobs`:
   ModelsLab's answers written down (`AnswerRecorder`);
 - `posting`: the outcome shown to the member (`ResultPoster`);
 - `progress`: the status message's place in line and ETA (`ProgressReporter`);
+- `housekeeping`: old members' pictures and expired tokens deleted on a timer (`Housekeeping`);
 - `ports`: what the domain needs from outside (Discord, the servers, the queue).
 """
 
@@ -37,15 +38,16 @@ from bot.guilds.keybox import KeyBox
 from bot.guilds.rules import Limits, Refused, explain_refusal
 from bot.images.downloader import ImageDownloader
 from bot.jobs.fair_queue import FairQueue
+from bot.jobs.housekeeping import Housekeeping
 from bot.jobs.leases import LeaseKeeper
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobPresenter, JobQueue
-from bot.jobs.posting import DISCORD_RETRY_DELAYS, INPUT_RETENTION, ResultPoster
+from bot.jobs.posting import DISCORD_RETRY_DELAYS, ResultPoster
 from bot.jobs.progress import ProgressReporter
 from bot.jobs.records import reload_job
 from bot.jobs.shared_queue import SharedQueue
 from bot.jobs.submission import RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
-from bot.jobs.waiting import AnswerRecorder, ResultWaiter, Wakeups, WebhookIntake
+from bot.jobs.waiting import AnswerRecorder, ResultWaiter, SentKeys, Wakeups, WebhookIntake
 from bot.modelslab.client import ApiFlavour, ErrorKind, ModelsLabClient
 from bot.requests.generation import GenerationRequest
 from bot.storage.events import Events, LocalEvents
@@ -111,6 +113,7 @@ class JobService:
         metrics.queue_depths = self._queue.depths
         self._progress = ProgressReporter(queue=self._queue)
         self._wakeups = Wakeups()
+        self._sent_keys = SentKeys()
         answers = AnswerRecorder(
             store=store, progress=self._progress, metrics=metrics, webhook_base=webhook_base, clock=clock
         )
@@ -123,6 +126,7 @@ class JobService:
             keybox=keybox,
             payloads=payloads,
             answers=answers,
+            sent_keys=self._sent_keys,
             metrics=metrics,
             timeout=settings.timeout,
             clock=clock,
@@ -148,6 +152,7 @@ class JobService:
             keybox=keybox,
             answers=answers,
             wakeups=self._wakeups,
+            sent_keys=self._sent_keys,
             metrics=metrics,
             timeout=settings.timeout,
             webhook_base=webhook_base,
@@ -177,6 +182,7 @@ class JobService:
             clock=clock,
             discord_retry_delays=discord_retry_delays,
         )
+        self.housekeeping = Housekeeping(store=store, clock=clock)
 
     @property
     def timeout(self) -> float:
@@ -255,10 +261,10 @@ class JobService:
         return job
 
     async def status_message_shown(self, job_id: str, message_id: int | None) -> None:
-        """The member saw the status message: remember it and start the job."""
-        if message_id is not None:
-            await self._store.set_message(job_id, message_id)
-        self.start(job_id)
+        """The member saw the status message: remember it and start the job (its driver starts from the row the
+        change returned, without reading it again)."""
+        job = await self._store.set_message(job_id, message_id) if message_id is not None else None
+        self.start(job_id, job)
 
     async def abandon(self, job_id: str, reason: str) -> None:
         """The command could not be acknowledged: the job is dropped unsent, and a notice goes to the channel."""
@@ -291,11 +297,12 @@ class JobService:
 
     # ------------------------------------------------------------------------------------------ running
 
-    def start(self, job_id: str) -> None:
-        """Drive the job, if no driver is at it yet. The first fetch waits for ModelsLab's ETA."""
+    def start(self, job_id: str, job: Job | None = None) -> None:
+        """Drive the job, if no driver is at it yet; `job`: its row as just read or changed, if the caller has it.
+        The first fetch waits for ModelsLab's ETA."""
         if self._closing or self.draining or job_id in self._tasks:
             return
-        task = asyncio.create_task(self._drive(job_id), name=f"job-{job_id}")
+        task = asyncio.create_task(self._drive(job_id, job), name=f"job-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda t, jid=job_id: self._driver_done(jid, t))  # type: ignore[misc]
 
@@ -307,6 +314,7 @@ class JobService:
     def _driver_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
         self._wakeups.forget(job_id)
+        self._sent_keys.forget(job_id)
         self._progress.forget(job_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("Job %s driver stopped on an unexpected error", job_id, exc_info=task.exception())
@@ -314,9 +322,9 @@ class JobService:
     async def resume(self) -> int:
         """After a start-up: carry on every job that is not finished or not yet shown.
 
-        The queue is rebuilt before any driver runs (see `Submitter.restore_line`).
+        The queue is rebuilt before any driver runs (see `Submitter.restore_line`). Housekeeping starts too.
         """
-        await self._store.drop_old_inputs(self._clock() - INPUT_RETENTION)
+        self.housekeeping.start()
         jobs = await self._keeper.claim_at_start() if self._keeper is not None else await self._store.needing_work()
         await self._adopt(jobs)
         if jobs:
@@ -370,6 +378,7 @@ class JobService:
         if self._keeper is not None:
             await self._keeper.stop()
         self._progress.close()
+        await self.housekeeping.stop()
         drivers = list(self._tasks.values())
         for task in drivers:
             task.cancel()
@@ -378,8 +387,8 @@ class JobService:
             await self._queue.close()
         await self._sender.wait_in_flight(grace=grace)
 
-    async def _drive(self, job_id: str) -> None:
-        job = await self._store.get(job_id)
+    async def _drive(self, job_id: str, known: Job | None) -> None:
+        job = known if known is not None else await self._store.get(job_id)
         if job is None:
             return
         if job.owner != self._settings.worker_id:
@@ -407,21 +416,18 @@ class JobService:
         if found is None:
             await self.abandon(job.id, "the status message was never shown")
             return await reload_job(self._store, job.id)
-        await self._store.set_message(job.id, found)
-        return job
+        return await self._store.set_message(job.id, found) or await reload_job(self._store, job.id)
 
     # ------------------------------------------------------------------------------------------ webhooks
-
-    async def job_exists(self, job_id: str) -> bool:
-        return await self._webhooks.job_exists(job_id)
 
     async def input_image(self, job_id: str) -> bytes | None:
         """The input image ModelsLab fetches, only while the job is at ModelsLab."""
         return await self._webhooks.input_image(job_id)
 
-    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None:
-        """A callback for this job arrived (already authenticated): see `WebhookIntake.on_webhook`."""
-        await self._webhooks.on_webhook(job_id, payload)
+    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> bool:
+        """A callback for this job arrived (already authenticated): see `WebhookIntake.on_webhook`. False if there
+        is no such job."""
+        return await self._webhooks.on_webhook(job_id, payload)
 
     def _line_changed(self, key: str) -> None:
         """The queue says a key's line changed: the places shown in its status messages may be stale."""

@@ -17,6 +17,7 @@ import logging
 import random
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,8 +28,8 @@ from bot.jobs.fair_queue import Cancelled
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory, JobQueue
 from bot.jobs.progress import ProgressReporter
-from bot.jobs.records import fail_job, reload_job
-from bot.jobs.waiting import AnswerRecorder, Wakeups
+from bot.jobs.records import changed_or_reloaded, fail_job, reload_job
+from bot.jobs.waiting import AnswerRecorder, SentKeys, Wakeups
 from bot.modelslab.client import Answer, ApiFlavour, ErrorKind, Failure, GenerationKind, ModelsLabClient
 from bot.storage.ports import JobRepository, QueueRepository
 from bot.web.metrics import Metrics
@@ -122,45 +123,51 @@ class RecentPayloads:
     ) -> None:
         self._store = store
         self._clock = clock
-        self._sent_at: dict[tuple[str, str], float] = {}
+        self._sent_at: OrderedDict[tuple[str, str], float] = OrderedDict()  # the oldest stamp first
         # Several processes: the payloads are recorded in the database, so that the rule holds whoever sends.
         self._line = line
         self._stamping: set[asyncio.Task[None]] = set()
 
-    def stamp(self, key: str, job: Job) -> None:
-        self._sent_at[(key, _payload_ref(job))] = self._clock()
+    def stamp(self, key: str, payload_ref: str) -> None:
+        self._sent_at[(key, payload_ref)] = self._clock()
+        self._sent_at.move_to_end((key, payload_ref))
         if self._line is not None:
-            task = asyncio.create_task(self._line.stamp_payload(key, _payload_ref(job), self._clock()))
+            task = asyncio.create_task(self._line.stamp_payload(key, payload_ref, self._clock()))
             self._stamping.add(task)
             task.add_done_callback(self._stamping.discard)
 
-    async def make_distinct(self, job: Job, key: str) -> Job:
+    async def make_distinct(self, job: Job, key: str) -> tuple[Job, str]:
         """Never send a payload identical to one sent for this key in the last 30 s (ModelsLab's spam filter):
-        a seed the bot chose is chosen again; a seed the member chose is kept, and the job waits."""
+        a seed the bot chose is chosen again; a seed the member chose is kept, and the job waits. Returns the job
+        and what names its payload (for `stamp`)."""
         if self._line is not None:
             return await self._make_distinct_everywhere(job, key, self._line)
         now = self._clock()
-        for stamp in [k for k, at in self._sent_at.items() if now - at >= SPAM_WINDOW]:
-            del self._sent_at[stamp]
-        sent_at = self._sent_at.get((key, _payload_ref(job)))
-        if sent_at is None:
-            return job
+        while self._sent_at:  # the stamps that have expired go, oldest first: no scan of them all
+            oldest, at = next(iter(self._sent_at.items()))
+            if now - at < SPAM_WINDOW:
+                break
+            del self._sent_at[oldest]
+        ref = _payload_ref(job)
+        sent_at = self._sent_at.get((key, ref))
+        if sent_at is None or now - sent_at >= SPAM_WINDOW:
+            return job, ref
         if job.request.seed_is_random:
             request = dataclasses.replace(job.request, seed=secrets.randbelow(2**32))
-            await self._store.update_request(job.id, request)
-            return await reload_job(self._store, job.id)
+            job = await changed_or_reloaded(self._store, job.id, await self._store.update_request(job.id, request))
+            return job, _payload_ref(job)
         await asyncio.sleep(max(sent_at + SPAM_WINDOW - now, 0))
-        return job
+        return job, ref
 
-    async def _make_distinct_everywhere(self, job: Job, key: str, line: QueueRepository) -> Job:
+    async def _make_distinct_everywhere(self, job: Job, key: str, line: QueueRepository) -> tuple[Job, str]:
         while True:
-            sent_at = await line.claim_payload(key, _payload_ref(job), self._clock(), SPAM_WINDOW)
+            ref = _payload_ref(job)
+            sent_at = await line.claim_payload(key, ref, self._clock(), SPAM_WINDOW)
             if sent_at is None:
-                return job  # recorded as being sent now: a twin in another process waits for this one
+                return job, ref  # recorded as being sent now: a twin in another process waits for this one
             if job.request.seed_is_random:
                 request = dataclasses.replace(job.request, seed=secrets.randbelow(2**32))
-                await self._store.update_request(job.id, request)
-                job = await reload_job(self._store, job.id)
+                job = await changed_or_reloaded(self._store, job.id, await self._store.update_request(job.id, request))
             else:
                 await asyncio.sleep(max(sent_at + SPAM_WINDOW - self._clock(), 0.01))
 
@@ -176,6 +183,7 @@ class Sender:
         keybox: KeyBox,
         payloads: PayloadBuilder,
         answers: AnswerRecorder,
+        sent_keys: SentKeys,
         metrics: Metrics,
         timeout: float,
         clock: Callable[[], float] = time.time,
@@ -186,6 +194,7 @@ class Sender:
         self._keybox = keybox
         self._payloads = payloads
         self._answers = answers
+        self._sent_keys = sent_keys
         self._metrics = metrics
         self._timeout = timeout
         self._clock = clock
@@ -195,24 +204,28 @@ class Sender:
     async def send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
         """Send the job (a twin of one sent in the last 30 s is made distinct, or waits, first). Returns the job
         as it then is, and ModelsLab's answer (None if the job was no longer queued)."""
-        job = await self._recent.make_distinct(job, queue_key(api_key))
-        return await self._submit(job, api_key)
+        key = queue_key(api_key)
+        job, payload_ref = await self._recent.make_distinct(job, key)
+        return await self._submit(job, api_key, key, payload_ref)
 
     async def wait_in_flight(self, *, grace: float) -> None:
         """Let the submit calls under way finish (within `grace`) and their answers be recorded."""
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=grace)
 
-    async def _submit(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
+    async def _submit(self, job: Job, api_key: str, key: str, payload_ref: str) -> tuple[Job, Answer | None]:
         """One submit call, and the record of its answer, shielded: a shutdown must not cut it off between
         ModelsLab taking the job and us writing that down."""
         sealed = self._keybox.seal_for_job(job.id, api_key)
         deadline = self._clock() + self._timeout
-        if not await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed):
+        submitting = await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed)
+        if submitting is None:  # no longer queued (cancelled, say)
             return await reload_job(self._store, job.id), None
+        job = submitting
+        self._sent_keys.remember(job.id, api_key)  # for the fetches of this job's driver
         payload = await self._payloads.build(job)
         # Stamped before the call (a twin sent meanwhile waits) and again once answered (see below).
-        self._recent.stamp(queue_key(api_key), job)
+        self._recent.stamp(key, payload_ref)
         log.info("Job %s submitting to ModelsLab (%s)", job.id, job.kind)
 
         async def send() -> tuple[Job, Answer | None]:
@@ -220,11 +233,11 @@ class Sender:
             if isinstance(answer, Failure):
                 self._metrics.modelslab_errors.inc(answer.kind.value)
             # Stamped once answered: never earlier than ModelsLab saw it, so the 30 s count errs on the safe side.
-            self._recent.stamp(queue_key(api_key), job)
+            self._recent.stamp(key, payload_ref)
             if isinstance(answer, Failure) and sent_back(answer):
-                await self._store.requeue(job.id, retry_after=answer.retry_after)
-                return await reload_job(self._store, job.id), answer
-            return await self._answers.record(job.id, answer, submitting=True), answer
+                requeued = await self._store.requeue(job.id, retry_after=answer.retry_after)
+                return await changed_or_reloaded(self._store, job.id, requeued), answer
+            return await self._answers.record(job, answer, submitting=True), answer
 
         call = asyncio.create_task(send(), name=f"submit-{job.id}")
         self._in_flight.add(call)
@@ -283,6 +296,8 @@ class Submitter:
 
         failed_tries = 0
         first_in_line = False
+        # The caller has just read the job, unless its input image was being fetched meanwhile.
+        stale = job.kind in INPUT_KINDS
         while True:
             if self._clock() >= job.created_at + QUEUE_MAX_WAIT:
                 return await fail_job(self._store, job.id, ErrorKind.EXPIRED, "not sent within the queue's time limit")
@@ -290,23 +305,23 @@ class Submitter:
             if api_key is None:
                 return await fail_job(self._store, job.id, ErrorKind.NO_KEY, "no API key configured")
             key = queue_key(api_key)
-            job = await reload_job(self._store, job.id)
-            if job.status is not JobStatus.QUEUED:
-                return job  # cancelled (between two tries, say)
+            if stale:
+                job = await reload_job(self._store, job.id)
+                if job.status is not JobStatus.QUEUED:
+                    return job  # cancelled (between two tries, say)
             self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
             self._progress.joined_line(job)
             not_sent = await self._wait_turn(job)
             if not_sent is not None:
                 return not_sent
-            job = await reload_job(self._store, job.id)
-            if job.status is not JobStatus.QUEUED:
-                return job  # cancelled while it waited
+            # Cancelled while it waited, it was taken out of the line (`_wait_turn` says so); cancelled in the
+            # instant its turn came, `mark_submitting` (only from queued) finds out.
             job, answer = await self._sender.send(job, api_key)
             if job.status is not JobStatus.QUEUED:
                 return job  # at ModelsLab, finished, or failed for good
             # Sent back: it keeps its place at the head of the line. A full queue pauses the whole key first
             # (or its slot would go straight to the next job); after a passing fault the slot is passed on.
-            first_in_line = True
+            first_in_line = stale = True
             if isinstance(answer, Failure) and answer.kind is ErrorKind.QUEUE_FULL:
                 wait = answer.retry_after or 30.0
                 log.info("Job %s: ModelsLab's queue is full; trying again in %.0f s", job.id, wait)
@@ -327,9 +342,8 @@ class Submitter:
         """Until the job holds a slot of its key (then None). If it was cancelled meanwhile, or waited past
         `QUEUE_MAX_WAIT` (it is then failed), it will not be sent: returns the job as it now is."""
         try:
-            await asyncio.wait_for(
-                self._queue.wait_turn(job.id), timeout=max(job.created_at + QUEUE_MAX_WAIT - self._clock(), 0.01)
-            )
+            async with asyncio.timeout(max(job.created_at + QUEUE_MAX_WAIT - self._clock(), 0.01)):
+                await self._queue.wait_turn(job.id)  # a timeout, not `wait_for`: no second task per waiting job
         except Cancelled:
             return await reload_job(self._store, job.id)
         except TimeoutError:
@@ -366,17 +380,20 @@ class LostSubmissions:
             event = self._wakeups.event(job.id)
             while job.modelslab_id is None and self._clock() < job.deadline_at:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=max(job.deadline_at - self._clock(), 0.01))
+                    async with asyncio.timeout(max(job.deadline_at - self._clock(), 0.01)):
+                        await event.wait()
                 event.clear()
                 job = await reload_job(self._store, job.id)
                 if job.status is not JobStatus.SUBMITTING:
                     return job
         if job.modelslab_id is None:
             return await fail_job(self._store, job.id, ErrorKind.LOST, "submit answer unknown")
-        await self._store.mark_processing(job.id, modelslab_id=job.modelslab_id, eta_at=None, fetch_url=None, meta={})
+        processing = await self._store.mark_processing(
+            job.id, modelslab_id=job.modelslab_id, eta_at=None, fetch_url=None, meta={}
+        )
         # The webhook that told us the id also said the job is done: look now.
         self._wakeups.set(job.id)
-        return await reload_job(self._store, job.id)
+        return await changed_or_reloaded(self._store, job.id, processing)
 
 
 def _payload_ref(job: Job) -> str:

@@ -18,7 +18,7 @@ from bot.guilds.keybox import KeyBox, KeyUnreadable
 from bot.jobs.model import Job, JobStatus
 from bot.jobs.ports import GuildDirectory
 from bot.jobs.progress import ProgressReporter
-from bot.jobs.records import fail_job, reload_job
+from bot.jobs.records import changed_or_reloaded, fail_job, reload_job
 from bot.log import register_secret
 from bot.modelslab.client import Answer, ErrorKind, Failure, Finished, ModelsLabClient, Pending
 from bot.storage.ports import JobRepository
@@ -60,6 +60,26 @@ class Wakeups:
         self._events.pop(job_id, None)
 
 
+class SentKeys:
+    """The key each job being driven was sent with, in memory for its driver's fetches.
+
+    The row keeps it too, sealed, for a bot that restarts while the job is at ModelsLab; unsealing it again
+    for every fetch would cost a database read and a decryption each time.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, str] = {}
+
+    def remember(self, job_id: str, api_key: str) -> None:
+        self._keys[job_id] = api_key
+
+    def get(self, job_id: str) -> str | None:
+        return self._keys.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        self._keys.pop(job_id, None)
+
+
 class AnswerRecorder:
     """Writes down what ModelsLab answered about a job: finished, still working (with an ETA), or failed."""
 
@@ -78,13 +98,14 @@ class AnswerRecorder:
         self._webhook_base = webhook_base
         self._clock = clock
 
-    async def record(self, job_id: str, answer: Answer, *, submitting: bool) -> Job:
-        """Record what ModelsLab answered. Only the first finishing answer for a job is taken."""
-        before = await reload_job(self._store, job_id)
+    async def record(self, before: Job, answer: Answer, *, submitting: bool) -> Job:
+        """Record what ModelsLab answered about `before` (the job as its driver last knew it). Only the first
+        finishing answer for a job is taken. Returns the job as it now is."""
+        job_id = before.id
         if isinstance(answer, Finished):
             meta = answer.meta or before.meta
             seed = answer.seed if answer.seed is not None else _as_seed(before.meta)
-            if await self._store.finish_success(
+            finished = await self._store.finish_success(
                 job_id,
                 modelslab_id=answer.request_id or before.modelslab_id,
                 output_urls=answer.output_urls,
@@ -95,9 +116,10 @@ class AnswerRecorder:
                 # Never more than was reserved: a surprise extra image is neither shown nor counted.
                 charged_images=min(len(answer.output_urls), before.request.samples),
                 nsfw_detected=answer.nsfw_detected,
-            ):
+            )
+            if finished is not None:
                 log.info("Job %s finished at ModelsLab with %d image(s)", job_id, len(answer.output_urls))
-            return await reload_job(self._store, job_id)
+            return await changed_or_reloaded(self._store, job_id, finished)
         if isinstance(answer, Pending):
             eta_at = self._clock() + answer.eta if answer.eta is not None else before.eta_at
             changed = await self._store.mark_processing(
@@ -107,12 +129,13 @@ class AnswerRecorder:
                 fetch_url=answer.fetch_url,
                 meta=answer.meta if submitting else {},
             )
-            job = await reload_job(self._store, job_id)
-            if changed and submitting:
-                await self._progress.show(job)
-            elif changed:
-                await self._progress.show_new_eta(job, previous_eta_at=before.eta_at)
-            return job
+            if changed is None:
+                return await reload_job(self._store, job_id)
+            if submitting:
+                await self._progress.show(changed)
+            else:
+                await self._progress.show_new_eta(changed, previous_eta_at=before.eta_at)
+            return changed
         if not submitting:
             self._metrics.modelslab_errors.inc(answer.kind.value)
         if submitting and answer.maybe_received:
@@ -122,11 +145,12 @@ class AnswerRecorder:
                 return before
             log.warning("Job %s: the submit call got no answer (%s); not sent again", job_id, answer.detail)
             return await fail_job(self._store, job_id, ErrorKind.LOST, f"no answer ({answer.detail})")
-        if await self._store.finish_failure(
+        failed = await self._store.finish_failure(
             job_id, kind=answer.kind, detail=answer.detail, retry_after=answer.retry_after
-        ):
+        )
+        if failed is not None:
             log.info("Job %s failed: %s (%s)", job_id, answer.kind, answer.detail)
-        return await reload_job(self._store, job_id)
+        return await changed_or_reloaded(self._store, job_id, failed)
 
 
 class ResultWaiter:
@@ -141,6 +165,7 @@ class ResultWaiter:
         keybox: KeyBox,
         answers: AnswerRecorder,
         wakeups: Wakeups,
+        sent_keys: SentKeys,
         metrics: Metrics,
         timeout: float,
         webhook_base: str | None,
@@ -152,6 +177,7 @@ class ResultWaiter:
         self._keybox = keybox
         self._answers = answers
         self._wakeups = wakeups
+        self._sent_keys = sent_keys
         self._metrics = metrics
         self._timeout = timeout
         self._webhook_base = webhook_base
@@ -169,11 +195,14 @@ class ResultWaiter:
             remaining = job.deadline_at - self._clock()
             if remaining > 0 and not event.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=min(next(delays), remaining))
+                    async with asyncio.timeout(min(next(delays), remaining)):  # no task of its own, as `wait_for` makes
+                        await event.wait()
             event.clear()
-            job = await reload_job(self._store, job.id)
-            if job.status is not JobStatus.PROCESSING:
-                return job
+            if job.modelslab_id is None:
+                # Only a webhook changes a job at ModelsLab meanwhile, and only to name its id: read it again.
+                job = await reload_job(self._store, job.id)
+                if job.status is not JobStatus.PROCESSING:
+                    return job
             if job.modelslab_id is not None:
                 job = await self._fetch_once(job)
                 if job.status is not JobStatus.PROCESSING:
@@ -192,10 +221,16 @@ class ResultWaiter:
             self._metrics.modelslab_errors.inc(answer.kind.value)
             log.info("Job %s: fetch failed for now (%s: %s); will retry", job.id, answer.kind, answer.detail)
             return job
-        return await self._answers.record(job.id, answer, submitting=False)
+        return await self._answers.record(job, answer, submitting=False)
 
     async def _key_sent_with(self, job: Job) -> str | None:
-        """The key the job was submitted with (the server's key may have changed since); else the current one."""
+        """The key the job was submitted with (the server's key may have changed since); else the current one.
+
+        Its driver keeps it in memory (`SentKeys`); a driver that did not send the job (after a restart) unseals
+        it from the row, once."""
+        api_key = self._sent_keys.get(job.id)
+        if api_key is not None:
+            return api_key
         sealed = await self._store.sealed_key(job.id)
         if sealed is not None:
             try:
@@ -204,6 +239,7 @@ class ResultWaiter:
                 log.warning("Job %s: its key cannot be decrypted (was SECRET_KEY changed?)", job.id)
             else:
                 register_secret(api_key)
+                self._sent_keys.remember(job.id, api_key)
                 return api_key
         return await self._guilds.api_key_for(job.guild_id)
 
@@ -215,9 +251,6 @@ class WebhookIntake:
         self._store = store
         self._wake = wake
 
-    async def job_exists(self, job_id: str) -> bool:
-        return await self._store.get(job_id) is not None
-
     async def input_image(self, job_id: str) -> bytes | None:
         """The input image ModelsLab fetches, only while the job is at ModelsLab."""
         job = await self._store.get(job_id)
@@ -225,15 +258,18 @@ class WebhookIntake:
             return None
         return await self._store.input_image(job_id)
 
-    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None:
-        """A callback for this job arrived (already authenticated): learn its id if needed, then look now.
+    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> bool:
+        """A callback for this job arrived (already authenticated): learn its id if needed, then look now. Returns
+        whether the job exists (one read says both).
 
         The only thing taken from the body is ModelsLab's request id, and only while the job has none (its
         submit answer was lost); the outcome itself always comes from a fetch.
         """
         job = await self._store.get(job_id)
-        if job is None or job.status.finished:
-            return  # a repeat delivery, or one for a job already settled
+        if job is None:
+            return False
+        if job.status.finished:
+            return True  # a repeat delivery, or one for a job already settled
         modelslab_id = payload.get("id")
         if job.modelslab_id is None and isinstance(modelslab_id, str | int) and not isinstance(modelslab_id, bool):
             text = str(modelslab_id).strip()
@@ -241,6 +277,7 @@ class WebhookIntake:
                 await self._store.adopt_modelslab_id(job_id, text)
         log.info("Job %s: webhook received (%s)", job_id, str(payload.get("status", ""))[:20])
         self._wake(job_id)
+        return True
 
 
 def _as_seed(meta: Mapping[str, Any]) -> int | None:

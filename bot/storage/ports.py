@@ -6,7 +6,9 @@ once at start by `bot.storage.open_storage`. `tests/unit/test_storage.py` is the
 backend must pass.
 
 Every state change of a job is conditional (`... WHERE status IN (...)`) and says whether it
-happened, so that when the webhook and the poller race to finish the same job, exactly one wins.
+happened, so that when the webhook and the poller race to finish the same job, exactly one wins. It says
+so by returning the job as the change left it (`UPDATE ... RETURNING *`, one statement), or None: the
+caller goes on with that row and need not read it again.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class StorageBusy(StorageError):
 
 
 class JobRepository(Protocol):
-    """Reads and state changes of jobs. Methods that change state return whether they did."""
+    """Reads and state changes of jobs. Methods that change a job's state return it as it now is if they did,
+    None if they did not (its state did not allow it, or there is no such job)."""
 
     async def insert(self, job: Job) -> None: ...
 
@@ -63,21 +66,23 @@ class JobRepository(Protocol):
         """When each member's latest job was sent to ModelsLab (the fair queue's memory)."""
         ...
 
-    async def set_message(self, job_id: str, message_id: int) -> None: ...
+    async def set_message(self, job_id: str, message_id: int) -> Job | None: ...
 
     async def mark_submitting(
         self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
-    ) -> bool:
+    ) -> Job | None:
         """About to call ModelsLab (only from queued). The job's deadline counts from here; the key it is sent
         with is kept, sealed, with it."""
         ...
 
-    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
+    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:
         """ModelsLab did not take the job (a full queue, a passing fault): it leaves the line, and its slot, until
         it joins it again (first)."""
         ...
 
-    async def update_request(self, job_id: str, request: GenerationRequest) -> None: ...
+    async def update_request(self, job_id: str, request: GenerationRequest) -> Job | None:
+        """Only while the job is queued."""
+        ...
 
     async def mark_processing(
         self,
@@ -87,9 +92,9 @@ class JobRepository(Protocol):
         eta_at: float | None,
         fetch_url: str | None,
         meta: Mapping[str, Any],
-    ) -> bool: ...
+    ) -> Job | None: ...
 
-    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> bool:
+    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> Job | None:
         """Learn the ModelsLab id from a webhook when the submit answer never arrived."""
         ...
 
@@ -105,7 +110,7 @@ class JobRepository(Protocol):
         generation_time: float | None,
         charged_images: int,
         nsfw_detected: bool = False,
-    ) -> bool: ...
+    ) -> Job | None: ...
 
     async def finish_failure(
         self,
@@ -116,7 +121,7 @@ class JobRepository(Protocol):
         retry_after: float | None = None,
         from_succeeded: bool = False,
         only_queued: bool = False,
-    ) -> bool:
+    ) -> Job | None:
         """Fail a job. Its reservation is given back, unless `from_succeeded`: ModelsLab made (and billed) the
         images, which then could not be shown, so they still count. `only_queued`: only if never sent (cancel)."""
         ...
@@ -143,6 +148,11 @@ class JobRepository(Protocol):
     async def drop_old_inputs(self, before: float, *, batch: int = 500) -> int:
         """Members' pictures are not kept forever: those of shown jobs made before `before` go, at most `batch`
         at a time. Returns how many went."""
+        ...
+
+    async def forget_expired_tokens(self, now: float, *, batch: int = 500) -> int:
+        """Interaction tokens that expired before `now` on jobs not yet shown (a shown job keeps none) are not
+        kept: at most `batch` at a time. Returns how many went."""
         ...
 
     async def input_image(self, job_id: str) -> bytes | None: ...

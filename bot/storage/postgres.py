@@ -577,28 +577,30 @@ class PostgresJobs:
         )
         return {int(row[0]): float(row[1]) for row in rows}
 
-    async def set_message(self, job_id: str, message_id: int) -> None:
-        await self._update(job_id, {"message_id": message_id})
+    async def set_message(self, job_id: str, message_id: int) -> Job | None:
+        return await self._change(job_id, {"message_id": message_id})
 
     async def mark_submitting(
         self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
-    ) -> bool:
+    ) -> Job | None:
         changes: dict[str, Any] = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
         if deadline_at is not None:
             changes["deadline_at"] = deadline_at
         if api_key_ciphertext is not None:
             changes["api_key_ciphertext"] = api_key_ciphertext
-        return await self._update(job_id, changes, only_from=[JobStatus.QUEUED])
+        return await self._change(job_id, changes, only_from=[JobStatus.QUEUED])
 
-    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
-        return await self._update(
+    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:
+        return await self._change(
             job_id,
             {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None, "enqueued_at": None},
             only_from=[JobStatus.SUBMITTING],
         )
 
-    async def update_request(self, job_id: str, request: GenerationRequest) -> None:
-        await self._update(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
+    async def update_request(self, job_id: str, request: GenerationRequest) -> Job | None:
+        return await self._change(
+            job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED]
+        )
 
     async def mark_processing(
         self,
@@ -608,7 +610,7 @@ class PostgresJobs:
         eta_at: float | None,
         fetch_url: str | None,
         meta: Mapping[str, Any],
-    ) -> bool:
+    ) -> Job | None:
         changes: dict[str, Any] = {"status": JobStatus.PROCESSING, "eta_at": eta_at}
         if modelslab_id is not None:
             changes["modelslab_id"] = modelslab_id
@@ -616,19 +618,19 @@ class PostgresJobs:
             changes["fetch_url"] = fetch_url
         if meta:
             changes["meta_json"] = json.dumps(dict(meta))
-        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
 
-    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> bool:
-        changed = await self._db.execute(
+    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> Job | None:
+        row = await self._db.fetchrow(
             "UPDATE jobs SET modelslab_id = $1, updated_at = $2"
-            " WHERE id = $3 AND modelslab_id IS NULL AND status IN ($4, $5)",
+            " WHERE id = $3 AND modelslab_id IS NULL AND status IN ($4, $5) RETURNING *",
             modelslab_id,
             time.time(),
             job_id,
             JobStatus.SUBMITTING.value,
             JobStatus.PROCESSING.value,
         )
-        return changed == 1
+        return job_from_row(row) if row else None
 
     async def finish_success(
         self,
@@ -642,7 +644,7 @@ class PostgresJobs:
         generation_time: float | None,
         charged_images: int,
         nsfw_detected: bool = False,
-    ) -> bool:
+    ) -> Job | None:
         changes: dict[str, Any] = {
             "status": JobStatus.SUCCEEDED,
             "nsfw_detected": int(nsfw_detected),
@@ -656,7 +658,7 @@ class PostgresJobs:
             changes["meta_json"] = json.dumps(dict(meta))
         if modelslab_id is not None:
             changes["modelslab_id"] = modelslab_id
-        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
 
     async def finish_failure(
         self,
@@ -667,7 +669,7 @@ class PostgresJobs:
         retry_after: float | None = None,
         from_succeeded: bool = False,
         only_queued: bool = False,
-    ) -> bool:
+    ) -> Job | None:
         allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
         if only_queued:
             allowed = [JobStatus.QUEUED]
@@ -681,7 +683,7 @@ class PostgresJobs:
         if not from_succeeded:
             changes["charged_images"] = 0
         # A cancel may come from any process (see `SqliteJobs.finish_failure`).
-        return await self._update(job_id, changes, only_from=allowed, any_owner=only_queued)
+        return await self._change(job_id, changes, only_from=allowed, any_owner=only_queued)
 
     async def mark_posted(
         self,
@@ -737,6 +739,14 @@ class PostgresJobs:
             batch,
         )
 
+    async def forget_expired_tokens(self, now: float, *, batch: int = 500) -> int:
+        return await self._db.execute(
+            "UPDATE jobs SET interaction_token = NULL WHERE id IN (SELECT id FROM jobs"
+            " WHERE posted_at IS NULL AND interaction_token IS NOT NULL AND token_expires_at < $1 LIMIT $2)",
+            now,
+            batch,
+        )
+
     async def input_image(self, job_id: str) -> bytes | None:
         image = await self._db.fetchval("SELECT image FROM job_inputs WHERE job_id = $1", job_id)
         return bytes(image) if image is not None else None
@@ -766,14 +776,26 @@ class PostgresJobs:
     async def forget_interaction(self, job_id: str) -> None:
         await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
 
-    async def _update(
+    async def _change(
         self,
         job_id: str,
         changes: Mapping[str, Any],
         *,
         only_from: Iterable[JobStatus] = (),
         any_owner: bool = False,
-    ) -> bool:
+    ) -> Job | None:
+        """Change the job (see `SqliteJobs._change`) and return it as it now is, in one statement."""
+        sql, values = self._update_statement(job_id, changes, only_from, any_owner)
+        row = await self._db.fetchrow(sql + " RETURNING *", *values)
+        return job_from_row(row) if row else None
+
+    async def _update(self, job_id: str, changes: Mapping[str, Any]) -> None:
+        sql, values = self._update_statement(job_id, changes, (), False)
+        await self._db.execute(sql, *values)
+
+    def _update_statement(
+        self, job_id: str, changes: Mapping[str, Any], only_from: Iterable[JobStatus], any_owner: bool
+    ) -> tuple[str, list[Any]]:
         columns = {**changes, "updated_at": time.time()}
         values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
         assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(columns, start=1))
@@ -786,7 +808,7 @@ class PostgresJobs:
         if states:
             values.append(states)
             sql += f" AND status = ANY(${len(values)}::text[])"
-        return await self._db.execute(sql, *values) == 1
+        return sql, values
 
 
 # ---------------------------------------------------------------------------------------------- leases, line

@@ -384,12 +384,12 @@ class SqliteJobs:
             )
         }
 
-    async def set_message(self, job_id: str, message_id: int) -> None:
-        await self._update(job_id, {"message_id": message_id})
+    async def set_message(self, job_id: str, message_id: int) -> Job | None:
+        return await self._change(job_id, {"message_id": message_id})
 
     async def mark_submitting(
         self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
-    ) -> bool:
+    ) -> Job | None:
         """About to call ModelsLab. The job's deadline (MODELSLAB_JOB_TIMEOUT) counts from here: time spent
         waiting in the bot's own queue is not ModelsLab's. The key it is sent with is kept (sealed) with it."""
         changes: dict[str, Any] = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
@@ -397,18 +397,18 @@ class SqliteJobs:
             changes["deadline_at"] = deadline_at
         if api_key_ciphertext is not None:
             changes["api_key_ciphertext"] = api_key_ciphertext
-        return await self._update(job_id, changes, only_from=[JobStatus.QUEUED])
+        return await self._change(job_id, changes, only_from=[JobStatus.QUEUED])
 
-    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> bool:
+    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:
         """ModelsLab did not take the job (a full queue, a passing fault): it waits in line again."""
-        return await self._update(
+        return await self._change(
             job_id,
             {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None, "enqueued_at": None},
             only_from=[JobStatus.SUBMITTING],
         )
 
-    async def update_request(self, job_id: str, request: GenerationRequest) -> None:
-        await self._update(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
+    async def update_request(self, job_id: str, request: GenerationRequest) -> Job | None:
+        return await self._change(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
 
     async def mark_processing(
         self,
@@ -418,7 +418,7 @@ class SqliteJobs:
         eta_at: float | None,
         fetch_url: str | None,
         meta: Mapping[str, Any],
-    ) -> bool:
+    ) -> Job | None:
         changes: dict[str, Any] = {"status": JobStatus.PROCESSING, "eta_at": eta_at}
         if modelslab_id is not None:
             changes["modelslab_id"] = modelslab_id
@@ -426,16 +426,16 @@ class SqliteJobs:
             changes["fetch_url"] = fetch_url
         if meta:
             changes["meta_json"] = json.dumps(dict(meta))
-        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
 
-    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> bool:
+    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> Job | None:
         """Learn the ModelsLab id from a webhook when the submit answer never arrived."""
-        changed = await self._db.execute(
+        row = await self._db.fetch_one(
             "UPDATE jobs SET modelslab_id = ?, updated_at = ?"
-            " WHERE id = ? AND modelslab_id IS NULL AND status IN (?, ?)",
+            " WHERE id = ? AND modelslab_id IS NULL AND status IN (?, ?) RETURNING *",
             (modelslab_id, time.time(), job_id, JobStatus.SUBMITTING.value, JobStatus.PROCESSING.value),
         )
-        return changed == 1
+        return job_from_row(row) if row else None
 
     async def finish_success(
         self,
@@ -449,7 +449,7 @@ class SqliteJobs:
         generation_time: float | None,
         charged_images: int,
         nsfw_detected: bool = False,
-    ) -> bool:
+    ) -> Job | None:
         changes: dict[str, Any] = {
             "status": JobStatus.SUCCEEDED,
             "nsfw_detected": int(nsfw_detected),
@@ -463,7 +463,7 @@ class SqliteJobs:
             changes["meta_json"] = json.dumps(dict(meta))
         if modelslab_id is not None:
             changes["modelslab_id"] = modelslab_id
-        return await self._update(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
+        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
 
     async def finish_failure(
         self,
@@ -474,7 +474,7 @@ class SqliteJobs:
         retry_after: float | None = None,
         from_succeeded: bool = False,
         only_queued: bool = False,
-    ) -> bool:
+    ) -> Job | None:
         """Fail a job. Its reservation is given back, unless `from_succeeded`: ModelsLab made (and billed) the
         images, which then could not be shown, so they still count. `only_queued`: only if never sent (cancel)."""
         allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
@@ -491,7 +491,7 @@ class SqliteJobs:
             changes["charged_images"] = 0
         # A cancel may come from any process (the member pressed the button there): never sent, nobody else changes
         # a waiting job but to send it, which is conditional on the status too.
-        return await self._update(job_id, changes, only_from=allowed, any_owner=only_queued)
+        return await self._change(job_id, changes, only_from=allowed, any_owner=only_queued)
 
     async def mark_posted(
         self,
@@ -544,6 +544,15 @@ class SqliteJobs:
             (before, batch),
         )
 
+    async def forget_expired_tokens(self, now: float, *, batch: int = 500) -> int:
+        """Interaction tokens past their expiry on jobs not shown yet (shown jobs keep none): useless, and not kept.
+        At most `batch` at a time; returns how many went. Only not-yet-shown jobs are read (a partial index)."""
+        return await self._db.execute(
+            "UPDATE jobs SET interaction_token = NULL WHERE id IN (SELECT id FROM jobs"
+            " WHERE posted_at IS NULL AND interaction_token IS NOT NULL AND token_expires_at < ? LIMIT ?)",
+            (now, batch),
+        )
+
     async def input_image(self, job_id: str) -> bytes | None:
         row = await self._db.fetch_one("SELECT image FROM job_inputs WHERE job_id = ?", (job_id,))
         return bytes(row[0]) if row else None
@@ -570,14 +579,28 @@ class SqliteJobs:
         """The interaction was never answered: its token is useless, the job is shown through the channel."""
         await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
 
-    async def _update(
+    async def _change(
         self,
         job_id: str,
         changes: Mapping[str, Any],
         *,
         only_from: Iterable[JobStatus] = (),
         any_owner: bool = False,
-    ) -> bool:
+    ) -> Job | None:
+        """Change the job (only from these states, if any are given, and only while this process owns it, unless
+        `any_owner`) and return it as it now is, in one statement; None if it did not change."""
+        sql, values = self._update_statement(job_id, changes, only_from, any_owner)
+        row = await self._db.fetch_one(sql + " RETURNING *", values)
+        return job_from_row(row) if row else None
+
+    async def _update(self, job_id: str, changes: Mapping[str, Any]) -> None:
+        """Change the job (while this process owns it), when nobody needs it back."""
+        sql, values = self._update_statement(job_id, changes, (), False)
+        await self._db.execute(sql, values)
+
+    def _update_statement(
+        self, job_id: str, changes: Mapping[str, Any], only_from: Iterable[JobStatus], any_owner: bool
+    ) -> tuple[str, list[Any]]:
         columns = {**changes, "updated_at": time.time()}
         assignments = ", ".join(f"{name} = ?" for name in columns)
         values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
@@ -590,8 +613,7 @@ class SqliteJobs:
         if states:
             sql += f" AND status IN ({', '.join('?' for _ in states)})"
             values.extend(states)
-        changed = await self._db.execute(sql, values)
-        return changed == 1
+        return sql, values
 
 
 def _named(values: tuple[Any, ...], **named: Any) -> dict[str, Any]:

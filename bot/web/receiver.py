@@ -29,11 +29,11 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 class WebhookJobs(Protocol):
     """What the receiver needs from the job service."""
 
-    async def job_exists(self, job_id: str) -> bool: ...
-
     async def input_image(self, job_id: str) -> bytes | None: ...
 
-    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> None: ...
+    async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> bool:
+        """Take the (authenticated, well-formed) callback; False if there is no such job."""
+        ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -50,8 +50,8 @@ class ModelsLabWebhookHandler:
         token = request.match_info["token"]
         if not _JOB_ID.match(job_id) or not self._signer.verify(job_id, token):
             return _error(401, "invalid token")
-        if not await self._jobs.job_exists(job_id):
-            return _error(404, "unknown job")
+        # Whether the job exists is asked once the body is read, in the same read that takes the callback: only
+        # the bot can sign a job's URL, and it signs only jobs it stored.
         try:
             async with asyncio.timeout(BODY_TIMEOUT):  # a body sent a byte at a time does not hold the receiver
                 body = await request.read()  # the whole body, however it was split; client_max_size caps it
@@ -70,7 +70,8 @@ class ModelsLabWebhookHandler:
         named = _named_track_ids(payload)
         if named and any(track_id != job_id for track_id in named):
             return _error(409, "track_id does not match this URL's job")
-        await self._jobs.on_webhook(job_id, payload)
+        if not await self._jobs.on_webhook(job_id, payload):
+            return _error(404, "unknown job")
         return web.json_response({"ok": True})
 
 

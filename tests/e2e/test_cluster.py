@@ -313,11 +313,12 @@ async def test_a_stopped_process_hands_its_jobs_over_at_once_and_a_cancel_reache
 
     await cluster.start("bot")  # back, as a supervisor restarts it: it answers the commands, the worker drives
     job = await cluster.job("waiting")
-    assert job is not None
-    cancel = await discord_server.invoke_component(waiting.original.id, f"job:cancel:{job.id}", user_id=member)
+    status = waiting.original
+    assert job is not None and status is not None
+    cancel = await discord_server.invoke_component(status.id, f"job:cancel:{job.id}", user_id=member)
     await cancel.wait_callback()
-    assert "Cancelled: it will not be sent" in cancel.original.content
-    await eventually(lambda: "Cancelled by" in (waiting.original.content or ""), "the status to say cancelled")
+    assert cancel.original is not None and "Cancelled: it will not be sent" in cancel.original.content
+    await eventually(lambda: "Cancelled by" in status.content, "the status to say cancelled")
     modelslab.complete_all()
     await eventually(lambda: images_shown(running) == 1, "the running job's result", timeout=20)
     assert submitted_prompts(modelslab) == ["running"]

@@ -467,7 +467,8 @@ async def test_the_receiver_rejects_forged_and_malformed_calls_without_changing_
     cases = [
         (f"/webhooks/modelslab/{job.id}/wrong-token", good, 401),
         (f"/webhooks/modelslab/{job.id}/", good, 404),
-        (f"/webhooks/modelslab/{other}/{runner.app.signer.token_for(other)}", good, 404),
+        # A signed URL (only the bot can make one) of a job that does not exist, with a body that names it.
+        (f"/webhooks/modelslab/{other}/{runner.app.signer.token_for(other)}", {**good, "track_id": other}, 404),
         (f"/webhooks/modelslab/{job.id}/{token}", {**good, "track_id": other}, 409),
         (f"/webhooks/modelslab/{job.id}/{token}", {**good, "meta": {"track_id": other}}, 409),
         (f"/webhooks/modelslab/{job.id}/{token}", "not json{", 400),

@@ -8,6 +8,7 @@ import io
 import aiohttp
 from PIL import Image
 
+from bot.jobs.housekeeping import INPUT_RETENTION
 from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord
@@ -179,3 +180,19 @@ async def test_remix_prompts_take_flags_and_refuse_what_image_to_image_cannot_do
     body = (await modelslab.wait_for_submission()).json
     assert body["prompt"] == "as a watercolour" and body["num_inference_steps"] == 12
     assert (body["clip_skip"], body["tomesd"]) == (2, "no")
+
+
+async def test_a_remixed_picture_is_kept_a_day_then_deleted_by_the_housekeeping_of_the_running_bot(
+    runner: BotRunner, discord_server, modelslab
+):
+    await runner.start()
+    await remix(discord_server, photo(640, 480))
+    job = await runner.wait_posted()
+    assert await runner.store.input_image(job.id) is not None  # posting deletes nothing: Re-roll and Edit need it
+    await runner.sql("UPDATE job_inputs SET created_at = created_at - ?", (INPUT_RETENTION + 60,))  # a day passes
+    await runner.restart()
+    housekeeping = runner.jobs.housekeeping
+    await housekeeping.wait_rounds(1)  # the bot's first round, at start
+    assert await runner.store.input_image(job.id) is None
+    await runner.stop()
+    assert not housekeeping.running  # stopped with the job service

@@ -73,9 +73,21 @@ async def test_job_round_trip_and_the_state_rules(storage: Storage):
     loaded = await store.get(job.id)
     assert loaded is not None and loaded.request == job.request and loaded.status is JobStatus.QUEUED
 
-    assert await store.mark_submitting(job.id)
-    assert not await store.mark_submitting(job.id)  # only from queued
-    assert await store.mark_processing(job.id, modelslab_id="77", eta_at=123.0, fetch_url=None, meta={"seed": 9})
+    # Each state change returns the job as it left it (one statement), or None if it did not happen.
+    shown = await store.set_message(job.id, 555)
+    assert shown is not None and shown.message_id == 555 and shown == await store.get(job.id)
+    submitting = await store.mark_submitting(job.id, deadline_at=999.0, api_key_ciphertext=b"sealed")
+    assert submitting is not None and submitting.status is JobStatus.SUBMITTING and submitting.deadline_at == 999.0
+    assert submitting == await store.get(job.id) and await store.sealed_key(job.id) == b"sealed"
+    assert await store.mark_submitting(job.id) is None  # only from queued
+    processing = await store.mark_processing(job.id, modelslab_id="77", eta_at=123.0, fetch_url=None, meta={"seed": 9})
+    assert processing is not None and processing == await store.get(job.id)
+    assert (processing.status, processing.modelslab_id, processing.eta_at, processing.meta) == (
+        JobStatus.PROCESSING,
+        "77",
+        123.0,
+        {"seed": 9},
+    )
 
     # The webhook path and the poller race to finish the job: exactly one wins.
     results = await asyncio.gather(
@@ -93,11 +105,13 @@ async def test_job_round_trip_and_the_state_rules(storage: Storage):
             for n in range(5)
         )
     )
-    assert results.count(True) == 1
-    assert not await store.finish_failure(job.id, kind="timed_out", detail="late")  # a finished job stays so
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1 and winners[0] == await store.get(job.id)
+    assert await store.finish_failure(job.id, kind="timed_out", detail="late") is None  # a finished job stays so
 
     finished = await store.get(job.id)
     assert finished is not None and finished.status is JobStatus.SUCCEEDED and finished.needs_posting
+    assert finished.output_urls == winners[0].output_urls and len(finished.output_urls) == 1
     assert [j.id for j in await store.needing_work()] == [job.id]
     await store.mark_posted(job.id, image_count=1)
     assert await store.needing_work() == []
@@ -117,20 +131,20 @@ async def test_a_failure_after_the_images_were_made_keeps_the_charge(storage: St
         generation_time=1,
         charged_images=1,
     )
-    assert await store.finish_failure("a" * 32, kind="download_failed", detail="404", from_succeeded=True)
+    failed = await store.finish_failure("a" * 32, kind="download_failed", detail="404", from_succeeded=True)
     job = await store.get("a" * 32)
-    assert job is not None and job.status is JobStatus.FAILED and job.charged_images == 1
+    assert job is not None and job.status is JobStatus.FAILED and job.charged_images == 1 and failed == job
 
 
 async def test_adopting_a_modelslab_id_only_fills_a_missing_one(storage: Storage):
     store = storage.jobs
     await store.insert(new_job())
-    assert not await store.adopt_modelslab_id("a" * 32, "1")  # queued: never submitted
+    assert await store.adopt_modelslab_id("a" * 32, "1") is None  # queued: never submitted
     await store.mark_submitting("a" * 32)
-    assert await store.adopt_modelslab_id("a" * 32, "1")
-    assert not await store.adopt_modelslab_id("a" * 32, "2")
+    adopted = await store.adopt_modelslab_id("a" * 32, "1")
+    assert await store.adopt_modelslab_id("a" * 32, "2") is None
     job = await store.get("a" * 32)
-    assert job is not None and job.modelslab_id == "1"
+    assert job is not None and job.modelslab_id == "1" and adopted == job
 
 
 async def test_a_missing_migrations_folder_is_a_plain_error(tmp_path):
@@ -143,9 +157,23 @@ async def test_only_a_job_not_yet_sent_can_be_cancelled(storage: Storage):
     store = storage.jobs
     await store.insert(new_job())
     await store.mark_submitting("a" * 32)
-    assert not await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
-    assert await store.requeue("a" * 32)  # sent back by ModelsLab: waiting again, cancellable again
-    assert await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
+    assert await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True) is None
+    requeued = await store.requeue("a" * 32)  # sent back by ModelsLab: waiting again, cancellable again
+    assert requeued is not None and requeued.status is JobStatus.QUEUED
+    assert await store.requeue("a" * 32) is None  # only from submitting
+    cancelled = await store.finish_failure("a" * 32, kind="cancelled", detail="1", only_queued=True)
+    assert cancelled is not None and (cancelled.status, cancelled.error_kind) == (JobStatus.FAILED, "cancelled")
+
+
+async def test_a_request_changes_only_while_the_job_is_queued(storage: Storage):
+    store = storage.jobs
+    job = new_job()
+    await store.insert(job)
+    reseeded = await store.update_request(job.id, replace(job.request, seed=6))
+    assert reseeded is not None and reseeded.request.seed == 6 and reseeded == await store.get(job.id)
+    await store.mark_submitting(job.id)
+    assert await store.update_request(job.id, replace(job.request, seed=7)) is None
+    assert await store.set_message("f" * 32, 1) is None  # no such job
 
 
 async def test_input_pictures_of_shown_jobs_are_dropped_after_their_time(storage: Storage):
@@ -158,6 +186,31 @@ async def test_input_pictures_of_shown_jobs_are_dropped_after_their_time(storage
     await store.drop_old_inputs(time.time() + 1)  # everything older than "now + 1 s"
     assert await store.input_image("a" * 32) is None  # shown: dropped
     assert await store.input_image("b" * 32) == b"png-b"  # not shown yet: kept for its job
+
+
+async def test_pictures_go_in_batches_and_only_once_their_time_is_past(storage: Storage):
+    store = storage.jobs
+    for n in range(5):
+        await store.insert(new_job(f"{n:032x}"))
+        await store.save_input(f"{n:032x}", b"png", 64, 64)
+        await store.mark_posted(f"{n:032x}")
+    assert await store.drop_old_inputs(time.time() - 60) == 0  # a minute ago: these are younger
+    assert [await store.drop_old_inputs(time.time() + 1, batch=2) for _ in range(4)] == [2, 2, 1, 0]
+
+
+async def test_expired_interaction_tokens_of_jobs_not_shown_are_forgotten_in_batches(storage: Storage):
+    store = storage.jobs
+    now = time.time()
+    for n in range(3):  # not shown, token expired
+        await store.insert(new_job(f"{n:032x}", interaction_token=f"token-{n}", token_expires_at=now - 10))
+    await store.insert(new_job("a" * 32, interaction_token="fresh", token_expires_at=now + 600))
+    assert await store.forget_expired_tokens(now, batch=2) == 2
+    assert await store.forget_expired_tokens(now, batch=2) == 1
+    assert await store.forget_expired_tokens(now, batch=2) == 0
+    expired = await store.get(f"{0:032x}")
+    assert expired is not None and expired.interaction_token is None and expired.token_expires_at == now - 10
+    fresh = await store.get("a" * 32)
+    assert fresh is not None and fresh.interaction_token == "fresh"  # still usable: kept
 
 
 async def test_the_quota_reservation_is_exact_when_fifty_requests_race(storage: Storage):
@@ -176,7 +229,7 @@ async def test_each_limit_of_the_reservation(storage: Storage):
     # One job under way: a second one is refused by the "at once" limit, then admitted once the first failed.
     second = new_job("b" * 32, created_at=now)
     assert not await storage.jobs.insert_within_limits(second, Limits(user_daily=2, user_concurrent=1))
-    assert await storage.jobs.finish_failure(first.id, kind="cancelled", detail="3")
+    assert await storage.jobs.finish_failure(first.id, kind="cancelled", detail="3") is not None
     assert await storage.jobs.insert_within_limits(second, Limits(user_daily=2, user_concurrent=1))
     # The cooldown counts from the member's last request, whatever became of it.
     third = new_job("c" * 32, created_at=now + 5)
