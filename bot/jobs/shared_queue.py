@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -56,6 +57,8 @@ class _Line:
     paused_until: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tick: asyncio.TimerHandle | None = None
+    refreshing: asyncio.Task[None] | None = None  # one read of the line at a time; asked again meanwhile: once more
+    refresh_again: bool = False
 
 
 class SharedQueue:
@@ -79,7 +82,7 @@ class SharedQueue:
         self._key_of: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         events.subscribe("granted", self._granted_elsewhere)
-        events.subscribe("queue", lambda key: self._spawn(self._refresh(key)) if key in self._lines else None)
+        events.subscribe("queue", lambda key: self._refresh_soon(key) if key in self._lines else None)
         events.on_reconnect(self._look_at_every_line)
 
     # ------------------------------------------------------------------------------------------ entering
@@ -99,7 +102,7 @@ class SharedQueue:
             return
         line.waiters[job_id] = asyncio.get_running_loop().create_future()
         self._key_of[job_id] = key
-        self._spawn(self._enqueue(key, job_id, first))
+        self._spawn(lambda: self._enqueue(key, job_id, first))
         self._arm_tick(key)
 
     async def wait_turn(self, job_id: str) -> None:
@@ -117,7 +120,7 @@ class SharedQueue:
             return
         self._lines[key].waiters.pop(job_id, None)
         self._lines[key].in_line.discard(job_id)
-        self._spawn(self._grant(key))
+        self._spawn(lambda: self._grant(key))
 
     def cancel(self, job_id: str) -> bool:
         key = self._key_of.get(job_id)
@@ -129,12 +132,13 @@ class SharedQueue:
         del self._key_of[job_id]
         future.set_exception(Cancelled())
         future.exception()  # retrieved here: nobody may be waiting on it
-        self._spawn(self._refresh(key))
+        self._refresh_soon(key)
         return True
 
     def pause(self, key: str, seconds: float) -> None:
         self._line(key).paused_until = max(self._line(key).paused_until, self._clock() + seconds)
-        self._spawn(self._pause(key, self._clock() + seconds))
+        until = self._clock() + seconds
+        self._spawn(lambda: self._pause(key, until))
 
     # ------------------------------------------------------------------------------------------ reading
 
@@ -173,6 +177,7 @@ class SharedQueue:
         elif job_id in self._line(key).waiters:
             self._line(key).in_line.add(job_id)
         await self._grant(key)
+        await self._events.publish("queue", key)  # a new place in line: the others' places may move
 
     async def _grant(self, key: str) -> None:
         line = self._line(key)
@@ -181,14 +186,32 @@ class SharedQueue:
         for job_id, _owner in granted:
             if not self._resolve(key, job_id):
                 await self._events.publish("granted", job_id)
-        if granted or not line.places:
+        if granted:
             await self._events.publish("queue", key)
-        await self._refresh(key)
+        self._refresh_soon(key)
 
     async def _pause(self, key: str, until: float) -> None:
         self._line(key).paused_until = await self._repository.pause(key, until)
         await self._events.publish("queue", key)
         asyncio.get_running_loop().call_later(max(until - self._clock(), 0.0) + 0.01, self._spawn_grant, key)
+
+    def _refresh_soon(self, key: str) -> None:
+        line = self._line(key)
+        if line.refreshing is not None:
+            line.refresh_again = True
+        else:
+            line.refreshing = self._spawn(lambda: self._refresh_while_asked(key))
+
+    async def _refresh_while_asked(self, key: str) -> None:
+        line = self._line(key)
+        try:
+            while True:
+                line.refresh_again = False
+                await self._refresh(key)
+                if not line.refresh_again:
+                    return
+        finally:
+            line.refreshing = None
 
     async def _refresh(self, key: str) -> None:
         """Places in line and the pause, as the database has them."""
@@ -206,10 +229,7 @@ class SharedQueue:
     def _look_at_every_line(self) -> None:
         """Events may have been missed: give slots and read places afresh for every line known here."""
         for key in list(self._lines):
-            self._spawn(self._look(key))
-
-    async def _look(self, key: str) -> None:
-        await self._grant(key)
+            self._spawn(functools.partial(self._grant, key))
 
     def _granted_elsewhere(self, job_id: str) -> None:
         key = self._key_of.get(job_id)
@@ -243,21 +263,23 @@ class SharedQueue:
         line = self._line(key)
         line.tick = None
         if any(not future.done() for future in line.waiters.values()):
-            self._spawn(self._look(key))
+            self._spawn(lambda: self._grant(key))
             self._arm_tick(key)
 
     def _spawn_grant(self, key: str) -> None:
-        self._spawn(self._grant(key))
+        self._spawn(lambda: self._grant(key))
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        """Run `work()` in a task kept here (made inside the task: one cancelled before it starts leaves nothing)."""
         task = asyncio.create_task(self._logged(work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
-    async def _logged(work: Coroutine[Any, Any, None]) -> None:
+    async def _logged(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             try:
-                await work
+                await work()
             except Exception:
                 log.warning("The shared queue could not reach the database; it looks again soon", exc_info=True)

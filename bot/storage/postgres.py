@@ -598,9 +598,7 @@ class PostgresJobs:
         )
 
     async def update_request(self, job_id: str, request: GenerationRequest) -> Job | None:
-        return await self._change(
-            job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED]
-        )
+        return await self._change(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
 
     async def mark_processing(
         self,

@@ -207,3 +207,53 @@ async def test_a_job_is_lost_only_when_another_process_owns_it(tmp_path):
         await b.leases.claim(limit=1)  # b takes "2..."
         assert await a.leases.renew() == {"3" * 32}
         assert await a.leases.taken({"1" * 32, "2" * 32}) == {"2" * 32}
+
+
+async def test_two_processes_share_one_line_its_cap_its_order_and_its_places(postgres_url: str):
+    """`SharedQueue` in two processes: waiters of both are served in one fair order within one cap, a slot given by
+    one process reaches a job waiting in the other, and each process shows the same places in line."""
+    from bot.jobs.shared_queue import SharedQueue
+
+    async with AsyncExitStack() as stack:
+        storages = [
+            await stack.enter_async_context(PostgresStorage.open(postgres_url, owner=f"p{n}")) for n in range(2)
+        ]
+        queues = []
+        for storage in storages:
+            await storage.events.start()
+            queues.append(SharedQueue(storage.queue, 1, storage.events))
+        now = time.time()
+        # Members 1 and 2 each have two jobs; member 1's in process 0, member 2's in process 1.
+        jobs = {
+            "a1": (0, 1, now),
+            "b1": (1, 2, now + 1),
+            "a2": (0, 1, now + 2),
+            "b2": (1, 2, now + 3),
+        }
+        ids = {name: f"{n:032x}" for n, name in enumerate(jobs)}
+        for name, (process, user, created) in jobs.items():
+            await storages[process].jobs.insert(new_job(ids[name], user_id=user, created_at=created))
+            queues[process].enqueue("k", ids[name], user)
+            await asyncio.sleep(0)  # the order they join in is the order they were made
+        expected = ["a1", "b1", "a2", "b2"]  # round robin by member, across the two processes
+        order: list[str] = []
+        while jobs:
+            turns = {name: asyncio.ensure_future(queues[p].wait_turn(ids[name])) for name, (p, _, _) in jobs.items()}
+            done, _pending = await asyncio.wait(turns.values(), return_when=asyncio.FIRST_COMPLETED, timeout=10)
+            granted = [name for name, turn in turns.items() if turn in done]
+            for turn in turns.values():
+                turn.cancel()
+            assert len(granted) == 1  # the cap: one at a time, whichever process waits
+            order += granted
+            for queue in queues:  # each process reads the line: the same places for everyone still waiting
+                await queue._refresh("k")
+            waiting = [name for name in expected if name in jobs and name not in granted]
+            for place, name in enumerate(waiting, start=1):
+                assert queues[jobs[name][0]].position(ids[name]) == (place, len(waiting))
+            process = jobs.pop(granted[0])[0]
+            await storages[process].jobs.mark_submitting(ids[granted[0]])
+            await storages[process].jobs.finish_failure(ids[granted[0]], kind="generation_failed", detail="x")
+            queues[process].release(ids[granted[0]])
+        assert order == expected
+        for queue in queues:
+            await queue.close()
