@@ -81,6 +81,7 @@ class SharedQueue:
         self._lines: dict[str, _Line] = {}
         self._key_of: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         events.subscribe("granted", self._granted_elsewhere)
         events.subscribe("queue", lambda key: self._refresh_soon(key) if key in self._lines else None)
         events.on_reconnect(self._look_at_every_line)
@@ -162,6 +163,7 @@ class SharedQueue:
         return {key: len(line.places) for key, line in self._lines.items()}
 
     async def close(self) -> None:
+        self._closed = True
         for line in self._lines.values():
             if line.tick is not None:
                 line.tick.cancel()
@@ -271,7 +273,7 @@ class SharedQueue:
 
     def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         """Run `work()` in a task kept here (made inside the task: one cancelled before it starts leaves nothing)."""
-        task = asyncio.create_task(self._logged(work))
+        task = asyncio.create_task(self._logged(work) if not self._closed else asyncio.sleep(0))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -235,6 +235,13 @@ async def test_two_processes_share_one_line_its_cap_its_order_and_its_places(pos
             await storages[process].jobs.insert(new_job(ids[name], user_id=user, created_at=created))
             queues[process].enqueue("k", ids[name], user)
             await asyncio.sleep(0)  # the order they join in is the order they were made
+
+        async def settled() -> None:
+            """Until neither process has database work under way (joining the line, giving slots, reading it)."""
+            while pending := [task for queue in queues for task in queue._tasks]:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+        await settled()
         expected = ["a1", "b1", "a2", "b2"]  # round robin by member, across the two processes
         order: list[str] = []
         while jobs:
@@ -245,6 +252,7 @@ async def test_two_processes_share_one_line_its_cap_its_order_and_its_places(pos
                 turn.cancel()
             assert len(granted) == 1  # the cap: one at a time, whichever process waits
             order += granted
+            await settled()
             for queue in queues:  # each process reads the line: the same places for everyone still waiting
                 await queue._refresh("k")
             waiting = [name for name in expected if name in jobs and name not in granted]
