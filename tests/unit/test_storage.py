@@ -273,6 +273,18 @@ async def test_server_settings_round_trip(storage: Storage):
     assert (await guilds.config(7)).role_limits == {}
 
 
+async def test_a_server_setting_changes_only_the_columns_named(storage: Storage):
+    guilds = storage.guilds
+    await guilds.update(8)  # the row, with every default
+    await guilds.update(8, guild_daily=5, cooldown_seconds=30)
+    await guilds.update(8, user_daily=2)
+    await guilds.update(8)  # nothing named: nothing changes
+    config = await guilds.config(8)
+    assert (config.guild_daily, config.user_daily, config.cooldown_seconds) == (5, 2, 30)
+    with pytest.raises(ValueError, match="not server settings"):
+        await guilds.update(8, owner="elsewhere")
+
+
 async def test_forgetting_a_member_is_one_change_across_the_repositories(storage: Storage):
     now = time.time()
     await storage.member_defaults.save(1, 3, {"steps": 12, "flags": "", "remix_mode": 0}, now)
