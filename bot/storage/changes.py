@@ -115,7 +115,6 @@ class JobStateChanges(ABC):
     async def mark_submitting(
         self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
     ) -> Job | None:
-        # The deadline (MODELSLAB_JOB_TIMEOUT) counts from here: time spent in the bot's own line is not ModelsLab's.
         columns = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
         columns |= _given(deadline_at=deadline_at, api_key_ciphertext=api_key_ciphertext)
         return await self._change(job_id, StateChange(columns, only_from=(JobStatus.QUEUED,)))
@@ -214,6 +213,15 @@ class JobStateChanges(ABC):
 
     async def forget_interaction(self, job_id: str) -> None:
         await self._update(job_id, StateChange({"interaction_token": None, "token_expires_at": None}))
+
+
+# What /history forget clears in each of the member's shown jobs, besides the member (user 0) and what the request
+# says of them (its prompt and picture links, edited with each dialect's JSON functions).
+FORGOTTEN_JOB_COLUMNS = (
+    "output_json", "meta_json", "message_id", "gallery_message_id", "interaction_token", "api_key_ciphertext",
+    "error_detail", "application_id",
+)  # fmt: skip
+FORGET_JOB_COLUMNS = ", ".join(f"{name} = NULL" for name in FORGOTTEN_JOB_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------- settings rows

@@ -42,7 +42,13 @@ from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job
 from bot.log import register_secret
 from bot.storage import postgres_migrations
-from bot.storage.changes import Dialect, JobStateChanges, guild_settings_update, member_defaults_save
+from bot.storage.changes import (
+    FORGET_JOB_COLUMNS,
+    Dialect,
+    JobStateChanges,
+    guild_settings_update,
+    member_defaults_save,
+)
 from bot.storage.events import PostgresEvents
 from bot.storage.migrations import Migration, latest_version
 from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
@@ -477,9 +483,7 @@ class PostgresStorage:
                 "UPDATE jobs SET user_id = 0, request_json = ((request_json::jsonb"
                 " || jsonb_build_object('prompt', '', 'negative_prompt', NULL, 'source_url', NULL))"
                 " #- '{advanced,ip_adapter_image}')::text,"
-                " output_json = NULL, meta_json = NULL,"
-                " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
-                " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
+                f" {FORGET_JOB_COLUMNS}"
                 " WHERE user_id = $1 AND posted_at IS NOT NULL",
                 user_id,
             )

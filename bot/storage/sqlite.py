@@ -24,7 +24,13 @@ import aiosqlite
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job
 from bot.settings import private_directory, private_file
-from bot.storage.changes import Dialect, JobStateChanges, guild_settings_update, member_defaults_save
+from bot.storage.changes import (
+    FORGET_JOB_COLUMNS,
+    Dialect,
+    JobStateChanges,
+    guild_settings_update,
+    member_defaults_save,
+)
 from bot.storage.events import LocalEvents
 from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
 from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
@@ -176,7 +182,6 @@ class SqliteStorage:
         return latest_version(self._migrations)
 
     async def upgrade(self) -> list[Migration]:
-        """Apply every migration newer than the database, each in its own transaction."""
         current = await self.current_version()
         applied = []
         for migration in available_migrations(self._migrations):
@@ -250,9 +255,7 @@ class SqliteStorage:
             forgotten = await self.db.execute(
                 "UPDATE jobs SET user_id = 0, request_json = json_remove(json_set(request_json, '$.prompt', '',"
                 " '$.negative_prompt', NULL, '$.source_url', NULL), '$.advanced.ip_adapter_image'),"
-                " output_json = NULL, meta_json = NULL,"
-                " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
-                " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
+                f" {FORGET_JOB_COLUMNS}"
                 " WHERE user_id = ? AND posted_at IS NOT NULL",
                 (user_id,),
             )
@@ -300,11 +303,7 @@ class SqliteJobs(JobStateChanges):
         await self._db.execute(f"INSERT INTO jobs ({self._INSERT_COLUMNS}) VALUES ({placeholders})", values)
 
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
-        """Store the job only if it fits every limit, in one statement: SQLite makes it atomic.
-
-        With a limit of 10 and 50 requests at once, exactly 10 images are admitted, whatever the interleaving,
-        and across processes too. A job's charge counts from here until it fails (which sets it to 0).
-        """
+        """In one statement: SQLite's one writer makes it atomic, across processes too."""
         values = self._insert_values(job)
         placeholders = ", ".join(f"?{index}" for index in range(1, len(values) + 1))
         today = day_start(job.created_at)
@@ -370,13 +369,11 @@ class SqliteJobs(JobStateChanges):
         ]
 
     async def needing_work(self) -> list[Job]:
-        """Jobs a (re)started bot must carry on: unfinished, or finished but not yet shown."""
         # Unfinished jobs are never posted, so one condition covers both.
         rows = await self._db.fetch_all("SELECT * FROM jobs WHERE posted_at IS NULL ORDER BY created_at")
         return [job_from_row(row) for row in rows]
 
     async def last_served(self, user_ids: list[int]) -> dict[int, float]:
-        """When each member's latest job was sent to ModelsLab (the fair queue's memory)."""
         if not user_ids:
             return {}
         marks = ", ".join("?" for _ in user_ids)
@@ -390,7 +387,6 @@ class SqliteJobs(JobStateChanges):
         }
 
     async def history(self, user_id: int, *, guild_id: int | None, offset: int = 0, limit: int = 1000) -> list[Job]:
-        """A member's jobs, newest first: in one server, or (guild_id None) everywhere."""
         return [
             job_from_row(row)
             for row in await self._db.fetch_all(
@@ -413,8 +409,6 @@ class SqliteJobs(JobStateChanges):
         )
 
     async def drop_old_inputs(self, before: float, *, batch: int = 500) -> int:
-        """Members' pictures are not kept forever: those of shown jobs made before `before` go, at most `batch` at
-        a time (each call is short, whatever the backlog). Returns how many went."""
         return await self._db.execute(
             "DELETE FROM job_inputs WHERE job_id IN (SELECT job_inputs.job_id FROM job_inputs"
             " JOIN jobs ON jobs.id = job_inputs.job_id"
@@ -423,8 +417,7 @@ class SqliteJobs(JobStateChanges):
         )
 
     async def forget_expired_tokens(self, now: float, *, batch: int = 500) -> int:
-        """Interaction tokens past their expiry on jobs not shown yet (shown jobs keep none): useless, and not kept.
-        At most `batch` at a time; returns how many went. Only not-yet-shown jobs are read (a partial index)."""
+        # Only jobs not yet shown are read (a partial index).
         return await self._db.execute(
             "UPDATE jobs SET interaction_token = NULL WHERE id IN (SELECT id FROM jobs"
             " WHERE posted_at IS NULL AND interaction_token IS NOT NULL AND token_expires_at < ? LIMIT ?)",
