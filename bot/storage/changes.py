@@ -1,7 +1,7 @@
 """The changes both backends make to rows, defined once, and the statements that make them, in either dialect.
 
 Each state change of a job is a `StateChange`: the columns it sets, the states it is allowed from, and whether it
-waits for this process to own the job. `JobStateChanges` makes every state change of `JobRepository` from them, the
+waits for this process to own the job. `JobChanges` makes every state change of `JobRepository` from them, the
 same on SQLite and PostgreSQL; a backend only runs the statement. The statements rendered here differ between the
 dialects in their parameter marks alone (`?` or `$n`); SQL that each database spells its own way stays in its
 backend (`bot.storage.sqlite`, `bot.storage.postgres`).
@@ -19,7 +19,14 @@ from typing import Any, ClassVar
 
 from bot.jobs.model import UNFINISHED, Job, JobStatus
 from bot.requests.generation import GenerationRequest
-from bot.storage.rows import GUILD_SETTING_COLUMNS, MEMBER_DEFAULT_COLUMNS, Row, job_from_row
+from bot.storage.rows import (
+    GUILD_SETTING_COLUMNS,
+    JOB_INSERT_COLUMNS,
+    MEMBER_DEFAULT_COLUMNS,
+    Row,
+    job_from_row,
+    job_insert_values,
+)
 
 
 class Dialect(enum.Enum):
@@ -83,13 +90,14 @@ def _meta_json(meta: Mapping[str, Any]) -> str | None:
 SENT = (JobStatus.SUBMITTING, JobStatus.PROCESSING)
 
 
-class JobStateChanges(ABC):
-    """The state changes of `JobRepository` (see it for what each means), for every backend: each is a
-    `StateChange`, made in one statement that returns the job as it now is (None: the change was not allowed).
-    A backend says its dialect and runs the statements."""
+class JobChanges(ABC):
+    """The changes of `JobRepository` (see it for what each means) that every backend makes alike: a new job, and
+    each state change, a `StateChange` made in one statement that returns the job as it now is (None: the change
+    was not allowed). A backend says its dialect and runs the statements."""
 
     dialect: ClassVar[Dialect]
     _owner: str  # this process (WORKER_ID): it changes the jobs it owns
+    _lease_seconds: float  # how long a job stays this process's without a renewal
 
     @abstractmethod
     async def _fetch_row(self, sql: str, values: Sequence[Any]) -> Row | None:
@@ -108,6 +116,15 @@ class JobStateChanges(ABC):
         """A change nobody needs the job back from."""
         sql, values = update_statement(self.dialect, change, job_id, owner=self._owner, now=time.time())
         await self._execute(sql, values)
+
+    def _insert_values(self, job: Job) -> tuple[Any, ...]:
+        """A new job is this process's to drive."""
+        return job_insert_values(job, self._owner, time.time() + self._lease_seconds)
+
+    async def insert(self, job: Job) -> None:
+        values = self._insert_values(job)
+        marks = ", ".join(self.dialect.parameter(number) for number in range(1, len(values) + 1))
+        await self._execute(f"INSERT INTO jobs ({', '.join(JOB_INSERT_COLUMNS)}) VALUES ({marks})", values)
 
     async def set_message(self, job_id: str, message_id: int) -> Job | None:
         return await self._change(job_id, StateChange({"message_id": message_id}))

@@ -42,23 +42,11 @@ from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job
 from bot.log import register_secret
 from bot.storage import postgres_migrations
-from bot.storage.changes import (
-    FORGET_JOB_COLUMNS,
-    Dialect,
-    JobStateChanges,
-    guild_settings_update,
-    member_defaults_save,
-)
+from bot.storage.changes import FORGET_JOB_COLUMNS, Dialect, JobChanges, guild_settings_update, member_defaults_save
 from bot.storage.events import PostgresEvents
 from bot.storage.migrations import Migration, latest_version
 from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
-from bot.storage.rows import (
-    JOB_INSERT_COLUMNS,
-    MEMBER_DEFAULT_COLUMNS,
-    guild_config_from_row,
-    job_from_row,
-    job_insert_values,
-)
+from bot.storage.rows import JOB_INSERT_COLUMNS, MEMBER_DEFAULT_COLUMNS, guild_config_from_row, job_from_row
 
 if TYPE_CHECKING:
     import asyncpg
@@ -495,13 +483,11 @@ class PostgresStorage:
 # ---------------------------------------------------------------------------------------------- jobs
 
 
-class PostgresJobs(JobStateChanges):
+class PostgresJobs(JobChanges):
     """The `JobRepository` on PostgreSQL."""
 
     dialect = Dialect.POSTGRES
     _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
-    _PLACEHOLDERS = ", ".join(f"${n}" for n in range(1, len(JOB_INSERT_COLUMNS) + 1))
-    _INSERT = f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({_PLACEHOLDERS})"
     # The values are cast: in an INSERT ... SELECT the target columns do not type the parameters.
     _INSERT_WITHIN_LIMITS = (
         f"INSERT INTO jobs ({_INSERT_COLUMNS})"
@@ -521,12 +507,6 @@ class PostgresJobs(JobStateChanges):
 
     async def _execute(self, sql: str, values: Sequence[Any]) -> None:
         await self._db.execute(sql, *values)
-
-    def _insert_values(self, job: Job) -> tuple[Any, ...]:
-        return job_insert_values(job, self._owner, time.time() + self._lease_seconds)
-
-    async def insert(self, job: Job) -> None:
-        await self._db.execute(self._INSERT, *self._insert_values(job))
 
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
         """Store the job only if it fits every limit: one statement, exact across processes (`job_fits_limits`

@@ -24,23 +24,11 @@ import aiosqlite
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
 from bot.jobs.model import UNFINISHED, Job
 from bot.settings import private_directory, private_file
-from bot.storage.changes import (
-    FORGET_JOB_COLUMNS,
-    Dialect,
-    JobStateChanges,
-    guild_settings_update,
-    member_defaults_save,
-)
+from bot.storage.changes import FORGET_JOB_COLUMNS, Dialect, JobChanges, guild_settings_update, member_defaults_save
 from bot.storage.events import LocalEvents
 from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
 from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
-from bot.storage.rows import (
-    JOB_INSERT_COLUMNS,
-    MEMBER_DEFAULT_COLUMNS,
-    guild_config_from_row,
-    job_from_row,
-    job_insert_values,
-)
+from bot.storage.rows import JOB_INSERT_COLUMNS, MEMBER_DEFAULT_COLUMNS, guild_config_from_row, job_from_row
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +264,7 @@ def _private_database_file(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- jobs
 
 
-class SqliteJobs(JobStateChanges):
+class SqliteJobs(JobChanges):
     """The `JobRepository` on SQLite. State changes are this process's only while it owns the job (`owner`)."""
 
     dialect = Dialect.SQLITE
@@ -292,15 +280,7 @@ class SqliteJobs(JobStateChanges):
     async def _execute(self, sql: str, values: Sequence[Any]) -> None:
         await self._db.execute(sql, values)
 
-    def _insert_values(self, job: Job) -> tuple[Any, ...]:
-        return job_insert_values(job, self._owner, time.time() + self._lease_seconds)
-
     _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
-
-    async def insert(self, job: Job) -> None:
-        values = self._insert_values(job)
-        placeholders = ", ".join("?" for _ in values)
-        await self._db.execute(f"INSERT INTO jobs ({self._INSERT_COLUMNS}) VALUES ({placeholders})", values)
 
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
         """In one statement: SQLite's one writer makes it atomic, across processes too."""
