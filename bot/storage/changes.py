@@ -1,10 +1,10 @@
 """The changes both backends make to rows, defined once, and the statements that make them, in either dialect.
 
 Each state change of a job is a `StateChange`: the columns it sets, the states it is allowed from, and whether it
-waits for this process to own the job. `JobChanges` makes every state change of `JobRepository` from them, the
-same on SQLite and PostgreSQL; a backend only runs the statement. The statements rendered here differ between the
-dialects in their parameter marks alone (`?` or `$n`); SQL that each database spells its own way stays in its
-backend (`bot.storage.sqlite`, `bot.storage.postgres`).
+waits for this process to own the job. `JobChanges` makes every state change of `JobRepository` from them, and
+stores new jobs, the same on SQLite and PostgreSQL; a backend only runs the statements. The statements rendered
+here differ between the dialects in their parameter marks alone (`?` or `$n`); SQL that each database spells its
+own way stays in its backend (`bot.storage.sqlite`, `bot.storage.postgres`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from bot.storage.rows import (
 
 
 class Dialect(enum.Enum):
+    """Whose SQL a statement is rendered in."""
+
     SQLITE = "sqlite"
     POSTGRES = "postgres"
 
@@ -87,7 +89,7 @@ def _meta_json(meta: Mapping[str, Any]) -> str | None:
     return json.dumps(dict(meta)) if meta else None
 
 
-SENT = (JobStatus.SUBMITTING, JobStatus.PROCESSING)
+AT_MODELSLAB = (JobStatus.SUBMITTING, JobStatus.PROCESSING)
 
 
 class JobChanges(ABC):
@@ -155,11 +157,13 @@ class JobChanges(ABC):
     ) -> Job | None:
         columns = {"status": JobStatus.PROCESSING, "eta_at": eta_at}
         columns |= _given(modelslab_id=modelslab_id, fetch_url=fetch_url, meta_json=_meta_json(meta))
-        return await self._change(job_id, StateChange(columns, only_from=SENT))
+        return await self._change(job_id, StateChange(columns, only_from=AT_MODELSLAB))
 
     async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> Job | None:
         # The webhook may reach any process, whichever owns the job.
-        change = StateChange({"modelslab_id": modelslab_id}, SENT, any_owner=True, only_unset=("modelslab_id",))
+        change = StateChange(
+            {"modelslab_id": modelslab_id}, only_from=AT_MODELSLAB, any_owner=True, only_unset=("modelslab_id",)
+        )
         return await self._change(job_id, change)
 
     async def finish_success(
@@ -185,7 +189,7 @@ class JobChanges(ABC):
             "finished_at": time.time(),
         }
         columns |= _given(meta_json=_meta_json(meta), modelslab_id=modelslab_id)
-        return await self._change(job_id, StateChange(columns, only_from=SENT))
+        return await self._change(job_id, StateChange(columns, only_from=AT_MODELSLAB))
 
     async def finish_failure(
         self,
@@ -268,9 +272,8 @@ def guild_settings_update(
     if unknown:
         raise ValueError(f"not server settings: {sorted(unknown)}")
     values = {"updated_at": now, **changes}
-    return upsert_statement(
-        dialect, "guild_settings", {"guild_id": guild_id}, values, replace=values if changes else ()
-    )
+    replace = values if changes else {}  # nothing to set: the row is only made
+    return upsert_statement(dialect, "guild_settings", {"guild_id": guild_id}, values, replace=replace)
 
 
 def member_defaults_save(
