@@ -158,7 +158,7 @@ class JobService:
             webhook_base=webhook_base,
             clock=clock,
         )
-        self._webhooks = WebhookIntake(store=store, wake=self.wake)
+        self._webhooks = WebhookIntake(store=store, wake=self._webhook_arrived)
         self._keeper = (
             LeaseKeeper(
                 leases,
@@ -310,6 +310,14 @@ class JobService:
         """Something says the job may be done (a webhook): look at it now rather than at the next poll."""
         self._wakeups.set(job_id)
         self.start(job_id)
+
+    async def _webhook_arrived(self, job: Job) -> None:
+        """A webhook reached this process: its job's driver looks now, here or in the process that owns it (a
+        load balancer sends webhooks to any process; no driver is started here for another process's job)."""
+        if job.owner == self._settings.worker_id:
+            self.wake(job.id)
+        else:
+            await self._events.publish("job", job.id)
 
     def _driver_done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)

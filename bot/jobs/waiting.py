@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from bot.guilds.keybox import KeyBox, KeyUnreadable
@@ -247,7 +247,7 @@ class ResultWaiter:
 class WebhookIntake:
     """What ModelsLab's callbacks reach, through the receiver: a job to look at now, and the input image."""
 
-    def __init__(self, *, store: JobRepository, wake: Callable[[str], None]) -> None:
+    def __init__(self, *, store: JobRepository, wake: Callable[[Job], Awaitable[None]]) -> None:
         self._store = store
         self._wake = wake
 
@@ -276,7 +276,7 @@ class WebhookIntake:
             if text:
                 await self._store.adopt_modelslab_id(job_id, text)
         log.info("Job %s: webhook received (%s)", job_id, str(payload.get("status", ""))[:20])
-        self._wake(job_id)
+        await self._wake(job)
         return True
 
 

@@ -47,7 +47,8 @@ class JobRepository(Protocol):
 
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
         """Store the job only if it fits every limit, atomically: with a limit of 10 and 50 requests at once,
-        exactly 10 images are admitted, whatever the interleaving and across processes."""
+        exactly 10 images are admitted, whatever the interleaving and across processes. A job's charge counts from
+        here until it fails (`finish_failure` gives it back)."""
         ...
 
     async def usage(self, guild_id: int | None, user_id: int, now: float) -> Usage: ...
@@ -71,8 +72,8 @@ class JobRepository(Protocol):
     async def mark_submitting(
         self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
     ) -> Job | None:
-        """About to call ModelsLab (only from queued). The job's deadline counts from here; the key it is sent
-        with is kept, sealed, with it."""
+        """About to call ModelsLab (only from queued). The job's deadline (MODELSLAB_JOB_TIMEOUT) counts from here:
+        time spent in the bot's own line is not ModelsLab's. The key it is sent with is kept, sealed, with it."""
         ...
 
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:
@@ -147,7 +148,7 @@ class JobRepository(Protocol):
 
     async def drop_old_inputs(self, before: float, *, batch: int = 500) -> int:
         """Members' pictures are not kept forever: those of shown jobs made before `before` go, at most `batch`
-        at a time. Returns how many went."""
+        at a time (each call is short, whatever the backlog). Returns how many went."""
         ...
 
     async def forget_expired_tokens(self, now: float, *, batch: int = 500) -> int:

@@ -28,12 +28,10 @@ outcome is otherwise unknown: conditional updates would misreport a retried succ
 from __future__ import annotations
 
 import asyncio
-import enum
-import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -41,21 +39,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
-from bot.jobs.model import UNFINISHED, Job, JobStatus
+from bot.jobs.model import UNFINISHED, Job
 from bot.log import register_secret
-from bot.requests.generation import GenerationRequest
 from bot.storage import postgres_migrations
+from bot.storage.changes import FORGET_JOB_COLUMNS, Dialect, JobChanges, guild_settings_update, member_defaults_save
 from bot.storage.events import PostgresEvents
 from bot.storage.migrations import Migration, latest_version
 from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
-from bot.storage.rows import (
-    GUILD_SETTING_COLUMNS,
-    JOB_INSERT_COLUMNS,
-    MEMBER_DEFAULT_COLUMNS,
-    guild_config_from_row,
-    job_from_row,
-    job_insert_values,
-)
+from bot.storage.rows import JOB_INSERT_COLUMNS, MEMBER_DEFAULT_COLUMNS, guild_config_from_row, job_from_row
 
 if TYPE_CHECKING:
     import asyncpg
@@ -480,9 +471,7 @@ class PostgresStorage:
                 "UPDATE jobs SET user_id = 0, request_json = ((request_json::jsonb"
                 " || jsonb_build_object('prompt', '', 'negative_prompt', NULL, 'source_url', NULL))"
                 " #- '{advanced,ip_adapter_image}')::text,"
-                " output_json = NULL, meta_json = NULL,"
-                " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
-                " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
+                f" {FORGET_JOB_COLUMNS}"
                 " WHERE user_id = $1 AND posted_at IS NOT NULL",
                 user_id,
             )
@@ -494,12 +483,11 @@ class PostgresStorage:
 # ---------------------------------------------------------------------------------------------- jobs
 
 
-class PostgresJobs:
+class PostgresJobs(JobChanges):
     """The `JobRepository` on PostgreSQL."""
 
+    dialect = Dialect.POSTGRES
     _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
-    _PLACEHOLDERS = ", ".join(f"${n}" for n in range(1, len(JOB_INSERT_COLUMNS) + 1))
-    _INSERT = f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES ({_PLACEHOLDERS})"
     # The values are cast: in an INSERT ... SELECT the target columns do not type the parameters.
     _INSERT_WITHIN_LIMITS = (
         f"INSERT INTO jobs ({_INSERT_COLUMNS})"
@@ -514,11 +502,11 @@ class PostgresJobs:
         self._owner = owner
         self._lease_seconds = lease_seconds
 
-    def _insert_values(self, job: Job) -> tuple[Any, ...]:
-        return job_insert_values(job, self._owner, time.time() + self._lease_seconds)
+    async def _fetch_row(self, sql: str, values: Sequence[Any]) -> asyncpg.Record | None:
+        return await self._db.fetchrow(sql, *values)
 
-    async def insert(self, job: Job) -> None:
-        await self._db.execute(self._INSERT, *self._insert_values(job))
+    async def _execute(self, sql: str, values: Sequence[Any]) -> None:
+        await self._db.execute(sql, *values)
 
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
         """Store the job only if it fits every limit: one statement, exact across processes (`job_fits_limits`
@@ -576,129 +564,6 @@ class PostgresJobs:
             user_ids,
         )
         return {int(row[0]): float(row[1]) for row in rows}
-
-    async def set_message(self, job_id: str, message_id: int) -> Job | None:
-        return await self._change(job_id, {"message_id": message_id})
-
-    async def mark_submitting(
-        self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
-    ) -> Job | None:
-        changes: dict[str, Any] = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
-        if deadline_at is not None:
-            changes["deadline_at"] = deadline_at
-        if api_key_ciphertext is not None:
-            changes["api_key_ciphertext"] = api_key_ciphertext
-        return await self._change(job_id, changes, only_from=[JobStatus.QUEUED])
-
-    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:
-        return await self._change(
-            job_id,
-            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None, "enqueued_at": None},
-            only_from=[JobStatus.SUBMITTING],
-        )
-
-    async def update_request(self, job_id: str, request: GenerationRequest) -> Job | None:
-        return await self._change(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
-
-    async def mark_processing(
-        self,
-        job_id: str,
-        *,
-        modelslab_id: str | None,
-        eta_at: float | None,
-        fetch_url: str | None,
-        meta: Mapping[str, Any],
-    ) -> Job | None:
-        changes: dict[str, Any] = {"status": JobStatus.PROCESSING, "eta_at": eta_at}
-        if modelslab_id is not None:
-            changes["modelslab_id"] = modelslab_id
-        if fetch_url is not None:
-            changes["fetch_url"] = fetch_url
-        if meta:
-            changes["meta_json"] = json.dumps(dict(meta))
-        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
-
-    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> Job | None:
-        row = await self._db.fetchrow(
-            "UPDATE jobs SET modelslab_id = $1, updated_at = $2"
-            " WHERE id = $3 AND modelslab_id IS NULL AND status IN ($4, $5) RETURNING *",
-            modelslab_id,
-            time.time(),
-            job_id,
-            JobStatus.SUBMITTING.value,
-            JobStatus.PROCESSING.value,
-        )
-        return job_from_row(row) if row else None
-
-    async def finish_success(
-        self,
-        job_id: str,
-        *,
-        modelslab_id: str | None,
-        output_urls: Iterable[str],
-        proxy_urls: Iterable[str],
-        meta: Mapping[str, Any],
-        seed: int | None,
-        generation_time: float | None,
-        charged_images: int,
-        nsfw_detected: bool = False,
-    ) -> Job | None:
-        changes: dict[str, Any] = {
-            "status": JobStatus.SUCCEEDED,
-            "nsfw_detected": int(nsfw_detected),
-            "output_json": json.dumps({"output": list(output_urls), "proxy": list(proxy_urls)}),
-            "seed": seed,
-            "generation_time": generation_time,
-            "charged_images": charged_images,
-            "finished_at": time.time(),
-        }
-        if meta:
-            changes["meta_json"] = json.dumps(dict(meta))
-        if modelslab_id is not None:
-            changes["modelslab_id"] = modelslab_id
-        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
-
-    async def finish_failure(
-        self,
-        job_id: str,
-        *,
-        kind: str,
-        detail: str,
-        retry_after: float | None = None,
-        from_succeeded: bool = False,
-        only_queued: bool = False,
-    ) -> Job | None:
-        allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
-        if only_queued:
-            allowed = [JobStatus.QUEUED]
-        changes: dict[str, Any] = {
-            "status": JobStatus.FAILED,
-            "error_kind": kind,
-            "error_detail": detail,
-            "retry_after": retry_after,
-            "finished_at": time.time(),
-        }
-        if not from_succeeded:
-            changes["charged_images"] = 0
-        # A cancel may come from any process (see `SqliteJobs.finish_failure`).
-        return await self._change(job_id, changes, only_from=allowed, any_owner=only_queued)
-
-    async def mark_posted(
-        self,
-        job_id: str,
-        *,
-        image_count: int | None = None,
-        charged_images: int | None = None,
-        message_id: int | None = None,
-    ) -> None:
-        changes: dict[str, Any] = {"posted_at": time.time(), "interaction_token": None, "api_key_ciphertext": None}
-        if image_count is not None:
-            changes["image_count"] = image_count
-        if charged_images is not None:
-            changes["charged_images"] = charged_images
-        if message_id is not None:
-            changes["message_id"] = message_id
-        await self._update(job_id, changes)
 
     async def history(self, user_id: int, *, guild_id: int | None, offset: int = 0, limit: int = 1000) -> list[Job]:
         where = "user_id = :user" + ("" if guild_id is None else " AND guild_id = :guild")
@@ -767,46 +632,6 @@ class PostgresJobs:
     async def sealed_key(self, job_id: str) -> bytes | None:
         sealed = await self._db.fetchval("SELECT api_key_ciphertext FROM jobs WHERE id = $1", job_id)
         return bytes(sealed) if sealed is not None else None
-
-    async def set_gallery_message(self, job_id: str, message_id: int) -> None:
-        await self._update(job_id, {"gallery_message_id": message_id})
-
-    async def forget_interaction(self, job_id: str) -> None:
-        await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
-
-    async def _change(
-        self,
-        job_id: str,
-        changes: Mapping[str, Any],
-        *,
-        only_from: Iterable[JobStatus] = (),
-        any_owner: bool = False,
-    ) -> Job | None:
-        """Change the job (see `SqliteJobs._change`) and return it as it now is, in one statement."""
-        sql, values = self._update_statement(job_id, changes, only_from, any_owner)
-        row = await self._db.fetchrow(sql + " RETURNING *", *values)
-        return job_from_row(row) if row else None
-
-    async def _update(self, job_id: str, changes: Mapping[str, Any]) -> None:
-        sql, values = self._update_statement(job_id, changes, (), False)
-        await self._db.execute(sql, *values)
-
-    def _update_statement(
-        self, job_id: str, changes: Mapping[str, Any], only_from: Iterable[JobStatus], any_owner: bool
-    ) -> tuple[str, list[Any]]:
-        columns = {**changes, "updated_at": time.time()}
-        values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
-        assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(columns, start=1))
-        values.append(job_id)
-        sql = f"UPDATE jobs SET {assignments} WHERE id = ${len(values)}"
-        if not any_owner:
-            values.append(self._owner)
-            sql += f" AND owner = ${len(values)}"
-        states = [s.value for s in only_from]
-        if states:
-            values.append(states)
-            sql += f" AND status = ANY(${len(values)}::text[])"
-        return sql, values
 
 
 # ---------------------------------------------------------------------------------------------- leases, line
@@ -1012,21 +837,8 @@ class PostgresGuilds:
         return bytes(sealed) if sealed is not None else None
 
     async def update(self, guild_id: int, **changes: Any) -> None:
-        """Set some columns of the server's row, creating it with the defaults first if needed: one upsert."""
-        unknown = set(changes) - GUILD_SETTING_COLUMNS
-        if unknown:
-            raise ValueError(f"not server settings: {sorted(unknown)}")
-        columns = ["guild_id", "updated_at", *changes]
-        placeholders = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-        assignments = ", ".join(f"{name} = EXCLUDED.{name}" for name in columns[1:])
-        conflict = f"DO UPDATE SET {assignments}" if changes else "DO NOTHING"
-        await self._db.execute(
-            f"INSERT INTO guild_settings ({', '.join(columns)}) VALUES ({placeholders})"
-            f" ON CONFLICT (guild_id) {conflict}",
-            guild_id,
-            time.time(),
-            *changes.values(),
-        )
+        sql, values = guild_settings_update(Dialect.POSTGRES, guild_id, changes, time.time())
+        await self._db.execute(sql, *values)
 
     async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
         if user_daily is None:
@@ -1093,18 +905,8 @@ class PostgresMemberDefaults:
         return dict(zip(self.COLUMNS, row, strict=True)) if row is not None else None
 
     async def save(self, guild_id: int, user_id: int, values: dict[str, Any], now: float) -> None:
-        columns: Sequence[str] = [c for c in self.COLUMNS if c in values]
-        every = ["guild_id", "user_id", *columns, "updated_at"]
-        placeholders = ", ".join(f"${n}" for n in range(1, len(every) + 1))
-        await self._db.execute(
-            f"INSERT INTO member_settings ({', '.join(every)}) VALUES ({placeholders})"
-            " ON CONFLICT (guild_id, user_id) DO UPDATE SET "
-            + ", ".join(f"{c} = EXCLUDED.{c}" for c in [*columns, "updated_at"]),
-            guild_id,
-            user_id,
-            *(values[c] for c in columns),
-            now,
-        )
+        sql, parameters = member_defaults_save(Dialect.POSTGRES, guild_id, user_id, values, now)
+        await self._db.execute(sql, *parameters)
 
     async def delete(self, guild_id: int, user_id: int) -> None:
         await self._db.execute("DELETE FROM member_settings WHERE guild_id = $1 AND user_id = $2", guild_id, user_id)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import enum
-import json
 import logging
 import os
 import sqlite3
@@ -24,20 +22,13 @@ from typing import Any
 import aiosqlite
 
 from bot.guilds.rules import GuildConfig, Limits, Usage, day_start
-from bot.jobs.model import UNFINISHED, Job, JobStatus
-from bot.requests.generation import GenerationRequest
+from bot.jobs.model import UNFINISHED, Job
 from bot.settings import private_directory, private_file
+from bot.storage.changes import FORGET_JOB_COLUMNS, Dialect, JobChanges, guild_settings_update, member_defaults_save
 from bot.storage.events import LocalEvents
 from bot.storage.migrations import Migration, available_migrations, latest_version, migrations_directory
 from bot.storage.ports import LineState, StorageBusy, StorageError, StorageFull, WaitingJob
-from bot.storage.rows import (
-    GUILD_SETTING_COLUMNS,
-    JOB_INSERT_COLUMNS,
-    MEMBER_DEFAULT_COLUMNS,
-    guild_config_from_row,
-    job_from_row,
-    job_insert_values,
-)
+from bot.storage.rows import JOB_INSERT_COLUMNS, MEMBER_DEFAULT_COLUMNS, guild_config_from_row, job_from_row
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +170,6 @@ class SqliteStorage:
         return latest_version(self._migrations)
 
     async def upgrade(self) -> list[Migration]:
-        """Apply every migration newer than the database, each in its own transaction."""
         current = await self.current_version()
         applied = []
         for migration in available_migrations(self._migrations):
@@ -253,9 +243,7 @@ class SqliteStorage:
             forgotten = await self.db.execute(
                 "UPDATE jobs SET user_id = 0, request_json = json_remove(json_set(request_json, '$.prompt', '',"
                 " '$.negative_prompt', NULL, '$.source_url', NULL), '$.advanced.ip_adapter_image'),"
-                " output_json = NULL, meta_json = NULL,"
-                " message_id = NULL, gallery_message_id = NULL, interaction_token = NULL,"
-                " api_key_ciphertext = NULL, error_detail = NULL, application_id = NULL"
+                f" {FORGET_JOB_COLUMNS}"
                 " WHERE user_id = ? AND posted_at IS NOT NULL",
                 (user_id,),
             )
@@ -276,30 +264,26 @@ def _private_database_file(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- jobs
 
 
-class SqliteJobs:
+class SqliteJobs(JobChanges):
     """The `JobRepository` on SQLite. State changes are this process's only while it owns the job (`owner`)."""
+
+    dialect = Dialect.SQLITE
 
     def __init__(self, db: SqliteConnection, *, owner: str = "local", lease_seconds: float = 30.0) -> None:
         self._db = db
         self._owner = owner
         self._lease_seconds = lease_seconds
 
-    def _insert_values(self, job: Job) -> tuple[Any, ...]:
-        return job_insert_values(job, self._owner, time.time() + self._lease_seconds)
+    async def _fetch_row(self, sql: str, values: Sequence[Any]) -> sqlite3.Row | None:
+        return await self._db.fetch_one(sql, values)
+
+    async def _execute(self, sql: str, values: Sequence[Any]) -> None:
+        await self._db.execute(sql, values)
 
     _INSERT_COLUMNS = ", ".join(JOB_INSERT_COLUMNS)
 
-    async def insert(self, job: Job) -> None:
-        values = self._insert_values(job)
-        placeholders = ", ".join("?" for _ in values)
-        await self._db.execute(f"INSERT INTO jobs ({self._INSERT_COLUMNS}) VALUES ({placeholders})", values)
-
     async def insert_within_limits(self, job: Job, limits: Limits) -> bool:
-        """Store the job only if it fits every limit, in one statement: SQLite makes it atomic.
-
-        With a limit of 10 and 50 requests at once, exactly 10 images are admitted, whatever the interleaving,
-        and across processes too. A job's charge counts from here until it fails (which sets it to 0).
-        """
+        """In one statement: SQLite's one writer makes it atomic, across processes too."""
         values = self._insert_values(job)
         placeholders = ", ".join(f"?{index}" for index in range(1, len(values) + 1))
         today = day_start(job.created_at)
@@ -365,13 +349,11 @@ class SqliteJobs:
         ]
 
     async def needing_work(self) -> list[Job]:
-        """Jobs a (re)started bot must carry on: unfinished, or finished but not yet shown."""
         # Unfinished jobs are never posted, so one condition covers both.
         rows = await self._db.fetch_all("SELECT * FROM jobs WHERE posted_at IS NULL ORDER BY created_at")
         return [job_from_row(row) for row in rows]
 
     async def last_served(self, user_ids: list[int]) -> dict[int, float]:
-        """When each member's latest job was sent to ModelsLab (the fair queue's memory)."""
         if not user_ids:
             return {}
         marks = ", ".join("?" for _ in user_ids)
@@ -384,135 +366,7 @@ class SqliteJobs:
             )
         }
 
-    async def set_message(self, job_id: str, message_id: int) -> Job | None:
-        return await self._change(job_id, {"message_id": message_id})
-
-    async def mark_submitting(
-        self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
-    ) -> Job | None:
-        """About to call ModelsLab. The job's deadline (MODELSLAB_JOB_TIMEOUT) counts from here: time spent
-        waiting in the bot's own queue is not ModelsLab's. The key it is sent with is kept (sealed) with it."""
-        changes: dict[str, Any] = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
-        if deadline_at is not None:
-            changes["deadline_at"] = deadline_at
-        if api_key_ciphertext is not None:
-            changes["api_key_ciphertext"] = api_key_ciphertext
-        return await self._change(job_id, changes, only_from=[JobStatus.QUEUED])
-
-    async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:
-        """ModelsLab did not take the job (a full queue, a passing fault): it waits in line again."""
-        return await self._change(
-            job_id,
-            {"status": JobStatus.QUEUED, "retry_after": retry_after, "granted_at": None, "enqueued_at": None},
-            only_from=[JobStatus.SUBMITTING],
-        )
-
-    async def update_request(self, job_id: str, request: GenerationRequest) -> Job | None:
-        return await self._change(job_id, {"request_json": json.dumps(request.to_json())}, only_from=[JobStatus.QUEUED])
-
-    async def mark_processing(
-        self,
-        job_id: str,
-        *,
-        modelslab_id: str | None,
-        eta_at: float | None,
-        fetch_url: str | None,
-        meta: Mapping[str, Any],
-    ) -> Job | None:
-        changes: dict[str, Any] = {"status": JobStatus.PROCESSING, "eta_at": eta_at}
-        if modelslab_id is not None:
-            changes["modelslab_id"] = modelslab_id
-        if fetch_url is not None:
-            changes["fetch_url"] = fetch_url
-        if meta:
-            changes["meta_json"] = json.dumps(dict(meta))
-        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
-
-    async def adopt_modelslab_id(self, job_id: str, modelslab_id: str) -> Job | None:
-        """Learn the ModelsLab id from a webhook when the submit answer never arrived."""
-        row = await self._db.fetch_one(
-            "UPDATE jobs SET modelslab_id = ?, updated_at = ?"
-            " WHERE id = ? AND modelslab_id IS NULL AND status IN (?, ?) RETURNING *",
-            (modelslab_id, time.time(), job_id, JobStatus.SUBMITTING.value, JobStatus.PROCESSING.value),
-        )
-        return job_from_row(row) if row else None
-
-    async def finish_success(
-        self,
-        job_id: str,
-        *,
-        modelslab_id: str | None,
-        output_urls: Iterable[str],
-        proxy_urls: Iterable[str],
-        meta: Mapping[str, Any],
-        seed: int | None,
-        generation_time: float | None,
-        charged_images: int,
-        nsfw_detected: bool = False,
-    ) -> Job | None:
-        changes: dict[str, Any] = {
-            "status": JobStatus.SUCCEEDED,
-            "nsfw_detected": int(nsfw_detected),
-            "output_json": json.dumps({"output": list(output_urls), "proxy": list(proxy_urls)}),
-            "seed": seed,
-            "generation_time": generation_time,
-            "charged_images": charged_images,
-            "finished_at": time.time(),
-        }
-        if meta:
-            changes["meta_json"] = json.dumps(dict(meta))
-        if modelslab_id is not None:
-            changes["modelslab_id"] = modelslab_id
-        return await self._change(job_id, changes, only_from=[JobStatus.SUBMITTING, JobStatus.PROCESSING])
-
-    async def finish_failure(
-        self,
-        job_id: str,
-        *,
-        kind: str,
-        detail: str,
-        retry_after: float | None = None,
-        from_succeeded: bool = False,
-        only_queued: bool = False,
-    ) -> Job | None:
-        """Fail a job. Its reservation is given back, unless `from_succeeded`: ModelsLab made (and billed) the
-        images, which then could not be shown, so they still count. `only_queued`: only if never sent (cancel)."""
-        allowed = [*UNFINISHED, JobStatus.SUCCEEDED] if from_succeeded else list(UNFINISHED)
-        if only_queued:
-            allowed = [JobStatus.QUEUED]
-        changes: dict[str, Any] = {
-            "status": JobStatus.FAILED,
-            "error_kind": kind,
-            "error_detail": detail,
-            "retry_after": retry_after,
-            "finished_at": time.time(),
-        }
-        if not from_succeeded:
-            changes["charged_images"] = 0
-        # A cancel may come from any process (the member pressed the button there): never sent, nobody else changes
-        # a waiting job but to send it, which is conditional on the status too.
-        return await self._change(job_id, changes, only_from=allowed, any_owner=only_queued)
-
-    async def mark_posted(
-        self,
-        job_id: str,
-        *,
-        image_count: int | None = None,
-        charged_images: int | None = None,
-        message_id: int | None = None,
-    ) -> None:
-        """The outcome is shown. The interaction token and the job's key are no longer needed: not kept."""
-        changes: dict[str, Any] = {"posted_at": time.time(), "interaction_token": None, "api_key_ciphertext": None}
-        if image_count is not None:
-            changes["image_count"] = image_count
-        if charged_images is not None:
-            changes["charged_images"] = charged_images
-        if message_id is not None:
-            changes["message_id"] = message_id
-        await self._update(job_id, changes)
-
     async def history(self, user_id: int, *, guild_id: int | None, offset: int = 0, limit: int = 1000) -> list[Job]:
-        """A member's jobs, newest first: in one server, or (guild_id None) everywhere."""
         return [
             job_from_row(row)
             for row in await self._db.fetch_all(
@@ -535,8 +389,6 @@ class SqliteJobs:
         )
 
     async def drop_old_inputs(self, before: float, *, batch: int = 500) -> int:
-        """Members' pictures are not kept forever: those of shown jobs made before `before` go, at most `batch` at
-        a time (each call is short, whatever the backlog). Returns how many went."""
         return await self._db.execute(
             "DELETE FROM job_inputs WHERE job_id IN (SELECT job_inputs.job_id FROM job_inputs"
             " JOIN jobs ON jobs.id = job_inputs.job_id"
@@ -545,8 +397,7 @@ class SqliteJobs:
         )
 
     async def forget_expired_tokens(self, now: float, *, batch: int = 500) -> int:
-        """Interaction tokens past their expiry on jobs not shown yet (shown jobs keep none): useless, and not kept.
-        At most `batch` at a time; returns how many went. Only not-yet-shown jobs are read (a partial index)."""
+        # Only jobs not yet shown are read (a partial index).
         return await self._db.execute(
             "UPDATE jobs SET interaction_token = NULL WHERE id IN (SELECT id FROM jobs"
             " WHERE posted_at IS NULL AND interaction_token IS NOT NULL AND token_expires_at < ? LIMIT ?)",
@@ -571,49 +422,6 @@ class SqliteJobs:
     async def sealed_key(self, job_id: str) -> bytes | None:
         row = await self._db.fetch_one("SELECT api_key_ciphertext FROM jobs WHERE id = ?", (job_id,))
         return bytes(row[0]) if row and row[0] is not None else None
-
-    async def set_gallery_message(self, job_id: str, message_id: int) -> None:
-        await self._update(job_id, {"gallery_message_id": message_id})
-
-    async def forget_interaction(self, job_id: str) -> None:
-        """The interaction was never answered: its token is useless, the job is shown through the channel."""
-        await self._update(job_id, {"interaction_token": None, "token_expires_at": None})
-
-    async def _change(
-        self,
-        job_id: str,
-        changes: Mapping[str, Any],
-        *,
-        only_from: Iterable[JobStatus] = (),
-        any_owner: bool = False,
-    ) -> Job | None:
-        """Change the job (only from these states, if any are given, and only while this process owns it, unless
-        `any_owner`) and return it as it now is, in one statement; None if it did not change."""
-        sql, values = self._update_statement(job_id, changes, only_from, any_owner)
-        row = await self._db.fetch_one(sql + " RETURNING *", values)
-        return job_from_row(row) if row else None
-
-    async def _update(self, job_id: str, changes: Mapping[str, Any]) -> None:
-        """Change the job (while this process owns it), when nobody needs it back."""
-        sql, values = self._update_statement(job_id, changes, (), False)
-        await self._db.execute(sql, values)
-
-    def _update_statement(
-        self, job_id: str, changes: Mapping[str, Any], only_from: Iterable[JobStatus], any_owner: bool
-    ) -> tuple[str, list[Any]]:
-        columns = {**changes, "updated_at": time.time()}
-        assignments = ", ".join(f"{name} = ?" for name in columns)
-        values: list[Any] = [v.value if isinstance(v, enum.Enum) else v for v in columns.values()]
-        sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
-        values.append(job_id)
-        if not any_owner:
-            sql += " AND owner = ?"
-            values.append(self._owner)
-        states = [s.value for s in only_from]
-        if states:
-            sql += f" AND status IN ({', '.join('?' for _ in states)})"
-            values.extend(states)
-        return sql, values
 
 
 def _named(values: tuple[Any, ...], **named: Any) -> dict[str, Any]:
@@ -800,21 +608,7 @@ class SqliteGuilds:
         return bytes(row[0]) if row and row[0] is not None else None
 
     async def update(self, guild_id: int, **changes: Any) -> None:
-        """Set some columns of the server's row, creating it with the defaults first if needed."""
-        unknown = set(changes) - GUILD_SETTING_COLUMNS
-        if unknown:
-            raise ValueError(f"not server settings: {sorted(unknown)}")
-        now = time.time()
-        await self._db.execute(
-            "INSERT INTO guild_settings (guild_id, updated_at) VALUES (?, ?) ON CONFLICT (guild_id) DO NOTHING",
-            (guild_id, now),
-        )
-        if changes:
-            assignments = ", ".join(f"{name} = ?" for name in changes)
-            await self._db.execute(
-                f"UPDATE guild_settings SET {assignments}, updated_at = ? WHERE guild_id = ?",
-                (*changes.values(), now, guild_id),
-            )
+        await self._db.execute(*guild_settings_update(Dialect.SQLITE, guild_id, changes, time.time()))
 
     async def set_role_limit(self, guild_id: int, role_id: int, user_daily: int | None) -> None:
         if user_daily is None:
@@ -876,15 +670,7 @@ class SqliteMemberDefaults:
         return dict(zip(self.COLUMNS, row, strict=True)) if row is not None else None
 
     async def save(self, guild_id: int, user_id: int, values: dict[str, Any], now: float) -> None:
-        columns = [c for c in self.COLUMNS if c in values]
-        await self._db.execute(
-            f"INSERT INTO member_settings (guild_id, user_id, {', '.join(columns)}, updated_at)"
-            f" VALUES (?, ?, {', '.join('?' for _ in columns)}, ?)"
-            " ON CONFLICT (guild_id, user_id) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in columns)
-            + ", updated_at = excluded.updated_at",
-            (guild_id, user_id, *(values[c] for c in columns), now),
-        )
+        await self._db.execute(*member_defaults_save(Dialect.SQLITE, guild_id, user_id, values, now))
 
     async def delete(self, guild_id: int, user_id: int) -> None:
         await self._db.execute("DELETE FROM member_settings WHERE guild_id = ? AND user_id = ?", (guild_id, user_id))

@@ -273,6 +273,18 @@ async def test_server_settings_round_trip(storage: Storage):
     assert (await guilds.config(7)).role_limits == {}
 
 
+async def test_a_server_setting_changes_only_the_columns_named(storage: Storage):
+    guilds = storage.guilds
+    await guilds.update(8)  # the row, with every default
+    await guilds.update(8, guild_daily=5, cooldown_seconds=30)
+    await guilds.update(8, user_daily=2)
+    await guilds.update(8)  # nothing named: nothing changes
+    config = await guilds.config(8)
+    assert (config.guild_daily, config.user_daily, config.cooldown_seconds) == (5, 2, 30)
+    with pytest.raises(ValueError, match="not server settings"):
+        await guilds.update(8, owner="elsewhere")
+
+
 async def test_forgetting_a_member_is_one_change_across_the_repositories(storage: Storage):
     now = time.time()
     await storage.member_defaults.save(1, 3, {"steps": 12, "flags": "", "remix_mode": 0}, now)
@@ -290,6 +302,44 @@ async def test_forgetting_a_member_is_one_change_across_the_repositories(storage
     assert kept is not None and kept.user_id == 3
     # Forgetting cannot reset today's quota: the shown job's image still counts for the member.
     assert (await storage.jobs.usage(1, 3, now)).user_today == 2
+
+
+async def test_a_forgotten_job_keeps_nothing_of_its_member_but_the_counts(storage: Storage):
+    jobs = storage.jobs
+    made, failed = new_job("a" * 32, application_id=5), new_job("b" * 32)
+    for job in (made, failed):
+        await jobs.insert(job)
+        await jobs.mark_submitting(job.id, api_key_ciphertext=b"sealed")
+    await jobs.mark_processing(made.id, modelslab_id="1", eta_at=None, fetch_url="https://x/f", meta={"a": 1})
+    await jobs.finish_success(
+        made.id,
+        modelslab_id="1",
+        output_urls=["https://x/1.png"],
+        proxy_urls=["https://x/p.png"],
+        meta={"prompt": "a cat"},
+        seed=5,
+        generation_time=1.0,
+        charged_images=1,
+    )
+    await jobs.set_gallery_message(made.id, 9)
+    await jobs.mark_posted(made.id, image_count=1, message_id=8)
+    await jobs.finish_failure(failed.id, kind="refused", detail="the prompt 'a cat' was refused")
+    await jobs.mark_posted(failed.id, message_id=10)
+    assert await storage.forget_member(3, time.time()) == 2
+    for job_id in (made.id, failed.id):
+        forgotten = await jobs.get(job_id)
+        assert forgotten is not None and await jobs.sealed_key(job_id) is None
+        member = (forgotten.user_id, forgotten.request.prompt, forgotten.output_urls, forgotten.proxy_urls)
+        assert member == (0, "", (), ())
+        assert (forgotten.meta, forgotten.message_id, forgotten.gallery_message_id, forgotten.error_detail) == (
+            {},
+            None,
+            None,
+            None,
+        )
+        assert (forgotten.application_id, forgotten.interaction_token) == (None, None)
+    counts = await jobs.get(made.id)
+    assert counts is not None and (counts.image_count, counts.charged_images, counts.seed) == (1, 1, 5)
 
 
 async def test_discord_ids_seeds_sealed_keys_and_pictures_come_back_exactly(storage: Storage):
