@@ -692,6 +692,14 @@ def stalls_row(report: Report, bot: BotProcess, start: float, end: float, cpu: f
 IDLE_CALIBRATION = 1.0  # seconds the idle bot is watched before a measured window
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every process of the machine has used so far, all CPUs together (/proc/stat: user, nice, system,
+    irq, softirq, steal; not idle or iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Costs:
     """The bot's CPU time and SQL statements from `begin()` to `end()`, to be divided by the jobs served.
@@ -707,8 +715,14 @@ class Costs:
     loop_cpu_s: float = 0.0  # of which the main thread, the event loop (gross)
     idle_cpu_s: float = 0.0  # what the idle bot would have used over the window
     statements: Statements = field(default_factory=Statements)
+    # The machine's other processes (other sessions' tests), and this script (the fakes), in CPUs over the window:
+    # a busy machine makes every job cost the bot more CPU (the two CPUs' caches and cores are shared).
+    others_cpus: float = 0.0
+    fakes_cpus: float = 0.0
     _began: float = 0.0
     _idle_rate: float = 0.0
+    _machine_busy_s: float = 0.0
+    _fakes_cpu_s: float = 0.0
 
     @property
     def cpu_s(self) -> float:
@@ -720,14 +734,20 @@ class Costs:
         self._idle_rate = (self.bot.threads_cpu_seconds()[0] - total) / IDLE_CALIBRATION
         self.statements = await self.bot.statements()
         self.gross_cpu_s, self.loop_cpu_s = self.bot.threads_cpu_seconds()
+        self._machine_busy_s, self._fakes_cpu_s = machine_busy_seconds(), time.process_time()
         self._began = time.monotonic()
         return self
 
     async def end(self) -> Costs:
         """Read once the bot has settled (its last writes after the last post included)."""
         total, loop = self.bot.threads_cpu_seconds()
+        busy, fakes, window = machine_busy_seconds(), time.process_time(), time.monotonic() - self._began
         self.gross_cpu_s, self.loop_cpu_s = total - self.gross_cpu_s, loop - self.loop_cpu_s
-        self.idle_cpu_s = self._idle_rate * (time.monotonic() - self._began)
+        self.idle_cpu_s = self._idle_rate * window
+        fakes -= self._fakes_cpu_s
+        if window > 0:
+            self.fakes_cpus = fakes / window
+            self.others_cpus = max(busy - self._machine_busy_s - fakes - self.gross_cpu_s, 0.0) / window
         self.statements = await self.bot.statements() - self.statements
         return self
 
@@ -753,6 +773,10 @@ def per_job_rows(
         statements <= STATEMENTS_TARGET if cpu_target_ms is not None else None,
     )
     report.add("    ...jobs whose posted image was the realistic one", realistic)
+    report.add(
+        "    ...other processes' CPU meanwhile (this script's fakes)",
+        f"{costs.others_cpus:.2f} of {os.cpu_count()} CPUs ({costs.fakes_cpus:.2f})",
+    )
     if jobs and costs.statements.total:
         report.note(f"{report.section}: statements per job: {costs.statements.top(jobs)}")
     return {
@@ -761,6 +785,8 @@ def per_job_rows(
         "idle_cpu_ms_per_job": idle_ms,
         "loop_cpu_ms_per_job": loop_ms,
         "statements_per_job": statements,
+        "others_cpus": costs.others_cpus,
+        "fakes_cpus": costs.fakes_cpus,
         "statements": costs.statements.by_statement,
         "realistic_images": realistic,
     }

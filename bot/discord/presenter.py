@@ -57,10 +57,51 @@ class _StatusMessage:
     forgotten: bool = False  # dropped once its last user is done
 
 
+class ImageUpload(io.BytesIO):
+    """An image's bytes as `discord.File` takes them (a seekable file), uploaded without a copy.
+
+    discord.py hands the file object to aiohttp as a form field. aiohttp sends a plain `io.BytesIO` by unsharing its
+    buffer (a copy of the whole image) and reading it back in 256 kB chunks (a copy of each, with a loop iteration
+    between them): about 0.6 ms of CPU for a 0.5 MB image. `ImageUploadPayload`, registered with aiohttp for this
+    type alone, sends slices of the very bytes instead. As a file it is an ordinary `BytesIO` sharing those bytes.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.data = data
+
+
+@aiohttp.payload_type(ImageUpload)
+class ImageUploadPayload(aiohttp.payload.Payload):
+    """aiohttp's payload for an `ImageUpload`: its bytes from the file's position, sent as memoryview slices."""
+
+    _autoclose = True  # bytes in memory: nothing to close
+    CHUNK = 1024 * 1024  # a large image goes out a slice at a time, each slice once the socket took the last one
+
+    def __init__(self, value: ImageUpload, *args: Any, **kwargs: Any) -> None:
+        super().__init__(value, *args, **kwargs)
+        self._view = memoryview(value.data)[value.tell() :]
+        self._size = len(self._view)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return str(self._view, encoding, errors)
+
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self._view.tobytes()
+
+    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None) -> None:
+        view = self._view if content_length is None else self._view[:content_length]
+        for start in range(0, len(view), self.CHUNK):
+            await writer.write(view[start : start + self.CHUNK])
+
+
 def _files(job: Job, images: Sequence[ImageFile], *, spoiler: bool) -> list[discord.File]:
     return [
         discord.File(
-            io.BytesIO(image.data), filename=f"imagine-{job.id[:8]}-{index}.{image.extension}", spoiler=spoiler
+            ImageUpload(image.data), filename=f"imagine-{job.id[:8]}-{index}.{image.extension}", spoiler=spoiler
         )
         for index, image in enumerate(images, start=1)
     ]
