@@ -102,7 +102,6 @@ class JobService:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing = False
         self.draining = False
-        webhook_base = settings.webhook_base
 
         # The parts, in the order a job meets them; each gets what it uses, and nothing else.
         self._queue: JobQueue
@@ -114,50 +113,24 @@ class JobService:
         self._progress = ProgressReporter(queue=self._queue)
         self._wakeups = Wakeups()
         self._sent_keys = SentKeys()
-        answers = AnswerRecorder(
-            store=store, progress=self._progress, metrics=metrics, webhook_base=webhook_base, clock=clock
-        )
-        payloads = PayloadBuilder(
-            store=store, downloader=downloader, signer=signer, flavour=settings.flavour, webhook_base=webhook_base
-        )
-        self._sender = Sender(
+        steps = _wire_steps(
             store=store,
             client=client,
+            downloader=downloader,
+            signer=signer,
+            settings=settings,
+            guilds=guilds,
             keybox=keybox,
-            payloads=payloads,
-            answers=answers,
-            sent_keys=self._sent_keys,
             metrics=metrics,
-            timeout=settings.timeout,
             clock=clock,
-            line=line if settings.shared else None,
-        )
-        self._submitter = Submitter(
-            store=store,
+            submit_retry_delay=submit_retry_delay,
+            line=line,
             queue=self._queue,
-            guilds=guilds,
             progress=self._progress,
-            payloads=payloads,
-            sender=self._sender,
-            clock=clock,
-            retry_delay=submit_retry_delay,
-        )
-        self._lost_submissions = LostSubmissions(
-            store=store, wakeups=self._wakeups, webhook_base=webhook_base, clock=clock
-        )
-        self._waiter = ResultWaiter(
-            store=store,
-            client=client,
-            guilds=guilds,
-            keybox=keybox,
-            answers=answers,
             wakeups=self._wakeups,
             sent_keys=self._sent_keys,
-            metrics=metrics,
-            timeout=settings.timeout,
-            webhook_base=webhook_base,
-            clock=clock,
         )
+        self._sender, self._submitter, self._lost_submissions, self._waiter = steps
         self._webhooks = WebhookIntake(store=store, wake=self._webhook_arrived)
         self._keeper = (
             LeaseKeeper(
@@ -440,3 +413,66 @@ class JobService:
     def _line_changed(self, key: str) -> None:
         """The queue says a key's line changed: the places shown in its status messages may be stale."""
         self._progress.line_changed(key)
+
+
+def _wire_steps(
+    *,
+    store: JobRepository,
+    client: ModelsLabClient,
+    downloader: ImageDownloader,
+    signer: WebhookSigner,
+    settings: JobPolicy,
+    guilds: GuildDirectory,
+    keybox: KeyBox,
+    metrics: Metrics,
+    clock: Callable[[], float],
+    submit_retry_delay: float,
+    line: QueueRepository | None,
+    queue: JobQueue,
+    progress: ProgressReporter,
+    wakeups: Wakeups,
+    sent_keys: SentKeys,
+) -> tuple[Sender, Submitter, LostSubmissions, ResultWaiter]:
+    """The steps a job goes through on its way to ModelsLab and back, in that order; each gets what it uses."""
+    webhook_base = settings.webhook_base
+    answers = AnswerRecorder(store=store, progress=progress, metrics=metrics, webhook_base=webhook_base, clock=clock)
+    payloads = PayloadBuilder(
+        store=store, downloader=downloader, signer=signer, flavour=settings.flavour, webhook_base=webhook_base
+    )
+    sender = Sender(
+        store=store,
+        client=client,
+        keybox=keybox,
+        payloads=payloads,
+        answers=answers,
+        sent_keys=sent_keys,
+        metrics=metrics,
+        timeout=settings.timeout,
+        clock=clock,
+        line=line if settings.shared else None,
+    )
+    submitter = Submitter(
+        store=store,
+        queue=queue,
+        guilds=guilds,
+        progress=progress,
+        payloads=payloads,
+        sender=sender,
+        clock=clock,
+        retry_delay=submit_retry_delay,
+    )
+    lost_submissions = LostSubmissions(store=store, wakeups=wakeups, webhook_base=webhook_base, clock=clock)
+    waiter = ResultWaiter(
+        store=store,
+        client=client,
+        guilds=guilds,
+        keybox=keybox,
+        answers=answers,
+        wakeups=wakeups,
+        sent_keys=sent_keys,
+        metrics=metrics,
+        timeout=settings.timeout,
+        webhook_base=webhook_base,
+        clock=clock,
+    )
+    return sender, submitter, lost_submissions, waiter
