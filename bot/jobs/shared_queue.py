@@ -273,13 +273,14 @@ class SharedQueue:
 
     def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         """Run `work()` in a task kept here (made inside the task: one cancelled before it starts leaves nothing)."""
-        task = asyncio.create_task(self._logged(work) if not self._closed else asyncio.sleep(0))
+        task = asyncio.create_task(self._logged(work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    @staticmethod
-    async def _logged(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _logged(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if self._closed:  # an event heard while closing: nothing new starts
+            return
         with contextlib.suppress(asyncio.CancelledError):
             try:
                 await work()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -133,7 +134,7 @@ class PostgresEvents(Subscribers):
                 continue
             log.warning("The database's event connection was lost; reconnecting (caches are dropped)")
             await self._drop_connection()
-            for delay in (*RECONNECT_DELAYS, *([RECONNECT_DELAYS[-1]] * 1_000_000)):
+            for delay in itertools.chain(RECONNECT_DELAYS, itertools.repeat(RECONNECT_DELAYS[-1])):
                 try:
                     await self._listen()
                     break
