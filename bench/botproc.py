@@ -6,6 +6,7 @@ Run by `bench/run.py` as `python -m bench.botproc`, configured by the same envir
   seconds (default 0.005), appends ``<time.monotonic() when it ran> <how late, in s>`` to this file whenever it ran
   1 ms or more late. ``time.monotonic()`` is the system's CLOCK_MONOTONIC, so the benchmark compares these
   stamps with its own.
+  ``SIGUSR2`` pauses the monitor, or resumes it (the file then says ``paused <time>`` or ``resumed <time>``).
 * ``BENCH_SLOW_CALLBACK``: ``loop.slow_callback_duration`` in seconds (asyncio logs, in debug mode, every callback
   that ran longer; set ``PYTHONASYNCIODEBUG=1`` too).
 * ``BENCH_PROFILE``: write a cProfile of the main thread (the event loop) to this file when the process ends.
@@ -14,8 +15,9 @@ Run by `bench/run.py` as `python -m bench.botproc`, configured by the same envir
   (``{"seq": <n-th dump>, "total": <statements>, "statements": {<statement, values elided>: <count>}}``), which the
   benchmark reads before and after a scenario.
 
-The loop is created by ``asyncio.run`` inside ``main()``; an event loop policy hooks the monitor onto it, so the
-bot's own code runs unchanged.
+The loop is made by ``bot.__main__.new_event_loop`` (uvloop's where installed; asyncio's with
+``BENCH_EVENT_LOOP=asyncio``); this script wraps that function to hook the monitor onto the loop, so the bot's own
+code runs unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 STALL_RECORD_THRESHOLD = 0.001  # seconds of overshoot worth writing down
@@ -80,9 +83,10 @@ class StatementCounter:
 class _StallMonitor:
     """Every `interval` a timer callback on the loop notes how late it ran; lateness of 1 ms or more is written down.
 
-    A plain timer callback, not a task that sleeps: no future and no task step per tick, so the instrument itself
-    costs the bot as little CPU as a 5 ms tick can (about 10 ms a second on the development machine, measured idle
-    by bench/run.py and subtracted from the bot's CPU per job).
+    A plain timer callback, not a task that sleeps: no future and no task step per tick. Even so, waking the loop
+    200 times a second costs the bot CPU, more than the idle rate suggests (bench/README.md), so the benchmark
+    pauses the monitor while it measures the bot's CPU: ``SIGUSR2`` pauses or resumes it, and the file says
+    ``paused <time>`` / ``resumed <time>``.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, out: TextIO, interval: float) -> None:
@@ -90,15 +94,26 @@ class _StallMonitor:
         self._out = out
         self._interval = interval
         self._due = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         now = time.monotonic()
         self._out.write(f"start {now:.6f}\n")
+        self._loop.add_signal_handler(signal.SIGUSR2, self._toggle)
         self._schedule(now)
+
+    def _toggle(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._out.write(f"paused {time.monotonic():.6f}\n")
+        else:
+            self._out.write(f"resumed {time.monotonic():.6f}\n")
+            self._schedule(time.monotonic())
 
     def _schedule(self, now: float) -> None:
         self._due = now + self._interval
-        self._loop.call_later(self._interval, self._tick)
+        self._timer = self._loop.call_later(self._interval, self._tick)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -108,33 +123,40 @@ class _StallMonitor:
         self._schedule(now)
 
 
-class _BenchPolicy(asyncio.DefaultEventLoopPolicy):
-    def __init__(self, stall_file: str | None, interval: float, slow_callback: float | None) -> None:
-        super().__init__()
-        self._stall_file = stall_file
-        self._interval = interval
-        self._slow_callback = slow_callback
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        loop = super().new_event_loop()
-        if self._slow_callback is not None:
-            loop.slow_callback_duration = self._slow_callback
-        if self._stall_file is not None:
-            out = open(self._stall_file, "a", buffering=1, encoding="ascii")  # noqa: SIM115 - lives as long as the process
-            loop.call_soon(_StallMonitor(loop, out, self._interval).start)
+def _hooked_loop_factory(
+    make_loop: Callable[[], asyncio.AbstractEventLoop],
+    stall_file: str | None,
+    interval: float,
+    slow_callback: float | None,
+) -> Callable[[], asyncio.AbstractEventLoop]:
+    def new_event_loop() -> asyncio.AbstractEventLoop:
+        loop = make_loop()
+        if slow_callback is not None:
+            loop.slow_callback_duration = slow_callback
+        if stall_file is not None:
+            out = open(stall_file, "a", buffering=1, encoding="ascii")  # noqa: SIM115 - lives as long as the process
+            loop.call_soon(_StallMonitor(loop, out, interval).start)
         return loop
+
+    return new_event_loop
 
 
 def main() -> int:
     stall_file = os.environ.get("BENCH_STALL_FILE") or None
     interval = float(os.environ.get("BENCH_STALL_INTERVAL", "0.005"))
     slow = os.environ.get("BENCH_SLOW_CALLBACK")
-    asyncio.set_event_loop_policy(_BenchPolicy(stall_file, interval, float(slow) if slow else None))
     sql_stats = os.environ.get("BENCH_SQL_STATS")
     if sql_stats:
         StatementCounter(sql_stats).install()
 
+    import bot.__main__
     from bot.__main__ import main as bot_main
+
+    # The bot's own choice of loop (uvloop where installed), or asyncio's with BENCH_EVENT_LOOP=asyncio.
+    make_loop = bot.__main__.new_event_loop
+    if os.environ.get("BENCH_EVENT_LOOP") == "asyncio":
+        make_loop = asyncio.new_event_loop
+    bot.__main__.new_event_loop = _hooked_loop_factory(make_loop, stall_file, interval, float(slow) if slow else None)
 
     profile_path = os.environ.get("BENCH_PROFILE")
     if not profile_path:

@@ -540,6 +540,8 @@ class BotProcess:
                 env["BENCH_SLOW_CALLBACK"] = str(self.options.slow_callback)
             if self.options.profile:
                 env["BENCH_PROFILE"] = str(self.profile_path)
+            if self.options.event_loop == "asyncio":
+                env["BENCH_EVENT_LOOP"] = "asyncio"
         return env
 
     @property
@@ -612,7 +614,7 @@ class BotProcess:
         found = []
         for line in lines:
             woke, _, overshoot = line.partition(" ")
-            if woke == "start" or not overshoot:
+            if woke in ("start", "paused", "resumed") or not overshoot:
                 continue
             if start <= float(woke) <= end:
                 found.append(float(overshoot))
@@ -620,6 +622,26 @@ class BotProcess:
 
     def max_stall(self, start: float, end: float) -> float:
         return max(self.stalls(start, end), default=0.0)
+
+    async def watch_loop(self, on: bool, within: float = 10) -> None:
+        """Pause (False) or resume (True) the stall monitor in the bot (bench.botproc, SIGUSR2); returns once it did."""
+        if self.plain:
+            return
+        word = "resumed" if on else "paused"
+        before = self._monitor_lines(word)
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + within
+        while self._monitor_lines(word) == before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the bot's stall monitor was not {word}")
+            await asyncio.sleep(0.01)
+
+    def _monitor_lines(self, word: str) -> int:
+        try:
+            text = self.stall_path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in text.splitlines() if line.startswith(word + " "))
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the bot process has used so far (all its threads)."""
@@ -679,10 +701,14 @@ def stall_text(seconds: float) -> str:
     return f"< {STALL_FLOOR_MS:.0f} ms" if seconds * 1000 < STALL_FLOOR_MS else ms(seconds)
 
 
-def stalls_row(report: Report, bot: BotProcess, start: float, end: float, cpu: float | None = None) -> float:
-    """The largest stall of the bot's loop in [start, end], with the fakes' own as a check of the measurement."""
-    stall = bot.max_stall(start, end)
-    text = f"bot {stall_text(stall)} / fakes {stall_text(MONITOR.max_stall(start, end))}"
+def stalls_row(
+    report: Report, bot: BotProcess, start: float, end: float, cpu: float | None = None, *, watched: bool = True
+) -> float | None:
+    """The largest stall of the bot's loop in [start, end], with the fakes' own as a check of the measurement.
+    Not `watched`: the bot's monitor was paused (its CPU was measured meanwhile), only the fakes' is shown."""
+    stall = bot.max_stall(start, end) if watched else None
+    bot_text = stall_text(stall) if stall is not None else "not watched (CPU measured)"
+    text = f"bot {bot_text} / fakes {stall_text(MONITOR.max_stall(start, end))}"
     if cpu is not None:
         text += f"; bot CPU {cpu:.2f} s in {end - start:.2f} s"
     report.add("    ...largest event-loop stall meanwhile", text)
@@ -704,10 +730,11 @@ def machine_busy_seconds() -> float:
 class Costs:
     """The bot's CPU time and SQL statements from `begin()` to `end()`, to be divided by the jobs served.
 
-    The bot runs the benchmark's stall monitor (bench.botproc), which wakes its loop every 5 ms and costs CPU even
-    when the bot has nothing to do. `begin()` first watches the idle bot for `IDLE_CALIBRATION` seconds; `cpu_s` is
-    what the window cost beyond that idle rate (`gross_cpu_s` all of it). While the loop is busy the monitor costs
-    less than idle, so `cpu_s` errs low by at most the subtracted `idle_cpu_s`, which the table shows.
+    The benchmark's stall monitor (bench.botproc) wakes the bot's loop every 5 ms, which costs the bot CPU; more
+    while jobs run than while it idles (measured: bench/README.md), so subtracting its idle rate was not enough.
+    It is paused from `begin()` to `end()`: the window's CPU is the bot's own. `begin()` still watches the idle bot
+    for `IDLE_CALIBRATION` seconds (its heartbeats and timers, about nothing) and `cpu_s` is the window's CPU beyond
+    that rate (`gross_cpu_s` all of it).
     """
 
     bot: BotProcess
@@ -729,6 +756,7 @@ class Costs:
         return self.gross_cpu_s - self.idle_cpu_s
 
     async def begin(self) -> Costs:
+        await self.bot.watch_loop(False)
         total, _ = self.bot.threads_cpu_seconds()
         await asyncio.sleep(IDLE_CALIBRATION)
         self._idle_rate = (self.bot.threads_cpu_seconds()[0] - total) / IDLE_CALIBRATION
@@ -749,6 +777,7 @@ class Costs:
             self.fakes_cpus = fakes / window
             self.others_cpus = max(busy - self._machine_busy_s - fakes - self.gross_cpu_s, 0.0) / window
         self.statements = await self.bot.statements() - self.statements
+        await self.bot.watch_loop(True)
         return self
 
 
@@ -975,7 +1004,7 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
         p50 < WEBHOOK_P50_TARGET,
     )
     report.add("    ...webhook p99 / max", f"{ms(percentile(delays, 0.99))} / {ms(max(delays))}")
-    stall = stalls_row(report, bot, start, end, cpu)
+    stall = stalls_row(report, bot, start, end, cpu, watched=False)
     per_job = per_job_rows(report, costs, len(prompts), fakes.realistic_text(prompts), WEBHOOK_CPU_TARGET_MS)
     report.data["webhook"] = {
         "jobs": len(delays),
@@ -1016,7 +1045,7 @@ async def webhook_burst(options: argparse.Namespace, fakes: Fakes, bot: BotProce
         f"{throughput:.0f} jobs/s",
     )
     report.add("    ...their ready -> posted delays", spread(delays))
-    stall = stalls_row(report, bot, start, last_posted, cpu)
+    stall = stalls_row(report, bot, start, last_posted, cpu, watched=False)
     per_job = per_job_rows(report, costs, len(prompts), fakes.realistic_text(prompts), BURST_CPU_TARGET_MS)
     report.data["throughput"] = {
         "jobs": len(prompts),
@@ -1063,7 +1092,7 @@ async def scenario_polling(options: argparse.Namespace, workdir: Path, report: R
             p50 < target,
         )
         report.add("    ...polling p99 / max", f"{ms(percentile(delays, 0.99))} / {ms(max(delays))}")
-        stall = stalls_row(report, bot, start, end, cpu)
+        stall = stalls_row(report, bot, start, end, cpu, watched=False)
         per_job = per_job_rows(report, costs, len(prompts), fakes.realistic_text(prompts), None)
     twice = sum(1 for f in fetches if f == 2)
     report.note(
@@ -1244,6 +1273,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--asyncio-debug", action="store_true", help="asyncio debug mode in the bot; slow callbacks")
     parser.add_argument("--slow-callback", type=float, default=0.05, help="with --asyncio-debug: seconds")
     parser.add_argument("--profile", action="store_true", help="cProfile the bot's event loop (files kept)")
+    parser.add_argument(
+        "--event-loop",
+        choices=("bot", "asyncio"),
+        default="bot",
+        help="the bot's own choice (uvloop where installed), or asyncio's loop (not for the memory scenario)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the bot's logs and databases")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     options = parser.parse_args(argv)

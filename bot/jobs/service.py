@@ -131,7 +131,7 @@ class JobService:
             sent_keys=self._sent_keys,
         )
         self._sender, self._submitter, self._lost_submissions, self._waiter = steps
-        self._webhooks = WebhookIntake(store=store, wake=self._webhook_arrived)
+        self._webhooks = WebhookIntake(store=store, wake=self._webhook_arrived, wakeups=self._wakeups)
         self._keeper = (
             LeaseKeeper(
                 leases,

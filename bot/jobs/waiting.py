@@ -42,10 +42,24 @@ def poll_delays(
 
 
 class Wakeups:
-    """One "look now" signal per job being driven: set by a webhook, waited for by the job's driver."""
+    """One "look now" signal per job being driven: set by a webhook, waited for by the job's driver. It also knows
+    which jobs have a driver here waiting for ModelsLab's result under a known id: a webhook for one of those needs
+    no database read to be taken."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self._waiting: set[str] = set()
+
+    @contextlib.contextmanager
+    def waiting(self, job_id: str) -> Iterator[None]:
+        self._waiting.add(job_id)
+        try:
+            yield
+        finally:
+            self._waiting.discard(job_id)
+
+    def is_waiting(self, job_id: str) -> bool:
+        return job_id in self._waiting
 
     def event(self, job_id: str) -> asyncio.Event:
         event = self._events.get(job_id)
@@ -194,7 +208,8 @@ class ResultWaiter:
                 return await fail_job(self._store, job.id, ErrorKind.GENERATION_FAILED, "ModelsLab gave no request id")
             remaining = job.deadline_at - self._clock()
             if remaining > 0 and not event.is_set():
-                with contextlib.suppress(TimeoutError):
+                waiting = self._wakeups.waiting(job.id) if job.modelslab_id is not None else contextlib.nullcontext()
+                with waiting, contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(next(delays), remaining)):  # no task of its own, as `wait_for` makes
                         await event.wait()
             event.clear()
@@ -247,9 +262,10 @@ class ResultWaiter:
 class WebhookIntake:
     """What ModelsLab's callbacks reach, through the receiver: a job to look at now, and the input image."""
 
-    def __init__(self, *, store: JobRepository, wake: Callable[[Job], Awaitable[None]]) -> None:
+    def __init__(self, *, store: JobRepository, wake: Callable[[Job], Awaitable[None]], wakeups: Wakeups) -> None:
         self._store = store
         self._wake = wake
+        self._wakeups = wakeups
 
     async def input_image(self, job_id: str) -> bytes | None:
         """The input image ModelsLab fetches, only while the job is at ModelsLab."""
@@ -260,11 +276,15 @@ class WebhookIntake:
 
     async def on_webhook(self, job_id: str, payload: Mapping[str, Any]) -> bool:
         """A callback for this job arrived (already authenticated): learn its id if needed, then look now. Returns
-        whether the job exists (one read says both).
+        whether the job exists (one read says both; none when its driver here waits for it under a known id).
 
         The only thing taken from the body is ModelsLab's request id, and only while the job has none (its
         submit answer was lost); the outcome itself always comes from a fetch.
         """
+        if self._wakeups.is_waiting(job_id):
+            log.info("Job %s: webhook received (%s)", job_id, str(payload.get("status", ""))[:20])
+            self._wakeups.set(job_id)
+            return True
         job = await self._store.get(job_id)
         if job is None:
             return False

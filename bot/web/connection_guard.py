@@ -23,6 +23,7 @@ import resource
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
@@ -79,8 +80,8 @@ class GuardedConnection(asyncio.Protocol):
         self.head_received = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport: asyncio's or uvloop's (whose classes do not derive from asyncio.Transport).
+        self._transport = cast(asyncio.Transport, transport)
         self._guard.admit(self)
         loop = asyncio.get_running_loop()
         limits = self._guard.limits
