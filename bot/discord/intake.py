@@ -109,7 +109,7 @@ async def submit_job(
         await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
         raise
     jobs.metrics.ack_latency.observe(max((discord.utils.utcnow() - interaction.created_at).total_seconds(), 0.0))
-    await jobs.status_message_shown(job.id, response.message_id)
+    await jobs.status_message_shown(job, response.message_id)
 
 
 async def model_choices(

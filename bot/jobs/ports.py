@@ -85,6 +85,10 @@ class JobQueue(Protocol):
         """Until the job holds a slot. Raises `fair_queue.Cancelled` if it was taken out meanwhile."""
         ...
 
+    def granted(self, job_id: str) -> bool:
+        """Whether the job holds a slot already (`wait_turn` would return at once)."""
+        ...
+
     def release(self, job_id: str) -> None:
         """The job no longer counts at ModelsLab: its slot goes to the next."""
         ...

@@ -27,6 +27,7 @@ steps themselves are parts, each in its module of `bot.jobs`:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -46,7 +47,7 @@ from bot.jobs.posting import DISCORD_RETRY_DELAYS, ResultPoster
 from bot.jobs.progress import ProgressReporter
 from bot.jobs.records import reload_job
 from bot.jobs.shared_queue import SharedQueue
-from bot.jobs.submission import RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
+from bot.jobs.submission import INPUT_KINDS, RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
 from bot.jobs.waiting import AnswerRecorder, ResultWaiter, SentKeys, Wakeups, WebhookIntake
 from bot.modelslab.client import ApiFlavour, ErrorKind, ModelsLabClient
 from bot.requests.generation import GenerationRequest
@@ -233,11 +234,17 @@ class JobService:
         log.info("Job %s stored (%s, %d image(s), model %s)", job.id, kind, request.samples, request.model_id)
         return job
 
-    async def status_message_shown(self, job_id: str, message_id: int | None) -> None:
-        """The member saw the status message: remember it and start the job (its driver starts from the row the
-        change returned, without reading it again)."""
-        job = await self._store.set_message(job_id, message_id) if message_id is not None else None
-        self.start(job_id, job)
+    async def status_message_shown(self, job: Job, message_id: int | None) -> None:
+        """The member saw the status message of `job` (as `create` returned it): start the job from it, without
+        reading it again. A job that works from an image records the message now (fetching the image takes a
+        while); any other, when it is submitted (`Submitter.queue_and_submit`)."""
+        if message_id is None:
+            self.start(job.id)
+        elif job.kind in INPUT_KINDS:
+            self.start(job.id, await self._store.set_message(job.id, message_id))
+        else:
+            shown = dataclasses.replace(job, message_id=message_id, owner=self._settings.worker_id)
+            self.start(job.id, shown, message_unsaved=True)
 
     async def abandon(self, job_id: str, reason: str) -> None:
         """The command could not be acknowledged: the job is dropped unsent, and a notice goes to the channel."""
@@ -270,12 +277,13 @@ class JobService:
 
     # ------------------------------------------------------------------------------------------ running
 
-    def start(self, job_id: str, job: Job | None = None) -> None:
-        """Drive the job, if no driver is at it yet; `job`: its row as just read or changed, if the caller has it.
-        The first fetch waits for ModelsLab's ETA."""
+    def start(self, job_id: str, job: Job | None = None, *, message_unsaved: bool = False) -> None:
+        """Drive the job, if no driver is at it yet; `job`: its row as just read or changed, if the caller has it
+        (`message_unsaved`: with a status message the row does not have yet). The first fetch waits for ModelsLab's
+        ETA."""
         if self._closing or self.draining or job_id in self._tasks:
             return
-        task = asyncio.create_task(self._drive(job_id, job), name=f"job-{job_id}")
+        task = asyncio.create_task(self._drive(job_id, job, message_unsaved), name=f"job-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda t, jid=job_id: self._driver_done(jid, t))  # type: ignore[misc]
 
@@ -368,7 +376,7 @@ class JobService:
             await self._queue.close()
         await self._sender.wait_in_flight(grace=grace)
 
-    async def _drive(self, job_id: str, known: Job | None) -> None:
+    async def _drive(self, job_id: str, known: Job | None, message_unsaved: bool = False) -> None:
         job = known if known is not None else await self._store.get(job_id)
         if job is None:
             return
@@ -380,7 +388,7 @@ class JobService:
             if job.status is JobStatus.QUEUED and job.message_id is None:
                 job = await self._confirm_status_message(job)
             if job.status is JobStatus.QUEUED:
-                job = await self._submitter.queue_and_submit(job)
+                job = await self._submitter.queue_and_submit(job, message_unsaved=message_unsaved)
             if job.status is JobStatus.SUBMITTING:
                 job = await self._lost_submissions.recover(job)
             if job.status is JobStatus.PROCESSING:

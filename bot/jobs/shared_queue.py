@@ -113,6 +113,11 @@ class SharedQueue:
             raise KeyError(f"job {job_id} is not in the queue")
         await asyncio.shield(future)
 
+    def granted(self, job_id: str) -> bool:
+        key = self._key_of.get(job_id)
+        future = self._lines[key].waiters.get(job_id) if key is not None else None
+        return future is not None and future.done() and future.exception() is None
+
     # ------------------------------------------------------------------------------------------ leaving
 
     def release(self, job_id: str) -> None:

@@ -201,25 +201,33 @@ class Sender:
         self._recent = RecentPayloads(store=store, clock=clock, line=line)
         self._in_flight: set[asyncio.Task[tuple[Job, Answer | None]]] = set()
 
-    async def send(self, job: Job, api_key: str) -> tuple[Job, Answer | None]:
+    async def send(self, job: Job, api_key: str, *, record_message: bool = False) -> tuple[Job, Answer | None]:
         """Send the job (a twin of one sent in the last 30 s is made distinct, or waits, first). Returns the job
-        as it then is, and ModelsLab's answer (None if the job was no longer queued)."""
+        as it then is, and ModelsLab's answer (None if the job was no longer queued). `record_message`: the job's
+        status message (`job.message_id`) is not in its row yet; the submission's write records it too."""
         key = queue_key(api_key)
         job, payload_ref = await self._recent.make_distinct(job, key)
-        return await self._submit(job, api_key, key, payload_ref)
+        return await self._submit(job, api_key, key, payload_ref, record_message)
 
     async def wait_in_flight(self, *, grace: float) -> None:
         """Let the submit calls under way finish (within `grace`) and their answers be recorded."""
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=grace)
 
-    async def _submit(self, job: Job, api_key: str, key: str, payload_ref: str) -> tuple[Job, Answer | None]:
+    async def _submit(
+        self, job: Job, api_key: str, key: str, payload_ref: str, record_message: bool
+    ) -> tuple[Job, Answer | None]:
         """One submit call, and the record of its answer, shielded: a shutdown must not cut it off between
         ModelsLab taking the job and us writing that down."""
         sealed = self._keybox.seal_for_job(job.id, api_key)
         deadline = self._clock() + self._timeout
-        submitting = await self._store.mark_submitting(job.id, deadline_at=deadline, api_key_ciphertext=sealed)
+        message_id = job.message_id if record_message else None
+        submitting = await self._store.mark_submitting(
+            job.id, deadline_at=deadline, api_key_ciphertext=sealed, message_id=message_id
+        )
         if submitting is None:  # no longer queued (cancelled, say)
+            if message_id is not None:
+                await self._store.set_message(job.id, message_id)
             return await reload_job(self._store, job.id), None
         job = submitting
         self._sent_keys.remember(job.id, api_key)  # for the fetches of this job's driver
@@ -288,8 +296,13 @@ class Submitter:
         for key, job in waiting:
             self._queue.enqueue(key, job.id, job.user_id)
 
-    async def queue_and_submit(self, job: Job) -> Job:
-        """Wait for the job's turn in its key's queue, then send it; sent back (429, a passing fault), try again."""
+    async def queue_and_submit(self, job: Job, *, message_unsaved: bool = False) -> Job:
+        """Wait for the job's turn in its key's queue, then send it; sent back (429, a passing fault), try again.
+
+        `message_unsaved`: the member was shown the job's status message (`job.message_id`), which its row does not
+        say yet. When the job's turn comes at once, the write that marks it submitting records the message too (a
+        statement fewer); otherwise it is recorded before the job waits. (A bot that stops in between finds the
+        message through Discord, as after a stop between the insert and the acknowledgement.)"""
         problem = await self._payloads.prepare_input(job)
         if problem is not None:
             return await fail_job(self._store, job.id, ErrorKind.BAD_IMAGE, problem)
@@ -303,6 +316,8 @@ class Submitter:
                 return await fail_job(self._store, job.id, ErrorKind.EXPIRED, "not sent within the queue's time limit")
             api_key = await self._guilds.api_key_for(job.guild_id)
             if api_key is None:
+                if message_unsaved:
+                    job = await self._record_message(job)
                 return await fail_job(self._store, job.id, ErrorKind.NO_KEY, "no API key configured")
             key = queue_key(api_key)
             if stale:
@@ -310,13 +325,17 @@ class Submitter:
                 if job.status is not JobStatus.QUEUED:
                     return job  # cancelled (between two tries, say)
             self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
+            if message_unsaved and not self._queue.granted(job.id):
+                job = await self._record_message(job)
+                message_unsaved = False
             self._progress.joined_line(job)
             not_sent = await self._wait_turn(job)
             if not_sent is not None:
                 return not_sent
             # Cancelled while it waited, it was taken out of the line (`_wait_turn` says so); cancelled in the
             # instant its turn came, `mark_submitting` (only from queued) finds out.
-            job, answer = await self._sender.send(job, api_key)
+            job, answer = await self._sender.send(job, api_key, record_message=message_unsaved)
+            message_unsaved = False
             if job.status is not JobStatus.QUEUED:
                 return job  # at ModelsLab, finished, or failed for good
             # Sent back: it keeps its place at the head of the line. A full queue pauses the whole key first
@@ -337,6 +356,10 @@ class Submitter:
             delay = self._retry_delay * 2 ** (failed_tries - 1) * random.uniform(0.75, 1.25)
             log.info("Job %s: submit failed (%s); try %d in %.1f s", job.id, detail, failed_tries + 1, delay)
             await asyncio.sleep(delay)
+
+    async def _record_message(self, job: Job) -> Job:
+        assert job.message_id is not None
+        return await self._store.set_message(job.id, job.message_id) or await reload_job(self._store, job.id)
 
     async def _wait_turn(self, job: Job) -> Job | None:
         """Until the job holds a slot of its key (then None). If it was cancelled meanwhile, or waited past

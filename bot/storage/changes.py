@@ -132,10 +132,15 @@ class JobChanges(ABC):
         return await self._change(job_id, StateChange({"message_id": message_id}))
 
     async def mark_submitting(
-        self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
+        self,
+        job_id: str,
+        *,
+        deadline_at: float | None = None,
+        api_key_ciphertext: bytes | None = None,
+        message_id: int | None = None,
     ) -> Job | None:
         columns = {"status": JobStatus.SUBMITTING, "submitted_at": time.time()}
-        columns |= _given(deadline_at=deadline_at, api_key_ciphertext=api_key_ciphertext)
+        columns |= _given(deadline_at=deadline_at, api_key_ciphertext=api_key_ciphertext, message_id=message_id)
         return await self._change(job_id, StateChange(columns, only_from=(JobStatus.QUEUED,)))
 
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:

@@ -70,10 +70,16 @@ class JobRepository(Protocol):
     async def set_message(self, job_id: str, message_id: int) -> Job | None: ...
 
     async def mark_submitting(
-        self, job_id: str, *, deadline_at: float | None = None, api_key_ciphertext: bytes | None = None
+        self,
+        job_id: str,
+        *,
+        deadline_at: float | None = None,
+        api_key_ciphertext: bytes | None = None,
+        message_id: int | None = None,
     ) -> Job | None:
         """About to call ModelsLab (only from queued). The job's deadline (MODELSLAB_JOB_TIMEOUT) counts from here:
-        time spent in the bot's own line is not ModelsLab's. The key it is sent with is kept, sealed, with it."""
+        time spent in the bot's own line is not ModelsLab's. The key it is sent with is kept, sealed, with it; and
+        its status message, if it was not recorded yet (`set_message`)."""
         ...
 
     async def requeue(self, job_id: str, *, retry_after: float | None = None) -> Job | None:

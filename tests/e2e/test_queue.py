@@ -235,3 +235,18 @@ async def test_the_fair_order_is_the_same_after_a_restart(runner, discord_server
         prompt, since = await finish_next(runner, modelslab, since)
         order.append(prompt)
     assert order == ["alice 1", "carol 0", "bob 1", "alice 2"]
+
+
+async def test_a_job_that_waits_in_line_has_its_status_message_recorded_before_it_waits(
+    runner, discord_server, modelslab
+):
+    """A job sent at once records its status message with the write that marks it submitting (a statement fewer);
+    one that waits records it first, so that a bot stopped meanwhile still knows where the member looks."""
+    modelslab.default_behaviour = Queued(eta=300)
+    await runner.start(modelslab_max_queued=1)
+    first = await imagine(discord_server, "first")
+    await discord_server.wait_for_message(lambda m: m.id == first.original.id and "Generating" in m.content)
+    second = await imagine(discord_server, "second")
+    await discord_server.wait_for_message(lambda m: m.id == second.original.id and "next in line" in m.content)
+    rows = await runner.sql("SELECT status, message_id FROM jobs ORDER BY created_at")
+    assert [tuple(row) for row in rows] == [("processing", first.original.id), ("queued", second.original.id)]

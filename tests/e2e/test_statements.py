@@ -13,7 +13,7 @@ from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import FakeModelsLab, Queued
 
 
-async def test_a_job_finished_by_webhook_costs_six_statements(
+async def test_a_job_finished_by_webhook_costs_five_statements(
     runner: BotRunner,
     discord_server: FakeDiscord,
     modelslab: FakeModelsLab,
@@ -42,11 +42,14 @@ async def test_a_job_finished_by_webhook_costs_six_statements(
     kinds = [" ".join(s.split()[:3]) for s in statements]
     assert kinds == [
         "INSERT INTO jobs",  # stored, within the server's limits
-        "UPDATE jobs SET",  # the status message it is shown in (the driver starts from the returned row)
-        "UPDATE jobs SET",  # submitting (the key it is sent with, sealed)
+        "UPDATE jobs SET",  # submitting: the key it is sent with (sealed), and the status message it is shown in
         "UPDATE jobs SET",  # processing, with ModelsLab's id and ETA
         "UPDATE jobs SET",  # succeeded, from the confirming fetch
         "UPDATE jobs SET",  # posted
     ], "\n".join(statements)
-    # The webhook read nothing: the job's driver was waiting for it here, under ModelsLab's id.
-    assert all(s.endswith("RETURNING *") for s in statements[1:5])
+    # The driver started from the job as stored, with its status message; the webhook read nothing: the job's
+    # driver was waiting for it here, under ModelsLab's id.
+    assert all(s.endswith("RETURNING *") for s in statements[1:4])
+    assert "message_id" in statements[1], statements[1]
+    row = await runner.sql_one("SELECT message_id FROM jobs WHERE modelslab_id = ?", (str(submitted),))
+    assert row[0] == interaction.original.id
