@@ -4,15 +4,29 @@ A test that takes `postgres_url` gets a fresh database with every PostgreSQL mig
 template migrated once per session), `empty_postgres_url` a fresh empty one; both are dropped afterwards.
 Without PostgreSQL (or asyncpg) such tests are skipped with the reason; with REQUIRE_POSTGRES=1 (CI) the run
 fails at its start instead.
+
+Every test runs on the event loop `python -m bot` runs on (`bot.__main__.new_event_loop`: uvloop's where it is
+installed, as it is by default on Linux and macOS); TEST_EVENT_LOOP=asyncio runs them on asyncio's own, the
+bot's loop where uvloop is not installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from bot.__main__ import new_event_loop
 from tests.postgres import PostgresServer, PostgresUnavailable, check_prerequisites, postgres_required
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    if os.environ.get("TEST_EVENT_LOOP") == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    return {"bot": new_event_loop}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -130,6 +130,8 @@ class FairQueue:
             raise KeyError(f"job {job_id} is not in the queue")
         await asyncio.shield(turn)
 
+    grants_at_once = True
+
     def granted(self, job_id: str) -> bool:
         turn = self._turns.get(job_id)
         return turn is not None and turn.done() and turn.exception() is None

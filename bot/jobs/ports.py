@@ -89,6 +89,11 @@ class JobQueue(Protocol):
         """Whether the job holds a slot already (`wait_turn` would return at once)."""
         ...
 
+    @property
+    def grants_at_once(self) -> bool:
+        """Whether `enqueue` gives a free slot before it returns (a line in memory), rather than later."""
+        ...
+
     def release(self, job_id: str) -> None:
         """The job no longer counts at ModelsLab: its slot goes to the next."""
         ...

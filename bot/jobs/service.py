@@ -236,11 +236,12 @@ class JobService:
 
     async def status_message_shown(self, job: Job, message_id: int | None) -> None:
         """The member saw the status message of `job` (as `create` returned it): start the job from it, without
-        reading it again. A job that works from an image records the message now (fetching the image takes a
-        while); any other, when it is submitted (`Submitter.queue_and_submit`)."""
+        reading it again. The message is recorded now if the job works from an image (fetching it takes a while)
+        or waits in a line kept in the database (its place is decided there, later); otherwise, when the job is
+        submitted or joins the line (`Submitter.queue_and_submit`)."""
         if message_id is None:
             self.start(job.id)
-        elif job.kind in INPUT_KINDS:
+        elif job.kind in INPUT_KINDS or not self._queue.grants_at_once:
             self.start(job.id, await self._store.set_message(job.id, message_id))
         else:
             shown = dataclasses.replace(job, message_id=message_id, owner=self._settings.worker_id)

@@ -113,6 +113,8 @@ class SharedQueue:
             raise KeyError(f"job {job_id} is not in the queue")
         await asyncio.shield(future)
 
+    grants_at_once = False  # the line is in the database: a slot is given by a statement, after `enqueue` returns
+
     def granted(self, job_id: str) -> bool:
         key = self._key_of.get(job_id)
         future = self._lines[key].waiters.get(job_id) if key is not None else None
