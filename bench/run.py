@@ -790,7 +790,7 @@ def per_job_rows(
     loop_ms = costs.loop_cpu_s * per_job
     statements = costs.statements.per_job(jobs)
     report.add(
-        "    ...bot CPU per job (/proc schedstat, all threads), less the idle monitor",
+        "    ...bot CPU per job (/proc schedstat, all threads; stall monitor paused)",
         f"{cpu_ms:.1f} ms (gross {gross_ms:.1f}, idle {idle_ms:.1f}; loop {loop_ms:.1f})",
         f"<= {cpu_target_ms:g} ms" if cpu_target_ms is not None else "",
         cpu_ms <= cpu_target_ms if cpu_target_ms is not None else None,
