@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import os
@@ -106,6 +107,9 @@ async def test_the_bot_runs_as_a_process_from_environment_variables_only(discord
     assert entries and len(entries) == len([line for line in log_text.splitlines() if line.strip()])  # all JSON
     assert any("Webhook receiver listening" in e["message"] for e in entries)
     assert any(e["level"] == "DEBUG" for e in entries)
+    # uvloop's loop where it is installed (a dependency, except on Windows), asyncio's otherwise.
+    expected_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    assert any(e["message"] == f"Event loop: {expected_loop}" for e in entries), log_text
 
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as database:
         rows = database.execute("SELECT id, status, image_count, posted_at IS NOT NULL FROM jobs").fetchall()
