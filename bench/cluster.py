@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/cluster.py` puts bench/ first on the path, not the project
     sys.path.insert(0, str(ROOT))
 
-from bench.run import BenchDiscord, LoopMonitor, ms, percentile  # noqa: E402
+from bench.run import BenchDiscord, LoopMonitor, ms, percentile, print_rows  # noqa: E402
 from bot.guilds.rules import Limits  # noqa: E402
 from bot.jobs.model import Job, JobStatus  # noqa: E402
 from bot.requests.generation import build_generation_request  # noqa: E402
@@ -75,18 +75,8 @@ class Report:
         self.add(section, measure, why, False)
 
     def print(self) -> None:
-        headers = ("", "Measure", "Result", "")
         rows = [(r.section, r.measure, r.result, r.verdict) for r in self.rows]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-        rule = "  ".join("-" * w for w in widths)
-        print()
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-        print(rule)
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        print(rule)
-        for note in self.notes:
-            print(f"* {note}")
+        print_rows(("", "Measure", "Result", ""), rows, self.notes)
 
 
 # ---------------------------------------------------------------------------------------------- the cluster

@@ -1220,11 +1220,8 @@ def comparison(report: Report) -> str:
     )
 
 
-def print_table(report: Report) -> None:
-    headers = ("Measure", "Result", "Target", "")
-    order = {name: n for n, name in enumerate(("1", "2a", "2b", "3", "4", "5", "6"))}
-    ordered = sorted(report.rows, key=lambda r: order.get(r.section, len(order)))
-    rows = [(r.measure, r.result, r.target, r.verdict) for r in ordered]
+def print_rows(headers: tuple[str, ...], rows: list[tuple[str, ...]], notes: list[str]) -> None:
+    """A plain-text table, its columns as wide as their widest cell, then the notes as `* ` lines."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
     print()
@@ -1233,8 +1230,15 @@ def print_table(report: Report) -> None:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print(line)
-    for note in report.notes:
+    for note in notes:
         print(f"* {note}")
+
+
+def print_table(report: Report) -> None:
+    order = {name: n for n, name in enumerate(("1", "2a", "2b", "3", "4", "5", "6"))}
+    ordered = sorted(report.rows, key=lambda r: order.get(r.section, len(order)))
+    rows = [(r.measure, r.result, r.target, r.verdict) for r in ordered]
+    print_rows(("Measure", "Result", "Target", ""), rows, report.notes)
     print(comparison(report))
 
 
