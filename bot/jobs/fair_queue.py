@@ -101,11 +101,14 @@ class FairQueue:
         for user_id, _ in sorted(last_served.items(), key=lambda item: item[1]):
             queue.serve(user_id)
 
-    def enqueue(self, key: str, job_id: str, user_id: int, *, first: bool = False) -> None:
-        """Add a waiting job; `first` puts it at the head (a job ModelsLab sent back with a 429)."""
-        if job_id in self._waiting or job_id in self._queue(key).active:
-            return
+    grants_at_once = True
+
+    def enqueue(self, key: str, job_id: str, user_id: int, *, first: bool = False) -> bool:
+        """Add a waiting job; `first` puts it at the head (a job ModelsLab sent back with a 429). True if it holds a
+        slot already (there was a free one)."""
         queue = self._queue(key)
+        if job_id in self._waiting or job_id in queue.active:
+            return job_id in queue.active
         entry = _Waiting(job_id, user_id, asyncio.get_running_loop().create_future())
         self._turns[job_id] = entry.granted
         lane = queue.waiting.get(user_id)
@@ -122,6 +125,7 @@ class FairQueue:
         self._key_of[job_id] = key
         self._grant(key)
         self._changed(key)
+        return job_id in queue.active
 
     async def wait_turn(self, job_id: str) -> None:
         """Until the job holds a slot of its key. Raises `Cancelled` if it was taken out meanwhile."""
@@ -129,12 +133,6 @@ class FairQueue:
         if turn is None:
             raise KeyError(f"job {job_id} is not in the queue")
         await asyncio.shield(turn)
-
-    grants_at_once = True
-
-    def granted(self, job_id: str) -> bool:
-        turn = self._turns.get(job_id)
-        return turn is not None and turn.done() and turn.exception() is None
 
     # ------------------------------------------------------------------------------------------ leaving
 

@@ -79,14 +79,13 @@ class JobQueue(Protocol):
         """At start-up: who was served when, so the round goes on where it was."""
         ...
 
-    def enqueue(self, key: str, job_id: str, user_id: int, *, first: bool = False) -> None: ...
+    def enqueue(self, key: str, job_id: str, user_id: int, *, first: bool = False) -> bool:
+        """Add a waiting job (`first`: at the head). True if it holds a slot already, which only a queue that
+        `grants_at_once` can say."""
+        ...
 
     async def wait_turn(self, job_id: str) -> None:
         """Until the job holds a slot. Raises `fair_queue.Cancelled` if it was taken out meanwhile."""
-        ...
-
-    def granted(self, job_id: str) -> bool:
-        """Whether the job holds a slot already (`wait_turn` would return at once)."""
         ...
 
     @property

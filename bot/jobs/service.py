@@ -47,7 +47,7 @@ from bot.jobs.posting import DISCORD_RETRY_DELAYS, ResultPoster
 from bot.jobs.progress import ProgressReporter
 from bot.jobs.records import reload_job
 from bot.jobs.shared_queue import SharedQueue
-from bot.jobs.submission import INPUT_KINDS, RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
+from bot.jobs.submission import RETRY_BASE_DELAY, LostSubmissions, PayloadBuilder, Sender, Submitter
 from bot.jobs.waiting import AnswerRecorder, ResultWaiter, SentKeys, Wakeups, WebhookIntake
 from bot.modelslab.client import ApiFlavour, ErrorKind, ModelsLabClient
 from bot.requests.generation import GenerationRequest
@@ -236,16 +236,14 @@ class JobService:
 
     async def status_message_shown(self, job: Job, message_id: int | None) -> None:
         """The member saw the status message of `job` (as `create` returned it): start the job from it, without
-        reading it again. The message is recorded now if the job works from an image (fetching it takes a while)
-        or waits in a line kept in the database (its place is decided there, later); otherwise, when the job is
-        submitted or joins the line (`Submitter.queue_and_submit`)."""
+        reading it again. Its driver records the message (`Submitter.queue_and_submit` says when); if no driver
+        starts here (the bot is stopping), it is recorded now, for the process that takes the job over."""
         if message_id is None:
             self.start(job.id)
-        elif job.kind in INPUT_KINDS or not self._queue.grants_at_once:
-            self.start(job.id, await self._store.set_message(job.id, message_id))
-        else:
-            shown = dataclasses.replace(job, message_id=message_id, owner=self._settings.worker_id)
-            self.start(job.id, shown, message_unsaved=True)
+            return
+        shown = dataclasses.replace(job, message_id=message_id, owner=self._settings.worker_id)
+        if not self.start(job.id, shown, message_unsaved=True):
+            await self._store.set_message(job.id, message_id)
 
     async def abandon(self, job_id: str, reason: str) -> None:
         """The command could not be acknowledged: the job is dropped unsent, and a notice goes to the channel."""
@@ -278,15 +276,16 @@ class JobService:
 
     # ------------------------------------------------------------------------------------------ running
 
-    def start(self, job_id: str, job: Job | None = None, *, message_unsaved: bool = False) -> None:
-        """Drive the job, if no driver is at it yet; `job`: its row as just read or changed, if the caller has it
-        (`message_unsaved`: with a status message the row does not have yet). The first fetch waits for ModelsLab's
-        ETA."""
+    def start(self, job_id: str, job: Job | None = None, *, message_unsaved: bool = False) -> bool:
+        """Drive the job, if no driver is at it yet (returns whether this started one); `job`: its row as just read
+        or changed, if the caller has it (`message_unsaved`: with a status message the row does not have yet). The
+        first fetch waits for ModelsLab's ETA."""
         if self._closing or self.draining or job_id in self._tasks:
-            return
+            return False
         task = asyncio.create_task(self._drive(job_id, job, message_unsaved), name=f"job-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda t, jid=job_id: self._driver_done(jid, t))  # type: ignore[misc]
+        return True
 
     def wake(self, job_id: str) -> None:
         """Something says the job may be done (a webhook): look at it now rather than at the next poll."""

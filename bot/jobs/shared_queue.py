@@ -97,14 +97,16 @@ class SharedQueue:
     def remember_served(self, key: str, last_served: dict[int, float]) -> None:
         """Who was served when is in the database already."""
 
-    def enqueue(self, key: str, job_id: str, user_id: int, *, first: bool = False) -> None:
+    grants_at_once = False  # the line is in the database: a slot is given by a statement, after `enqueue` returns
+
+    def enqueue(self, key: str, job_id: str, user_id: int, *, first: bool = False) -> bool:
         line = self._line(key)
-        if job_id in line.waiters:
-            return
-        line.waiters[job_id] = asyncio.get_running_loop().create_future()
-        self._key_of[job_id] = key
-        self._spawn(lambda: self._enqueue(key, job_id, first))
-        self._arm_tick(key)
+        if job_id not in line.waiters:
+            line.waiters[job_id] = asyncio.get_running_loop().create_future()
+            self._key_of[job_id] = key
+            self._spawn(lambda: self._enqueue(key, job_id, first))
+            self._arm_tick(key)
+        return False
 
     async def wait_turn(self, job_id: str) -> None:
         key = self._key_of.get(job_id)
@@ -112,13 +114,6 @@ class SharedQueue:
         if future is None:
             raise KeyError(f"job {job_id} is not in the queue")
         await asyncio.shield(future)
-
-    grants_at_once = False  # the line is in the database: a slot is given by a statement, after `enqueue` returns
-
-    def granted(self, job_id: str) -> bool:
-        key = self._key_of.get(job_id)
-        future = self._lines[key].waiters.get(job_id) if key is not None else None
-        return future is not None and future.done() and future.exception() is None
 
     # ------------------------------------------------------------------------------------------ leaving
 

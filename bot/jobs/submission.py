@@ -300,9 +300,14 @@ class Submitter:
         """Wait for the job's turn in its key's queue, then send it; sent back (429, a passing fault), try again.
 
         `message_unsaved`: the member was shown the job's status message (`job.message_id`), which its row does not
-        say yet. When the job's turn comes at once, the write that marks it submitting records the message too (a
-        statement fewer); otherwise it is recorded before the job waits. (A bot that stops in between finds the
-        message through Discord, as after a stop between the insert and the acknowledgement.)"""
+        say yet. When the job's turn comes at once in a line kept in memory, the write that marks it submitting
+        records the message too (a statement fewer). Otherwise it is recorded first: before a job's input image is
+        fetched (that takes a while), before a job joins a line kept in the database (where recording it later let
+        a second job reach the line first), or before it waits. (A bot that stops in between finds the message
+        through Discord, as after a stop between the insert and the acknowledgement.)"""
+        if message_unsaved and (job.kind in INPUT_KINDS or not self._queue.grants_at_once):
+            job = await self._record_message(job)
+            message_unsaved = False
         problem = await self._payloads.prepare_input(job)
         if problem is not None:
             return await fail_job(self._store, job.id, ErrorKind.BAD_IMAGE, problem)
@@ -324,8 +329,8 @@ class Submitter:
                 job = await reload_job(self._store, job.id)
                 if job.status is not JobStatus.QUEUED:
                     return job  # cancelled (between two tries, say)
-            self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
-            if message_unsaved and not self._queue.granted(job.id):
+            holds_slot = self._queue.enqueue(key, job.id, job.user_id, first=first_in_line)
+            if message_unsaved and not holds_slot:
                 job = await self._record_message(job)
                 message_unsaved = False
             self._progress.joined_line(job)
