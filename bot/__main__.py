@@ -33,7 +33,7 @@ T = TypeVar("T")
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's event loop where it is installed (the default install on Linux and macOS), else asyncio's own.
 
-    uvloop runs the loop, its sockets and its timers in C (libuv): on the webhook path it saves about 0.9 ms of CPU a
+    uvloop runs the loop, its sockets and its timers in C (libuv): on the webhook path it saves about 0.7 ms of CPU a
     job, a tenth of what a job costs (bench/README.md). The bot's code is the same on both; the tests run on both.
     """
     try:

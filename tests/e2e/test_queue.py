@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bot.jobs.model import JobStatus
+from bot.requests.generation import build_generation_request
 from tests.e2e.conftest import BotRunner, attachments_of
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import DEFAULT_KEY, ErrorAnswer, FakeModelsLab, Queued
@@ -250,3 +251,27 @@ async def test_a_job_that_waits_in_line_has_its_status_message_recorded_before_i
     await discord_server.wait_for_message(lambda m: m.id == second.original.id and "next in line" in m.content)
     rows = await runner.sql("SELECT status, message_id FROM jobs ORDER BY created_at")
     assert [tuple(row) for row in rows] == [("processing", first.original.id), ("queued", second.original.id)]
+
+
+async def test_a_job_acknowledged_as_the_bot_stops_has_its_status_message_recorded_for_the_next_process(
+    runner, discord_server, modelslab
+):
+    """Shutdown began between the acknowledgement and the job's start: no driver starts here, so the status message
+    is written at once, and the process that takes the job over edits that message instead of looking for it."""
+    await runner.start()
+    job = await runner.jobs.create(
+        kind="text2img",
+        guild_id=discord_server.guild.id,
+        channel_id=2,
+        user_id=discord_server.member_id,
+        request=build_generation_request(flavour="v6", default_model="flux", prompt="a cat", seed=5),
+        application_id=None,
+        interaction_token=None,
+        token_expires_at=None,
+        attachment_size_limit=None,
+    )
+    runner.jobs.draining = True
+    await runner.jobs.status_message_shown(job, 4242)
+    row = await runner.sql_one("SELECT status, message_id FROM jobs WHERE id = ?", (job.id,))
+    assert tuple(row) == ("queued", 4242)
+    assert modelslab.submissions() == []
