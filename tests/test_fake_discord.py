@@ -505,6 +505,30 @@ async def test_rate_limited_requests_are_retried(fake: FakeDiscord, bot: MiniBot
     assert [m.content for m in fake.messages_in(fake.channel_id)].count("after a rate limit") == 1
 
 
+async def test_a_failure_after_handling_keeps_the_effects_and_a_told_bot_may_look_and_resend(
+    fake: FakeDiscord, bot: MiniBot, discord_errors: DiscordErrorLog
+) -> None:
+    """``handled=True``: the callback is acted on (the member sees the answer), the bot is told 408. Looking for the
+    response, and a second callback (answered 40060 as Discord does), are then no violation."""
+    fake.fail_next("POST", r"^/interactions/\d+/[^/]+/callback$", 408, handled=True)
+    interaction = await fake.invoke_slash("hello", {"name": "Bo"})
+    await interaction.wait_callback()
+    assert interaction.acknowledged and original_of(interaction).content == "Hello Bo!"
+    assert [(r.status, r.injected) for r in fake.requests if r.path.endswith("/callback")] == [(408, True)]
+    assert interaction.told_callback_failed
+
+    webhook = discord.Webhook.partial(fake.application_id, interaction.token, client=bot)
+    assert (await webhook.fetch_message("@original")).content == "Hello Bo!"  # type: ignore[arg-type]
+    async with aiohttp.ClientSession() as session:
+        url = f"{fake.api_base}/interactions/{interaction.id}/{interaction.token}/callback"
+        async with session.post(url, json={"type": 4, "data": {"content": "again"}}) as response:
+            assert response.status == 400 and (await response.json())["code"] == 40060
+    assert fake.violations == []
+    # MiniBot's /hello knows nothing of this: discord.py logs the 408 it raised, which is what was asked for.
+    assert ["408 Request Timeout" in line for line in discord_errors.formatted()] == [True]
+    discord_errors.records.clear()
+
+
 async def test_repeated_nonce_returns_the_earlier_message(fake: FakeDiscord, bot: MiniBot) -> None:
     channel = text_channel(bot, fake.channel_id)
     first = await channel.send("first", nonce="job-42")

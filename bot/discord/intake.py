@@ -4,11 +4,15 @@ cannot differ between /imagine, /remix, the Remix form and the result buttons.""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import logging
 from typing import TYPE_CHECKING
 
+import aiohttp
 import discord
 
+from bot.discord.rate_limits import AckFailure, acknowledgement_failure
 from bot.discord.texts import status_text
 from bot.errors import MissingApiKey, UserFacingError
 from bot.guilds.admin import NO_KEY, UNREADABLE_KEY
@@ -18,8 +22,14 @@ from bot.requests.generation import GenerationRequest, Layer, ServerDefaults
 if TYPE_CHECKING:
     from bot.discord.client import ImagineBot
 
+log = logging.getLogger(__name__)
+
 # Discord lets a bot use an interaction token for 15 minutes; stop a little before that.
 TOKEN_LIFETIME = datetime.timedelta(minutes=15) - datetime.timedelta(seconds=30)
+ACK_WINDOW = 3.0  # seconds: Discord refuses an interaction's callback later than this after the interaction
+ACK_MARGIN = 0.5  # seconds: a callback is not sent again unless it can arrive this long before the window ends
+ACK_TRIES = 3
+NO_MENTIONS = discord.AllowedMentions.none()
 
 
 def channel_is_nsfw(interaction: discord.Interaction) -> bool:
@@ -102,14 +112,68 @@ async def submit_job(
         picture_owner_id=picture_owner_id,
     )
     try:
-        response = await interaction.response.send_message(
-            status_text(job), allowed_mentions=discord.AllowedMentions.none()
-        )
-    except Exception as exc:  # refused, timed out, connection lost: the member saw no answer
+        message_id = await acknowledge(interaction, status_text(job))
+    except Exception as exc:  # refused, or it cannot be told whether the member saw it: no job goes on unseen
         await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
         raise
-    jobs.metrics.ack_latency.observe(max((discord.utils.utcnow() - interaction.created_at).total_seconds(), 0.0))
-    await jobs.status_message_shown(job, response.message_id)
+    jobs.metrics.ack_latency.observe(_seconds_since(interaction))
+    await jobs.status_message_shown(job, message_id)
+
+
+async def acknowledge(interaction: discord.Interaction, content: str) -> int | None:
+    """Answer the interaction with `content`, publicly; returns the message's id.
+
+    A failure does not always mean the member saw nothing (`acknowledgement_failure`): after a timeout, a 408 or
+    a 5xx, or Discord's "already acknowledged", the message is looked for, and if it is there the job goes on. A
+    callback that surely did not reach Discord (a proxy's own 429, a lookup that finds no message) is sent again
+    while Discord's 3 s allow it. Raises the failure when the member surely saw nothing, or it cannot be told.
+    """
+    for attempt in range(1, ACK_TRIES + 1):
+        try:
+            response = await interaction.response.send_message(content, allowed_mentions=NO_MENTIONS)
+            return response.message_id
+        except discord.HTTPException as exc:
+            failure, wait = acknowledgement_failure(exc.status, exc.code, exc.response.headers)
+            error: Exception = exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            failure, wait, error = AckFailure.UNKNOWN, 0.0, exc
+        if failure is AckFailure.REFUSED:
+            raise error
+        if failure is not AckFailure.NOT_SENT:
+            message_id = await _shown_message_id(interaction)
+            if message_id is not None:
+                log.info("Interaction %s: the acknowledgement failed (%s) but was shown", interaction.id, error)
+                return message_id
+            if failure is AckFailure.DELIVERED:
+                raise error  # answered, yet no message to be found: nothing to go on with
+        if attempt == ACK_TRIES or _seconds_since(interaction) + wait > ACK_WINDOW - ACK_MARGIN:
+            raise error
+        log.warning(
+            "Interaction %s: the acknowledgement did not reach Discord (%s); sending it again in %.1f s",
+            interaction.id,
+            error,
+            wait,
+        )
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+async def _shown_message_id(interaction: discord.Interaction) -> int | None:
+    """The id of the interaction's public answer, if Discord has it; None if it has none (or the token is no
+    longer accepted)."""
+    try:
+        message = await interaction.followup.fetch_message("@original")  # type: ignore[arg-type]
+    except discord.NotFound:
+        return None
+    except discord.HTTPException as exc:
+        if exc.status == 401:
+            return None
+        raise
+    return message.id
+
+
+def _seconds_since(interaction: discord.Interaction) -> float:
+    return max((discord.utils.utcnow() - interaction.created_at).total_seconds(), 0.0)
 
 
 async def model_choices(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import re
 import time
@@ -98,6 +99,39 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Exception | 
     if 400 <= status < 500:
         return PresentationRefused(f"{status} {text}".strip())
     return None
+
+
+ALREADY_ACKNOWLEDGED = 40060  # Discord's code for a second callback to one interaction
+
+
+class AckFailure(enum.Enum):
+    """What a failed acknowledgement (an interaction callback) means for the member."""
+
+    DELIVERED = "delivered"  # Discord says the interaction is answered already: an earlier try got through
+    UNKNOWN = "unknown"  # it may have got through: look for the message before saying anything
+    NOT_SENT = "not sent"  # refused before it reached Discord (a proxy's own 429, a rate limit): may be sent again
+    REFUSED = "refused"  # the member saw nothing, and sending it again cannot help (a ban, another 4xx)
+
+
+def acknowledgement_failure(
+    status: int | None, code: int | None, headers: Mapping[str, str]
+) -> tuple[AckFailure, float]:
+    """What a failed interaction callback means, and how long to wait before sending it again (`NOT_SENT`).
+
+    `status` None is no answer at all (a timeout, a connection lost): like a 408 (a proxy gave up waiting for
+    Discord) or a 5xx, the callback may have reached Discord. discord.py sends a callback again itself after a 5xx,
+    and a second callback to an interaction that got the first is refused with `ALREADY_ACKNOWLEDGED`: the first
+    one was shown.
+    """
+    if status is None or status == 408 or status >= 500:
+        return AckFailure.UNKNOWN, 0.0
+    if status == 400 and code == ALREADY_ACKNOWLEDGED:
+        return AckFailure.DELIVERED, 0.0
+    scope = rate_limit_scope(status, headers)
+    if scope is not None and scope != BAN:
+        wait = retry_after_of(headers)
+        return AckFailure.NOT_SENT, wait if wait is not None else 1.0
+    return AckFailure.REFUSED, 0.0
 
 
 class DiscordWatch:

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import re
 
 import pytest
 
@@ -142,6 +143,83 @@ async def test_a_proxys_own_429_and_a_408_do_not_drop_the_result(
     assert any("(408)" in line for line in lines)
     assert not any("refuses every request" in line for line in lines)  # not taken for a ban
     assert metric(runner, 'imagine_discord_rate_limited_total{scope="proxy"}') == 1
+
+
+def callbacks_sent(discord_server: FakeDiscord, interaction: FakeInteraction) -> list[int]:
+    """The status Discord (or a proxy) answered each of the interaction's callbacks with, in order."""
+    return [
+        rec.status
+        for rec in discord_server.requests
+        if re.match(CALLBACK, rec.path) and str(interaction.id) in rec.path
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "handled", "answers"),
+    [
+        (408, True, [408]),  # a proxy gave up waiting, after Discord had shown it: it is found, the job goes on
+        (502, True, [502, 400]),  # discord.py sends it again after a 5xx: "already acknowledged" (40060)
+        (408, False, [408, 200]),  # it never got through: no message to be found, so it is sent again
+    ],
+)
+async def test_an_acknowledgement_whose_answer_was_lost_is_looked_for_and_the_job_goes_on(
+    runner: BotRunner,
+    discord_server: FakeDiscord,
+    modelslab: FakeModelsLab,
+    logs: LogCapture,
+    status: int,
+    handled: bool,
+    answers: list[int],
+):
+    """A 408 or a 5xx does not say whether Discord showed the acknowledgement: dropping the job then could leave a
+    member with "Sending to ModelsLab…" and nothing after it. The bot looks for the message first."""
+    await runner.start()
+    discord_server.fail_next("POST", CALLBACK, status, handled=handled)
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": f"acknowledged through a {status}"})
+    job = await runner.wait_posted(await runner.first_job_id_from_db(), timeout=20)
+    assert job.status is JobStatus.SUCCEEDED
+    assert callbacks_sent(discord_server, interaction) == answers
+    assert results_posted(discord_server, interaction) == 1 and len(images_in(interaction)) == 1
+    assert len(modelslab.submissions()) == 1
+    assert not [m for m in discord_server.messages_in(discord_server.channel_id) if "could not confirm" in m.content]
+    if answers[-1] != 200:
+        assert any(
+            "the acknowledgement failed" in r.getMessage() and "was shown" in r.getMessage() for r in logs.records
+        )
+
+
+async def test_a_proxys_own_429_on_the_acknowledgement_is_sent_again_within_discords_3_seconds(
+    runner: BotRunner, discord_server: FakeDiscord, modelslab: FakeModelsLab, logs: LogCapture
+):
+    """nirn-proxy's 429 never reached Discord (discord.py takes it for a ban and gives up at once): the bot waits
+    the second it says and sends the acknowledgement again, well within the 3 s Discord allows."""
+    await runner.start()
+    proxy = {"Via": "", "generated-by-proxy": "true", "Retry-After": "1", "X-RateLimit-Scope": "user"}
+    discord_server.fail_next("POST", CALLBACK, 429, {"retry_after": 1}, headers=proxy)
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "acknowledged after a proxy's 429"})
+    job = await runner.wait_posted(await runner.first_job_id_from_db(), timeout=20)
+    assert job.status is JobStatus.SUCCEEDED
+    assert callbacks_sent(discord_server, interaction) == [429, 200]
+    assert results_posted(discord_server, interaction) == 1
+    assert any("sending it again in 1.0 s" in r.getMessage() for r in logs.records)
+
+
+async def test_a_429_on_the_acknowledgement_that_would_outlast_discords_3_seconds_drops_the_job_and_says_so(
+    runner: BotRunner, discord_server: FakeDiscord, modelslab: FakeModelsLab, logs: LogCapture
+):
+    """Sent again after 5 s, the acknowledgement would be refused (Discord allows 3 s): the job is dropped unsent,
+    uncharged, and the channel is told, as for any acknowledgement that surely did not reach the member."""
+    logs.expected_errors.append("Command /imagine failed")
+    await runner.start()
+    proxy = {"Via": "", "generated-by-proxy": "true", "Retry-After": "5", "X-RateLimit-Scope": "user"}
+    discord_server.fail_next("POST", CALLBACK, 429, {"retry_after": 5}, headers=proxy)
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "never acknowledged"})
+    await discord_server.wait_for_message(lambda m: "could not confirm this request" in m.content)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.FAILED and job.error_kind == "unanswered" and job.charged_images == 0
+    # (a second callback, the error handler's private answer, may follow: it carries no job)
+    assert callbacks_sent(discord_server, interaction)[0] == 429
+    assert modelslab.submissions() == []
 
 
 async def test_a_global_429_on_the_channel_route_holds_the_bot_and_the_result_is_posted_once(

@@ -420,7 +420,10 @@ class FakeInteraction:
         self.callback_type: int | None = None
         self.acknowledged = False  # a callback was accepted
         self.callbacks: list[RecordedRequest] = []  # every callback the fake handled, refused ones included
-        # (requests answered by a fail_next() rule are only in FakeDiscord.requests)
+        # (requests answered by a fail_next() rule are only in FakeDiscord.requests, unless handled=True)
+        # The bot was told a callback failed (a fail_next() rule answered it): it cannot know whether Discord got it,
+        # so looking for the response, or sending the callback again, is not a bug (Discord answers as it would).
+        self.told_callback_failed = False
         self.expired = False  # set by FakeDiscord.expire_interaction
         self.original_message_id: int | None = None
         self.followups: list[FakeMessage] = []
@@ -485,6 +488,7 @@ class _FailureRule:
     body: Any
     headers: dict[str, str]
     remaining: int
+    handled: bool = False  # the request is handled first, then answered with the failure
 
 
 class Dispatch(NamedTuple):
@@ -855,6 +859,7 @@ class FakeDiscord:
         self._nonces: dict[tuple[int, str], int] = {}
         self._identified_at: dict[int, float] = {}  # rate_limit_key -> time.monotonic() of its last IDENTIFY
         self._failures: list[_FailureRule] = []
+        self._answer_after_handling: dict[int, _Reply] = {}  # id(RecordedRequest) -> a handled=True rule's answer
         self._waiters: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._sessions: dict[str, _Session] = {}
         self._connections: list[_Connection] = []
@@ -1357,8 +1362,12 @@ class FakeDiscord:
         *,
         headers: dict[str, str] | None = None,
         times: int = 1,
+        handled: bool = False,
     ) -> None:
         """Answer the next ``times`` matching requests with ``status`` instead of handling them (they are recorded).
+
+        With ``handled`` the request is handled first, all its effects included, and only its answer is the failure:
+        a proxy that gave up waiting (408) or an edge that failed (502) after Discord had acted on it.
 
         A 429 gets the ``Via`` header and a ``{"message", "retry_after", "global": false}`` body unless given, so
         that discord.py retries it (without ``Via`` it takes the 429 for a Cloudflare ban and gives up).
@@ -1375,7 +1384,9 @@ class FakeDiscord:
             headers.setdefault("X-RateLimit-Scope", "user")
         elif body is None:
             body = {"message": f"{status}: fake failure", "code": 0}
-        self._failures.append(_FailureRule(method.upper(), re.compile(path_regex), status, body, headers, times))
+        self._failures.append(
+            _FailureRule(method.upper(), re.compile(path_regex), status, body, headers, times, handled)
+        )
 
     # Rate limits (see tests/fakes/discord_rate_limits.py)
 
@@ -2220,6 +2231,11 @@ class FakeDiscord:
             _log.exception("fake Discord crashed on %s %s", rec.method, rec.path)
             self._violate(f"the fake crashed handling {rec.method} {rec.path}: {exc!r} (a bug in the fake)")
             reply = _error(400, 0, f"fake crashed: {exc!r}")
+        failure = self._answer_after_handling.pop(id(rec), None)
+        if failure is not None:
+            reply = failure
+        if rec.injected:
+            self._note_callback_failure(rec)
         rec.status = reply.status
         rec.response = None if isinstance(reply.body, bytes) else reply.body
         if is_api:
@@ -2322,8 +2338,18 @@ class FakeDiscord:
                 if rule.remaining == 0:
                     self._failures.remove(rule)
                 rec.injected = True
-                return _Reply(rule.status, rule.body, dict(rule.headers))
+                reply = _Reply(rule.status, rule.body, dict(rule.headers))
+                if rule.handled:
+                    self._answer_after_handling[id(rec)] = reply
+                    return None
+                return reply
         return None
+
+    def _note_callback_failure(self, rec: RecordedRequest) -> None:
+        match = re.match(r"^/interactions/\d+/(?P<token>[^/]+)/callback$", rec.path)
+        interaction = self._by_token.get(match["token"]) if match else None
+        if interaction is not None:
+            interaction.told_callback_failed = True
 
     def _build_routes(self) -> list[_Route]:
         snowflake = r"(?P<{}>\d+)"
@@ -2993,10 +3019,11 @@ class FakeDiscord:
             interaction.callback_latency = latency
             interaction.callback_type = callback_type if isinstance(callback_type, int) else None
         if interaction.acknowledged:
-            self._violate(
-                f"POST {rec.path}: second callback (type {callback_type}) for interaction {interaction.id}, already "
-                f"acknowledged with type {interaction.callback_type}: answered 400 (40060)"
-            )
+            if not interaction.told_callback_failed:
+                self._violate(
+                    f"POST {rec.path}: second callback (type {callback_type}) for interaction {interaction.id}, "
+                    f"already acknowledged with type {interaction.callback_type}: answered 400 (40060)"
+                )
             return _error(400, 40060, "Interaction has already been acknowledged.")
         if interaction.is_expired() or latency > self.interaction_deadline:
             self._violate(
@@ -3173,10 +3200,11 @@ class FakeDiscord:
             self.expired_token_calls += 1
             return _error(401, 50027, "Invalid Webhook Token")
         if not interaction.acknowledged:
-            self._violate(
-                f"{rec.method} {rec.path}: webhook call before interaction {interaction.id} was acknowledged: "
-                "answered 404 Unknown Webhook (10015)"
-            )
+            if not interaction.told_callback_failed:
+                self._violate(
+                    f"{rec.method} {rec.path}: webhook call before interaction {interaction.id} was acknowledged: "
+                    "answered 404 Unknown Webhook (10015)"
+                )
             return _error(404, 10015, "Unknown Webhook")
         return interaction
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.discord.rate_limits import classify, rate_limit_scope, route_of
+from bot.discord.rate_limits import AckFailure, acknowledgement_failure, classify, rate_limit_scope, route_of
 from bot.jobs.ports import PresentationDeferred, PresentationRefused
 from bot.jobs.progress import EditBudget, about_ahead
 
@@ -67,3 +67,21 @@ def test_routes_are_logged_without_tokens():
         == "PATCH /webhooks/123/{token}/messages/@original"
     )
     assert route_of("POST", "/api/v10/interactions/9/tok-en.x/callback") == "POST /interactions/9/{token}/callback"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "headers", "meaning", "wait"),
+    [
+        (None, None, {}, AckFailure.UNKNOWN, 0.0),  # no answer (a timeout, a connection lost)
+        (408, 0, VIA, AckFailure.UNKNOWN, 0.0),  # a proxy gave up waiting for Discord
+        (502, 0, VIA, AckFailure.UNKNOWN, 0.0),
+        (400, 40060, VIA, AckFailure.DELIVERED, 0.0),  # an earlier try got through
+        (429, 0, {"generated-by-proxy": "true", "Retry-After": "1"}, AckFailure.NOT_SENT, 1.0),
+        (429, 0, VIA | {"Retry-After": "2"}, AckFailure.NOT_SENT, 2.0),
+        (429, 0, {}, AckFailure.REFUSED, 0.0),  # a ban: every request refused
+        (400, 50035, VIA, AckFailure.REFUSED, 0.0),
+        (404, 10062, VIA, AckFailure.REFUSED, 0.0),  # too late: the interaction is gone
+    ],
+)
+def test_what_a_failed_acknowledgement_means(status, code, headers, meaning, wait):
+    assert acknowledgement_failure(status, code, headers) == (meaning, wait)
