@@ -15,7 +15,7 @@ import pytest
 from bot.jobs.model import JobStatus
 from tests.e2e.conftest import BotRunner, LogCapture, attachments_of
 from tests.fakes.discord_rate_limits import Scope
-from tests.fakes.discord_server import FakeDiscord, FakeInteraction, FakeMessage
+from tests.fakes.discord_server import NO_ANSWER, FakeDiscord, FakeInteraction, FakeMessage
 from tests.fakes.modelslab_server import FakeModelsLab, Queued
 
 CALLBACK = r"^/interactions/\d+/[^/]+/callback$"
@@ -160,6 +160,7 @@ def callbacks_sent(discord_server: FakeDiscord, interaction: FakeInteraction) ->
         (408, True, [408]),  # a proxy gave up waiting, after Discord had shown it: it is found, the job goes on
         (502, True, [502, 400]),  # discord.py sends it again after a 5xx: "already acknowledged" (40060)
         (408, False, [408, 200]),  # it never got through: no message to be found, so it is sent again
+        (NO_ANSWER, True, [NO_ANSWER]),  # the connection was lost after Discord had shown it: found
     ],
 )
 async def test_an_acknowledgement_whose_answer_was_lost_is_looked_for_and_the_job_goes_on(

@@ -101,6 +101,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v10"
+NO_ANSWER = 0  # fail_next(): the connection is closed instead of answering
 DISCORD_EPOCH_MS = 1_420_070_400_000
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 MAX_FILES_PER_MESSAGE = 10
@@ -1367,7 +1368,8 @@ class FakeDiscord:
         """Answer the next ``times`` matching requests with ``status`` instead of handling them (they are recorded).
 
         With ``handled`` the request is handled first, all its effects included, and only its answer is the failure:
-        a proxy that gave up waiting (408) or an edge that failed (502) after Discord had acted on it.
+        a proxy that gave up waiting (408) or an edge that failed (502) after Discord had acted on it. ``status``
+        `NO_ANSWER` closes the connection without an answer (recorded with status 0).
 
         A 429 gets the ``Via`` header and a ``{"message", "retry_after", "global": false}`` body unless given, so
         that discord.py retries it (without ``Via`` it takes the 429 for a Cloudflare ban and gives up).
@@ -2243,6 +2245,8 @@ class FakeDiscord:
             if reply.rate_limit is None or reply.rate_limit[0] != BAN_SCOPE:
                 reply.headers.setdefault("Via", VIA)
         self._notify()
+        if reply.status == NO_ANSWER and request.transport is not None:
+            request.transport.abort()  # the connection is lost before an answer; the bot reads no status
         return self._to_web(reply)
 
     def _account(self, rec: RecordedRequest, reply: _Reply) -> None:
