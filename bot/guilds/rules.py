@@ -22,6 +22,10 @@ NsfwPolicy = Literal["spoiler", "withhold"]
 MAX_BLOCKLIST_RULES = 500
 MAX_BLOCKLIST_RULE_LENGTH = 60
 MAX_QUOTED = 100  # characters of the prompt quoted in a refusal
+# What the blocklist reads of a prompt, once compatibility characters are spelled out (NFKC: one character can
+# become 18, so a 2,000-character prompt up to 36,000): at most twice the longest prompt, or its check could hold
+# the event loop for tens of milliseconds (bench/blocklist.py).
+MAX_NORMALISED_PROMPT = 4000
 
 
 class Refused(UserFacingError):
@@ -195,6 +199,8 @@ def normalise_prompt(text: str) -> str:
     """What the blocklist reads: look-alike characters folded (NFKC: fullwidth letters...), invisible ones
     (zero-width spaces, soft hyphens) removed, underscores read as spaces."""
     folded = unicodedata.normalize("NFKC", text)
+    if len(folded) > MAX_NORMALISED_PROMPT:
+        return folded  # refused for its length: not worth reading further
     visible = "".join(c for c in folded if unicodedata.category(c) != "Cf")
     return visible.replace("_", " ")
 
@@ -210,6 +216,12 @@ def check_blocklist(rules: Iterable[str], *texts: str | None) -> None:
         if not text:
             continue
         normalised = normalise_prompt(text)
+        if len(normalised) > MAX_NORMALISED_PROMPT:
+            raise Refused(
+                f"Your prompt is too long for this server's blocklist to read once its special characters are "
+                f"spelled out ({len(normalised):,} characters, at most {MAX_NORMALISED_PROMPT:,}): shorten it and "
+                "try again."
+            )
         index = matcher.first_rule(normalised)
         if index is not None and (found is None or index < found[0]):
             found = (index, normalised)

@@ -349,6 +349,16 @@ async def test_the_blocklist_matches_whole_words_and_names_the_rule(
         assert not interaction.original.flags & 64
 
 
+async def test_a_prompt_too_long_for_the_blocklist_to_read_is_refused_privately(runner, discord_server, modelslab):
+    """A prompt of 2,000 characters that NFKC spells out in 36,000 would hold the event loop for tens of
+    milliseconds against a large blocklist: refused for its length, with the numbers, before anything is spent."""
+    await runner.start()
+    await config(discord_server, "blocklist", {"action": "add", "rule": "gore"})
+    interaction = await imagine(discord_server, "\ufdfa" * 2000)
+    assert "too long for this server's blocklist to read" in interaction.original.content
+    assert interaction.original.flags & 64 and modelslab.submissions() == []
+
+
 async def test_blocklist_list_and_remove(runner, discord_server, modelslab):
     await runner.start()
     await config(discord_server, "blocklist", {"action": "add", "rule": "Gore"})

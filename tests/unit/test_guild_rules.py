@@ -123,6 +123,16 @@ def test_the_blocklist_sees_through_invisible_and_lookalike_characters(text):
         check_blocklist(["gore"], text)
 
 
+def test_a_prompt_too_long_once_spelled_out_is_refused_unread_and_one_just_within_is_read():
+    """U+FDFA is one character that NFKC spells out in 18: 2,000 of them would make the blocklist read 36,000."""
+    with pytest.raises(Refused, match=r"too long for this server's blocklist.*36,000 characters, at most 4,000"):
+        check_blocklist(["gore"], "\ufdfa" * 2000)
+    check_blocklist(["gore"], "\ufdfa" * 222)  # 3,996 characters: read, and allowed
+    with pytest.raises(Refused, match="rule: `gore`"):
+        check_blocklist(["gore"], "\ufdfa" * 221 + " gore")
+    check_blocklist([], "\ufdfa" * 2000)  # no blocklist: nothing to read, nothing refused
+
+
 def test_settings_and_refusals_stay_within_discords_message_limit():
     from cogs.config import describe
 
