@@ -141,3 +141,21 @@ def quiet_noisy_loggers() -> None:
     for name in ("aiosqlite", "discord.gateway", "discord.http", "discord.webhook.async_", "discord.state"):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in ("discord.http", "discord.webhook.async_"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DiscordPyRateLimitLines) for f in logger.filters):
+            logger.addFilter(DiscordPyRateLimitLines())
+
+
+class DiscordPyRateLimitLines(logging.Filter):
+    """discord.py's own warning for each 429 it waits out: the bot writes its own line for every 429
+    (`bot.discord.rate_limits`, with the scope, the route without its token, and how long), so one is enough."""
+
+    TEMPLATES = (
+        "We are being rate limited. %s %s responded with 429. Retrying in",
+        "Global rate limit has been hit. Retrying in",
+        "Webhook ID %s is rate limited. Retrying in",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.TEMPLATES))

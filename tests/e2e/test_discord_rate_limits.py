@@ -27,6 +27,11 @@ def rate_limit_lines(logs: LogCapture) -> list[str]:
     return [r.getMessage() for r in logs.records if r.name == "bot.discord.rate_limits" and r.levelno >= logging.INFO]
 
 
+def discord_py_rate_limit_lines(logs: LogCapture) -> list[str]:
+    """discord.py's own warnings about a 429 it waits out (the bot writes its own line instead)."""
+    return [r.getMessage() for r in logs.records if r.name.startswith("discord.") and "rate limit" in r.getMessage()]
+
+
 def results_posted(discord_server: FakeDiscord, interaction: FakeInteraction) -> int:
     """Accepted edits that put images in the interaction's message."""
     return sum(
@@ -76,6 +81,7 @@ async def test_429s_on_the_acknowledgement_the_status_edit_and_the_result_are_wa
     assert len(lines) == 3 and all(f"(scope {scope}" in line and "waiting 0.05 s as told" in line for line in lines)
     assert all("{token}" in line and interaction.token not in line for line in lines)
     assert metric(runner, f'imagine_discord_rate_limited_total{{scope="{scope}"}}') == 3
+    assert discord_py_rate_limit_lines(logs) == []  # one line a 429: the bot's, not discord.py's as well
 
 
 async def test_a_ban_while_results_are_posted_loses_nothing_and_the_retries_are_spaced(
@@ -244,3 +250,4 @@ async def test_a_global_429_on_the_channel_route_holds_the_bot_and_the_result_is
     assert [a.scope for a in discord_server.rate_limited] == ["global"]
     assert any("(scope global" in line and "PATCH /channels/" in line for line in rate_limit_lines(logs))
     assert metric(runner, 'imagine_discord_rate_limited_total{scope="global"}') == 1
+    assert discord_py_rate_limit_lines(logs) == []
