@@ -147,6 +147,13 @@ async def acknowledge(interaction: discord.Interaction, content: str) -> int | N
             if failure is AckFailure.DELIVERED:
                 raise error  # answered, yet no message to be found: nothing to go on with
         if attempt == ACK_TRIES or _seconds_since(interaction) + wait > ACK_WINDOW - ACK_MARGIN:
+            log.warning(
+                "Interaction %s: the acknowledgement did not reach Discord (%s), and sent again it would come after "
+                "Discord's %g s: the command is dropped",
+                interaction.id,
+                error,
+                ACK_WINDOW,
+            )
             raise error
         log.warning(
             "Interaction %s: the acknowledgement did not reach Discord (%s); sending it again in %.1f s",

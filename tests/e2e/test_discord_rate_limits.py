@@ -227,6 +227,7 @@ async def test_a_429_on_the_acknowledgement_that_would_outlast_discords_3_second
     # (a second callback, the error handler's private answer, may follow: it carries no job)
     assert callbacks_sent(discord_server, interaction)[0] == 429
     assert modelslab.submissions() == []
+    assert any("sent again it would come after Discord's 3 s" in r.getMessage() for r in logs.records)
 
 
 async def test_a_global_429_on_the_channel_route_holds_the_bot_and_the_result_is_posted_once(
