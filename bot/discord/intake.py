@@ -146,13 +146,14 @@ async def acknowledge(interaction: discord.Interaction, content: str) -> int | N
                 return message_id
             if failure is AckFailure.DELIVERED:
                 raise error  # answered, yet no message to be found: nothing to go on with
-        if attempt == ACK_TRIES or _seconds_since(interaction) + wait > ACK_WINDOW - ACK_MARGIN:
+        too_late = _seconds_since(interaction) + wait > ACK_WINDOW - ACK_MARGIN
+        if attempt == ACK_TRIES or too_late:
+            why = f"sent again it would come after Discord's {ACK_WINDOW:g} s" if too_late else f"{attempt} tries"
             log.warning(
-                "Interaction %s: the acknowledgement did not reach Discord (%s), and sent again it would come after "
-                "Discord's %g s: the command is dropped",
+                "Interaction %s: the acknowledgement did not reach Discord (%s), %s: the command is dropped",
                 interaction.id,
                 error,
-                ACK_WINDOW,
+                why,
             )
             raise error
         log.warning(
