@@ -29,6 +29,9 @@ TOKEN_LIFETIME = datetime.timedelta(minutes=15) - datetime.timedelta(seconds=30)
 ACK_WINDOW = 3.0  # seconds: Discord refuses an interaction's callback later than this after the interaction
 ACK_MARGIN = 0.5  # seconds: a callback is not sent again unless it can arrive this long before the window ends
 ACK_TRIES = 3
+# seconds past the window that an answer is waited for: Discord may have taken a callback just before the window
+# closed, and its answer still be on its way; after that, the message is looked for (as long as that takes, at most).
+ACK_PATIENCE = 2.0
 NO_MENTIONS = discord.AllowedMentions.none()
 
 
@@ -116,7 +119,7 @@ async def submit_job(
     except Exception as exc:  # refused, or it cannot be told whether the member saw it: no job goes on unseen
         await jobs.abandon(job.id, f"the acknowledgement failed ({type(exc).__name__})")
         raise
-    jobs.metrics.ack_latency.observe(_seconds_since(interaction))
+    jobs.metrics.ack_latency.observe(seconds_since(interaction))
     await jobs.status_message_shown(job, message_id)
 
 
@@ -124,13 +127,16 @@ async def acknowledge(interaction: discord.Interaction, content: str) -> int | N
     """Answer the interaction with `content`, publicly; returns the message's id.
 
     A failure does not always mean the member saw nothing (`acknowledgement_failure`): after a timeout, a 408 or
-    a 5xx, or Discord's "already acknowledged", the message is looked for, and if it is there the job goes on. A
+    a 5xx, or Discord's "already acknowledged", the message is looked for, and if it is there the job goes on. An
+    answer is waited for until `ACK_PATIENCE` after Discord's window (not the HTTP session's minutes): a job the
+    member sees goes on within seconds, and one the member never saw gives its quota back as soon. A
     callback that surely did not reach Discord (a proxy's own 429, a lookup that finds no message) is sent again
     while Discord's 3 s allow it. Raises the failure when the member surely saw nothing, or it cannot be told.
     """
     for attempt in range(1, ACK_TRIES + 1):
         try:
-            response = await interaction.response.send_message(content, allowed_mentions=NO_MENTIONS)
+            async with asyncio.timeout(max(ACK_WINDOW + ACK_PATIENCE - seconds_since(interaction), ACK_PATIENCE)):
+                response = await interaction.response.send_message(content, allowed_mentions=NO_MENTIONS)
             return response.message_id
         except discord.HTTPException as exc:
             failure, wait = acknowledgement_failure(exc.status, exc.code, exc.response.headers)
@@ -142,24 +148,24 @@ async def acknowledge(interaction: discord.Interaction, content: str) -> int | N
         if failure is not AckFailure.NOT_SENT:
             message_id = await _shown_message_id(interaction)
             if message_id is not None:
-                log.info("Interaction %s: the acknowledgement failed (%s) but was shown", interaction.id, error)
+                log.info("Interaction %s: the acknowledgement failed (%s) but was shown", interaction.id, _said(error))
                 return message_id
             if failure is AckFailure.DELIVERED:
                 raise error  # answered, yet no message to be found: nothing to go on with
-        too_late = _seconds_since(interaction) + wait > ACK_WINDOW - ACK_MARGIN
+        too_late = seconds_since(interaction) + wait > ACK_WINDOW - ACK_MARGIN
         if attempt == ACK_TRIES or too_late:
             why = f"sent again it would come after Discord's {ACK_WINDOW:g} s" if too_late else f"{attempt} tries"
             log.warning(
                 "Interaction %s: the acknowledgement did not reach Discord (%s), %s: the command is dropped",
                 interaction.id,
-                error,
+                _said(error),
                 why,
             )
             raise error
         log.warning(
             "Interaction %s: the acknowledgement did not reach Discord (%s); sending it again in %.1f s",
             interaction.id,
-            error,
+            _said(error),
             wait,
         )
         await asyncio.sleep(wait)
@@ -170,7 +176,8 @@ async def _shown_message_id(interaction: discord.Interaction) -> int | None:
     """The id of the interaction's public answer, if Discord has it; None if it has none (or the token is no
     longer accepted)."""
     try:
-        message = await interaction.followup.fetch_message("@original")  # type: ignore[arg-type]
+        async with asyncio.timeout(ACK_PATIENCE):
+            message = await interaction.followup.fetch_message("@original")  # type: ignore[arg-type]
     except discord.NotFound:
         return None
     except discord.HTTPException as exc:
@@ -180,7 +187,14 @@ async def _shown_message_id(interaction: discord.Interaction) -> int | None:
     return message.id
 
 
-def _seconds_since(interaction: discord.Interaction) -> float:
+def _said(error: Exception) -> str:
+    """The error's type and its text (a timeout has none)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def seconds_since(interaction: discord.Interaction) -> float:
+    """How long ago the member sent the interaction (Discord's clock, in its id)."""
     return max((discord.utils.utcnow() - interaction.created_at).total_seconds(), 0.0)
 
 

@@ -195,6 +195,37 @@ async def test_an_acknowledgement_whose_answer_was_lost_is_looked_for_and_the_jo
         )
 
 
+async def test_an_acknowledgement_whose_answer_hangs_is_looked_for_after_the_window_and_the_job_goes_on(
+    runner: BotRunner, discord_server: FakeDiscord, modelslab: FakeModelsLab, logs: LogCapture
+):
+    """Discord took the callback, but its answer does not come (the HTTP session would wait minutes): two seconds
+    after Discord's 3 s the bot looks for the message, finds it, and the job goes on."""
+    await runner.start()
+    discord_server.hold_next("POST", CALLBACK, 60)
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "an answer that hangs"})
+    job = await runner.wait_posted(await runner.first_job_id_from_db(timeout=15), timeout=20)
+    assert job.status is JobStatus.SUCCEEDED
+    assert results_posted(discord_server, interaction) == 1 and len(modelslab.submissions()) == 1
+    assert any("the acknowledgement failed (TimeoutError" in r.getMessage() for r in logs.records)
+
+
+async def test_an_acknowledgement_that_hangs_and_never_reached_discord_drops_the_job_within_seconds(
+    runner: BotRunner, discord_server: FakeDiscord, modelslab: FakeModelsLab, logs: LogCapture
+):
+    """A proxy holds the callback without passing it on, then gives up (408): the member saw nothing, and the job
+    gives its quota back and says so in the channel seconds later, not when the HTTP session gives up."""
+    logs.expected_errors.append("Command /imagine failed")
+    await runner.start()
+    discord_server.fail_next("POST", CALLBACK, 408)
+    discord_server.hold_next("POST", CALLBACK, 60)
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "an answer that never comes"})
+    await discord_server.wait_for_message(lambda m: "could not confirm this request" in m.content, timeout=15)
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.FAILED and job.error_kind == "unanswered" and job.charged_images == 0
+    assert interaction.original is None or interaction.original.flags & 64  # no public status message
+    assert modelslab.submissions() == []
+
+
 async def test_a_proxys_own_429_on_the_acknowledgement_is_sent_again_within_discords_3_seconds(
     runner: BotRunner, discord_server: FakeDiscord, modelslab: FakeModelsLab, logs: LogCapture
 ):

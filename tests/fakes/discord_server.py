@@ -482,6 +482,14 @@ class _Route:
 
 
 @dataclass
+class _HoldRule:
+    method: str
+    pattern: re.Pattern[str]
+    seconds: float
+    remaining: int
+
+
+@dataclass
 class _FailureRule:
     method: str
     pattern: re.Pattern[str]
@@ -861,6 +869,7 @@ class FakeDiscord:
         self._identified_at: dict[int, float] = {}  # rate_limit_key -> time.monotonic() of its last IDENTIFY
         self._failures: list[_FailureRule] = []
         self._answer_after_handling: dict[int, _Reply] = {}  # id(RecordedRequest) -> a handled=True rule's answer
+        self._holds: list[_HoldRule] = []
         self._waiters: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._sessions: dict[str, _Session] = {}
         self._connections: list[_Connection] = []
@@ -1389,6 +1398,11 @@ class FakeDiscord:
         self._failures.append(
             _FailureRule(method.upper(), re.compile(path_regex), status, body, headers, times, handled)
         )
+
+    def hold_next(self, method: str, path_regex: str, seconds: float, *, times: int = 1) -> None:
+        """Handle the next ``times`` matching requests as usual but send their answers ``seconds`` later (or when the
+        fake stops): Discord, or a proxy on the way back, that takes its time to answer."""
+        self._holds.append(_HoldRule(method.upper(), re.compile(path_regex), seconds, times))
 
     # Rate limits (see tests/fakes/discord_rate_limits.py)
 
@@ -2245,6 +2259,7 @@ class FakeDiscord:
             if reply.rate_limit is None or reply.rate_limit[0] != BAN_SCOPE:
                 reply.headers.setdefault("Via", VIA)
         self._notify()
+        await self._hold(rec)
         if reply.status == NO_ANSWER and request.transport is not None:
             request.transport.abort()  # the connection is lost before an answer; the bot reads no status
         return self._to_web(reply)
@@ -2348,6 +2363,18 @@ class FakeDiscord:
                     return None
                 return reply
         return None
+
+    async def _hold(self, rec: RecordedRequest) -> None:
+        for rule in self._holds:
+            if rule.remaining > 0 and rule.method in ("*", rec.method) and rule.pattern.search(rec.path):
+                rule.remaining -= 1
+                if rule.remaining == 0:
+                    self._holds.remove(rule)
+                sleeper = asyncio.ensure_future(asyncio.sleep(rule.seconds))
+                self._tasks.add(sleeper)  # cancelled when the fake stops
+                sleeper.add_done_callback(self._tasks.discard)
+                await asyncio.wait([sleeper])  # returns when it ends, cancelled or not
+                return
 
     def _note_callback_failure(self, rec: RecordedRequest) -> None:
         match = re.match(r"^/interactions/\d+/(?P<token>[^/]+)/callback$", rec.path)
