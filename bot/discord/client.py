@@ -14,7 +14,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.intake import ACK_WINDOW, seconds_since
+from bot.discord.intake import ACK_WINDOW, surely_too_late
 from bot.discord.presenter import CancelJobButton, DiscordPresenter
 from bot.discord.rate_limits import DiscordWatch
 from bot.discord.shards import UNSHARDED, ShardPlan
@@ -72,11 +72,11 @@ def user_agent_trace() -> aiohttp.TraceConfig:
 
 
 async def reply_privately(interaction: discord.Interaction, message: str) -> None:
-    """An ephemeral answer, whether or not the interaction was already acknowledged; none once an unanswered
-    interaction is past Discord's 3 s (it would be refused: there is nothing left to answer)."""
+    """An ephemeral answer, whether or not the interaction was already acknowledged; none to an unanswered
+    interaction surely past Discord's 3 s (it would be refused: there is nothing left to answer)."""
     if interaction.response.is_done():
         await interaction.followup.send(message, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
-    elif seconds_since(interaction) >= ACK_WINDOW:
+    elif surely_too_late(interaction):
         log.info(
             "Interaction %s: too late to answer it (Discord allows %g s): the member is not told",
             interaction.id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -32,6 +33,7 @@ ACK_TRIES = 3
 # seconds past the window that an answer is waited for: Discord may have taken a callback just before the window
 # closed, and its answer still be on its way; after that, the message is looked for (as long as that takes, at most).
 ACK_PATIENCE = 2.0
+_ACK_STARTED = "bot.ack_started"  # Interaction.extras: time.monotonic() when the acknowledgement was first sent
 NO_MENTIONS = discord.AllowedMentions.none()
 
 
@@ -133,6 +135,7 @@ async def acknowledge(interaction: discord.Interaction, content: str) -> int | N
     callback that surely did not reach Discord (a proxy's own 429, a lookup that finds no message) is sent again
     while Discord's 3 s allow it. Raises the failure when the member surely saw nothing, or it cannot be told.
     """
+    interaction.extras.setdefault(_ACK_STARTED, time.monotonic())
     for attempt in range(1, ACK_TRIES + 1):
         try:
             async with asyncio.timeout(max(ACK_WINDOW + ACK_PATIENCE - seconds_since(interaction), ACK_PATIENCE)):
@@ -185,6 +188,14 @@ async def _shown_message_id(interaction: discord.Interaction) -> int | None:
             return None
         raise
     return message.id
+
+
+def surely_too_late(interaction: discord.Interaction) -> bool:
+    """The interaction, still unanswered, is past Discord's window for a certain: its acknowledgement began at least
+    `ACK_WINDOW` ago by this machine's monotonic clock (the interaction's own time, from its id, would depend on
+    this machine's wall clock being right)."""
+    started = interaction.extras.get(_ACK_STARTED)
+    return started is not None and time.monotonic() - started >= ACK_WINDOW
 
 
 def _said(error: Exception) -> str:
