@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import discord
 
+from bot.discord.presenter import original_message_id
 from bot.discord.rate_limits import AckFailure, acknowledgement_failure
 from bot.discord.texts import status_text
 from bot.errors import MissingApiKey, UserFacingError
@@ -176,18 +177,9 @@ async def acknowledge(interaction: discord.Interaction, content: str) -> int | N
 
 
 async def _shown_message_id(interaction: discord.Interaction) -> int | None:
-    """The id of the interaction's public answer, if Discord has it; None if it has none (or the token is no
-    longer accepted)."""
-    try:
-        async with asyncio.timeout(ACK_PATIENCE):
-            message = await interaction.followup.fetch_message("@original")  # type: ignore[arg-type]
-    except discord.NotFound:
-        return None
-    except discord.HTTPException as exc:
-        if exc.status == 401:
-            return None
-        raise
-    return message.id
+    """The id of the interaction's public answer, if Discord has it (looked for at most `ACK_PATIENCE`)."""
+    async with asyncio.timeout(ACK_PATIENCE):
+        return await original_message_id(interaction.followup)
 
 
 def surely_too_late(interaction: discord.Interaction) -> bool:

@@ -230,14 +230,9 @@ class DiscordPresenter:
 
         async def find() -> int | None:
             try:
-                message = await webhook.fetch_message("@original")  # type: ignore[arg-type]
-            except (discord.NotFound, discord.Forbidden):
-                return None
+                return await original_message_id(webhook)
             except discord.HTTPException as exc:
-                if exc.status == 401:
-                    return None
                 raise _classified(exc) from exc
-            return message.id
 
         return await self._despite_bans(find)
 
@@ -348,6 +343,20 @@ class DiscordPresenter:
         )
         log.info("Job %s: status message was gone; posted a new one", job.id)
         return sent.id
+
+
+async def original_message_id(webhook: discord.Webhook) -> int | None:
+    """The id of an interaction's response (`@original`, through the interaction's webhook); None if it has none,
+    or the token is no longer accepted."""
+    try:
+        message = await webhook.fetch_message("@original")  # type: ignore[arg-type]
+    except (discord.NotFound, discord.Forbidden):
+        return None
+    except discord.HTTPException as exc:
+        if exc.status == 401:
+            return None
+        raise
+    return message.id
 
 
 def _classified(exc: discord.HTTPException) -> Exception:
