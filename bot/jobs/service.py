@@ -321,9 +321,13 @@ class JobService:
         return len(jobs)
 
     async def _adopt(self, jobs: list[Job]) -> None:
-        """Carry on jobs this process now owns (at start, or taken over from a process that stopped)."""
+        """Carry on jobs this process now owns (at start, or taken over from a process that stopped). A job at
+        ModelsLab is looked at once, not at its ETA: while no process drove it, its webhook may have gone nowhere
+        (refused by a stopped bot, or told to a process that was gone, or to this one before its driver started)."""
         await self._submitter.restore_line(jobs)
         for job in jobs:
+            if job.status is JobStatus.PROCESSING:
+                self._wakeups.set(job.id)
             self.start(job.id)
 
     def _lose(self, job_id: str) -> None:

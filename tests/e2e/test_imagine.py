@@ -350,6 +350,27 @@ async def test_a_restart_resumes_polling_and_posts_exactly_once(runner, discord_
     assert [m.id for m in with_images] == [interaction.original.id]
 
 
+async def test_a_result_whose_webhook_came_while_the_bot_was_down_is_posted_at_the_restart_not_at_the_eta(
+    runner, discord_server, modelslab
+):
+    """ModelsLab's webhook reached no one (the bot was stopped), and its ETA is five minutes away: the restarted bot
+    looks at each job at ModelsLab at once, and the member gets the image now."""
+    runner.with_webhooks()
+    modelslab.script(Queued(eta=300))
+    await runner.start()
+    interaction = await imagine(discord_server)
+    job = await runner.generating(interaction)
+    await runner.stop()
+    modelslab.complete(job.modelslab_id)
+    delivery = await modelslab.wait_for_webhook_delivery()
+    assert delivery.status is None  # refused: nobody listening
+
+    await runner.start()
+    job = await runner.wait_posted(job.id, timeout=10)
+    assert job.status is JobStatus.SUCCEEDED and len(attachments_of(interaction.original)) == 1
+    assert len(modelslab.fetches(job.modelslab_id)) == 1
+
+
 async def test_a_job_finished_but_not_posted_before_a_crash_is_posted_once_after(runner, discord_server, modelslab):
     await runner.start()
     interaction = await imagine(discord_server)
