@@ -255,7 +255,9 @@ class Client:
 
 async def measure(jobs: int, rate: float) -> dict[str, float]:
     port_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-floor-{os.getpid()}.port"
-    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.floor", "--serve", str(port_file))
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.floor", "--serve", str(port_file), cwd=ROOT
+    )
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists() or not port_file.read_text():
