@@ -1,6 +1,6 @@
 """The floor under 2a: one job's exchanges in bare aiohttp, with no bot around them, paced and at once.
 
-    python -m bench.floor [--jobs 100] [--rate 20]
+    python -m bench.floor [--jobs 100] [--rate 20] [--json]
 
 A job of the webhook path is eight exchanges that Discord and ModelsLab dictate, whatever the bot is written in:
 the command arrives on the gateway's websocket; the interaction callback (POST); the submission (POST); the status
@@ -13,7 +13,8 @@ thread of this process, not the server's) per job, for the jobs sent at `--rate`
 same jobs with their commands at once.
 
 What it tells: the CPU that pacing alone adds on this machine to a job's exchanges, before anything the bot does.
-bench.run's 2a and its "commands at once" row are the same two measures for the whole bot (bench/README.md).
+bench.run's 2a and its "commands at once" row are the same two measures for the whole bot, and bench.run runs this
+script after them and prints its figures beside them (bench/README.md).
 """
 
 from __future__ import annotations
@@ -316,6 +317,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--rate", type=float, default=20.0, help="commands a second in the paced rounds")
+    parser.add_argument("--json", action="store_true", help="print the milliseconds per job as one JSON object")
     parser.add_argument("--serve", metavar="PORT_FILE", help=argparse.SUPPRESS)
     options = parser.parse_args()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -323,6 +325,9 @@ def main() -> int:
             runner.run(serve(Path(options.serve)))
             return 0
         results = runner.run(measure(options.jobs, options.rate))
+    if options.json:
+        print(json.dumps({name: seconds * 1000 for name, seconds in results.items()}))
+        return 0
     print(f"A job's eight exchanges in bare aiohttp ({options.jobs} jobs, 0.5 MB image), CPU of this process per job:")
     for name in ("paced", "at once", "paced again"):
         label = f"{options.rate:g} commands a second" if name.startswith("paced") else "the commands at once"

@@ -1011,6 +1011,11 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
         f"    ...the same {options.jobs} jobs, their commands at once: bot CPU per job (no target; see bench/README)",
         f"{at_once_ms:.1f} ms (realistic image: {at_once_realistic})",
     )
+    floor = await exchanges_floor(options)
+    report.add(
+        "    ...the floor: the same exchanges in bare aiohttp, no bot (bench.floor), paced / at once (no target)",
+        f"{floor['paced']:.1f} ms / {floor['at once']:.1f} ms" if floor else "not measured (bench.floor failed)",
+    )
     report.data["webhook"] = {
         "jobs": len(delays),
         "p50_s": p50,
@@ -1018,6 +1023,7 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
         "max_stall_s": stall,
         "bot_cpu_s": cpu,
         "at_once_cpu_ms_per_job": at_once_ms,
+        "floor_ms_per_job": floor,
         **per_job,
     }
 
@@ -1034,6 +1040,28 @@ async def whole_jobs_at_once(options: argparse.Namespace, fakes: Fakes, bot: Bot
     await fakes.wait_quiet(0.3)
     await costs.end()
     return costs.cpu_s * 1000 / len(prompts), fakes.realistic_text(prompts)
+
+
+async def exchanges_floor(options: argparse.Namespace) -> dict[str, float] | None:
+    """`python -m bench.floor` with 2a's jobs and rate, while the bot idles: what the eight exchanges of these jobs
+    cost on this machine now, with no bot around them (milliseconds of CPU per job by round), or None."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.floor",
+        "--jobs",
+        str(options.jobs),
+        "--rate",
+        str(options.rate),
+        "--json",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await child.communicate()
+    if child.returncode != 0:
+        return None
+    found: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    return found
 
 
 async def webhook_burst(options: argparse.Namespace, fakes: Fakes, bot: BotProcess, report: Report) -> None:
