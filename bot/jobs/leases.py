@@ -9,6 +9,11 @@ lost is never sent again blindly.
 
 On SQLite (one process) it claims every unshown job at start, whoever stored it: the process before this one is
 gone, and a restart carries on at once.
+
+A job this process owns that nothing here drives (its driver stopped on an error: the database lost in the middle of
+a change, a bug) is carried on at the next beat, as a start would carry it on, rather than at the next start: once
+at once, then after pauses that double each time the same job needs it (`Revivals`). A job stored whose command is
+still being acknowledged has no driver yet on purpose, and is left alone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from bot.jobs.model import Job
@@ -26,6 +32,31 @@ log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 50  # jobs taken over at a time (a claim is one short statement; more follow at the next beat)
 AT_START = 1_000_000  # every job a (re)started single process must carry on
+REVIVE_PAUSE = 5.0  # seconds before a job is carried on a second time after its driver stopped; doubled each time
+REVIVE_PAUSE_MAX = 600.0
+
+
+class Revivals:
+    """When a job whose driver stopped may be carried on again: at once the first time, then after `first`, 2 x
+    `first`, ... up to `most` seconds, so that a job that stops its driver every time costs a log line every ten
+    minutes, not every beat. Forgets a job once it is no longer among the orphans (shown, or driven again)."""
+
+    def __init__(self, first: float = REVIVE_PAUSE, most: float = REVIVE_PAUSE_MAX) -> None:
+        self._first = first
+        self._most = most
+        self._next: dict[str, tuple[int, float]] = {}  # job id -> (times carried on, not before)
+
+    def due(self, orphans: set[str], now: float) -> list[str]:
+        for job_id in self._next.keys() - orphans:
+            del self._next[job_id]
+        due = []
+        for job_id in sorted(orphans):
+            times, not_before = self._next.get(job_id, (0, 0.0))
+            if now < not_before:
+                continue
+            self._next[job_id] = (times + 1, now + min(self._first * 2**times, self._most))
+            due.append(job_id)
+        return due
 
 
 class LeaseKeeper:
@@ -39,6 +70,9 @@ class LeaseKeeper:
         adopt: Callable[[list[Job]], Awaitable[None]],
         lose: Callable[[str], None],
         driving: Callable[[], set[str]],
+        revive: Callable[[list[str]], Awaitable[None]] | None = None,
+        in_hand: Callable[[], set[str]] = set,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._leases = leases
         self._events = events
@@ -47,6 +81,10 @@ class LeaseKeeper:
         self._adopt = adopt
         self._lose = lose
         self._driving = driving
+        self._revive = revive
+        self._in_hand = in_hand
+        self._clock = clock
+        self._revivals = Revivals()
         self._task: asyncio.Task[None] | None = None
         self._claim_now = asyncio.Event()
         events.subscribe("orphans", lambda _detail: self._claim_now.set())
@@ -92,6 +130,11 @@ class LeaseKeeper:
         for job_id in await self._leases.taken(self._driving() - owned):
             log.warning("Job %s: this process lost its lease (another process may drive it now); stopping", job_id)
             self._lose(job_id)
+        if self._revive is not None:
+            orphans = owned - self._driving() - self._in_hand()
+            due = self._revivals.due(orphans, self._clock())
+            if due:
+                await self._revive(due)
         if self._shared:
             claimed = await self._leases.claim(limit=CLAIM_BATCH)
             fresh = [job for job in claimed if job.id not in self._driving()]

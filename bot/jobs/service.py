@@ -59,6 +59,7 @@ from bot.web.signing import WebhookSigner
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0  # seconds an in-flight submit call may take to finish when the bot stops
+IN_HAND_MOST = 60.0  # seconds: an acknowledgement takes at most Discord's 3 s and its patience (bot.discord.intake)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class JobService:
         self.metrics = metrics = metrics or Metrics()
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Stored, their command not yet acknowledged (no driver yet, on purpose): job id -> when (monotonic).
+        self._in_hand: dict[str, float] = {}
         self._closing = False
         self.draining = False
 
@@ -142,6 +145,8 @@ class JobService:
                 adopt=self._adopt,
                 lose=self._lose,
                 driving=lambda: set(self._tasks),
+                revive=self._revive,
+                in_hand=self._stored_unacknowledged,
             )
             if leases is not None
             else None
@@ -232,12 +237,14 @@ class JobService:
         if input_from_job is not None:
             await self._store.copy_input(input_from_job, job.id)
         log.info("Job %s stored (%s, %d image(s), model %s)", job.id, kind, request.samples, request.model_id)
+        self._in_hand[job.id] = time.monotonic()
         return job
 
     async def status_message_shown(self, job: Job, message_id: int | None) -> None:
         """The member saw the status message of `job` (as `create` returned it): start the job from it, without
         reading it again. Its driver records the message (`Submitter.queue_and_submit` says when); if no driver
         starts here (the bot is stopping), it is recorded now, for the process that takes the job over."""
+        self._in_hand.pop(job.id, None)
         if message_id is None:
             self.start(job.id)
             return
@@ -247,6 +254,7 @@ class JobService:
 
     async def abandon(self, job_id: str, reason: str) -> None:
         """The command could not be acknowledged: the job is dropped unsent, and a notice goes to the channel."""
+        self._in_hand.pop(job_id, None)
         log.warning("Job %s dropped before submission: %s", job_id, reason)
         if await self._store.finish_failure(job_id, kind=ErrorKind.UNANSWERED, detail=reason):
             # The interaction was never answered, so its token cannot reach a message: post through the channel.
@@ -329,6 +337,32 @@ class JobService:
             if job.status is JobStatus.PROCESSING:
                 self._wakeups.set(job.id)
             self.start(job.id)
+
+    def _stored_unacknowledged(self) -> set[str]:
+        """The jobs whose command is being acknowledged: a driver starts once the member saw the status message.
+        One held longer than an acknowledgement can take (its intake stopped on an error) is no longer counted."""
+        too_old = time.monotonic() - IN_HAND_MOST
+        for job_id in [job_id for job_id, stored in self._in_hand.items() if stored < too_old]:
+            del self._in_hand[job_id]
+        return set(self._in_hand)
+
+    async def _revive(self, job_ids: list[str]) -> None:
+        """Jobs this process owns that no driver drives here (`LeaseKeeper` says which, and when): carried on as a
+        start carries them on, from the state their row is in."""
+        jobs = []
+        for job_id in job_ids:
+            job = await self._store.get(job_id)
+            if job is None or job.posted_at is not None or job.owner != self._settings.worker_id:
+                continue  # shown meanwhile, or no longer this process's
+            if job_id not in self._tasks:
+                jobs.append(job)
+        if jobs:
+            log.warning(
+                "Carrying on %d job(s) whose driver had stopped on an error: %s",
+                len(jobs),
+                ", ".join(job.id for job in jobs),
+            )
+            await self._adopt(jobs)
 
     def _lose(self, job_id: str) -> None:
         """Another process may drive this job now: stop driving it here (its state stays in the database)."""

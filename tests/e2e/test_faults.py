@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from bot.jobs.model import JobStatus
 from bot.storage import StorageFull
+from tests.cluster import eventually
 from tests.e2e.conftest import BotRunner, attachments_of, free_port
 from tests.e2e.test_process import bot_environment
 from tests.fakes.discord_server import FakeDiscord
@@ -112,6 +113,48 @@ async def test_a_database_locked_by_another_process_for_a_moment_only_delays(
     job = await runner.wait_posted()
     assert job.status is JobStatus.SUCCEEDED
     assert len(attachments_of(interaction.original)) == 1  # within Discord's 3 s all the same (the fake checks)
+
+
+async def test_a_job_whose_driver_stopped_on_a_database_error_is_carried_on_without_a_restart(
+    runner, discord_server, modelslab, logs
+):
+    """The database refuses the write that records a finished result (locked too long; on PostgreSQL, a connection
+    lost in the middle of a change): that job's driver stops, the process goes on. At the next lease beat the job is
+    carried on from its row, as a restart would: the image is posted, once, and nothing is sent twice."""
+    logs.expected_errors.append("driver stopped on an unexpected error")
+    modelslab.script(Queued(eta=300, webhook="never"))
+    await runner.start(lease_seconds=1.5)  # a beat every 0.5 s
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "a lighthouse, patiently"})
+    await interaction.wait_callback()
+    job = await runner.generating(interaction)
+    assert runner.app is not None and job.modelslab_id is not None
+    await runner.sql("PRAGMA busy_timeout = 50")  # the bot's connection gives up on a lock at once
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with sqlite3.connect(runner.data / "bot.sqlite3", timeout=5) as other:
+            other.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(30)
+            other.rollback()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        await asyncio.to_thread(locked.wait, 5)
+        modelslab.complete(job.modelslab_id)
+        runner.app.jobs.wake(job.id)  # as a webhook would: the driver fetches now, then cannot record the result
+        await eventually(lambda: "driver stopped on an unexpected error" in logs.text, "the driver to stop", timeout=10)
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 5)
+    fetches = len(modelslab.fetches())
+    posted = await runner.wait_posted(job.id, timeout=10)
+    assert posted.status is JobStatus.SUCCEEDED
+    assert len(attachments_of(interaction.original)) == 1
+    assert "whose driver had stopped on an error" in logs.text
+    assert len(modelslab.submissions()) == 1  # carried on from its row: never sent again
+    assert len(modelslab.fetches()) == fetches + 1  # looked at once, not at its ETA five minutes away
 
 
 async def test_a_full_disk_is_a_clear_error_and_leaves_no_half_written_job(runner, discord_server, modelslab, logs):

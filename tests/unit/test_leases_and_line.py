@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 import pytest
 
 from bot.jobs.fair_queue import FairQueue
+from bot.jobs.leases import Revivals
 from bot.jobs.shared_queue import fair_order
 from bot.storage.ports import Storage
 from bot.storage.postgres import PostgresStorage
@@ -195,6 +196,21 @@ async def test_twelve_processes_giving_slots_at_once_never_pass_the_cap(processe
             await owner.jobs.finish_failure(job_id, kind="generation_failed", detail="x")
     assert len(granted) == len(set(granted)) == 30
     assert granted[:7] == [jobs[n].id for n in range(7)]  # one job of each of the 7 members first
+
+
+def test_a_job_whose_driver_stopped_is_carried_on_at_once_then_ever_more_patiently():
+    revivals = Revivals(first=5, most=20)
+    assert revivals.due({"a", "b"}, now=100) == ["a", "b"]  # the first time: at once
+    assert revivals.due({"a", "b"}, now=104.9) == []
+    assert revivals.due({"a"}, now=105) == ["a"]  # b is shown (no longer an orphan): forgotten
+    assert revivals.due({"a", "b"}, now=105) == ["b"]  # b again, as new: at once
+    assert revivals.due({"a"}, now=114.9) == []  # a's second pause is 10 s
+    assert revivals.due({"a"}, now=115) == ["a"]
+    assert revivals.due({"a"}, now=134.9) == []  # then 20 s, the most
+    assert revivals.due({"a"}, now=135) == ["a"]
+    assert revivals.due({"a"}, now=154.9) == []
+    assert revivals.due({"a"}, now=155) == ["a"]
+    assert revivals.due(set(), now=156) == []
 
 
 async def test_a_job_is_lost_only_when_another_process_owns_it(tmp_path):
