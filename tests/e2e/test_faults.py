@@ -9,6 +9,8 @@ import sqlite3
 import sys
 import threading
 from asyncio.subprocess import PIPE, STDOUT
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -115,12 +117,50 @@ async def test_a_database_locked_by_another_process_for_a_moment_only_delays(
     assert len(attachments_of(interaction.original)) == 1  # within Discord's 3 s all the same (the fake checks)
 
 
+@asynccontextmanager
+async def job_row_locked(runner: BotRunner, database: str | None, job_id: str) -> AsyncIterator[None]:
+    """Another connection holds the job's row (SQLite: the whole database) until the block ends, so that the bot's
+    next write of it fails: on SQLite its connection is made to give up on a lock after 50 ms, on PostgreSQL its
+    `lock_timeout` (5 s) runs out."""
+    if database is None:
+        await runner.sql("PRAGMA busy_timeout = 50")
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_lock() -> None:
+            with sqlite3.connect(runner.data / "bot.sqlite3", timeout=5) as other:
+                other.execute("BEGIN EXCLUSIVE")
+                locked.set()
+                release.wait(30)
+                other.rollback()
+
+        holder = threading.Thread(target=hold_lock)
+        holder.start()
+        try:
+            await asyncio.to_thread(locked.wait, 5)
+            yield
+        finally:
+            release.set()
+            await asyncio.to_thread(holder.join, 5)
+        return
+    import asyncpg
+
+    other = await asyncpg.connect(database)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+            yield
+    finally:
+        await other.close()
+
+
+@pytest.mark.also_on_postgresql
 async def test_a_job_whose_driver_stopped_on_a_database_error_is_carried_on_without_a_restart(
-    runner, discord_server, modelslab, logs
+    runner, discord_server, modelslab, logs, database
 ):
-    """The database refuses the write that records a finished result (locked too long; on PostgreSQL, a connection
-    lost in the middle of a change): that job's driver stops, the process goes on. At the next lease beat the job is
-    carried on from its row, as a restart would: the image is posted, once, and nothing is sent twice."""
+    """The database refuses the write that records a finished result (locked too long; on PostgreSQL a lock timeout
+    or a connection lost in the middle of a change do the same): that job's driver stops, the process goes on. At
+    the next lease beat the job is carried on from its row, as a restart would: the image is posted, once, and
+    nothing is sent twice."""
     logs.expected_errors.append("driver stopped on an unexpected error")
     modelslab.script(Queued(eta=300, webhook="never"))
     await runner.start(lease_seconds=1.5)  # a beat every 0.5 s
@@ -128,33 +168,18 @@ async def test_a_job_whose_driver_stopped_on_a_database_error_is_carried_on_with
     await interaction.wait_callback()
     job = await runner.generating(interaction)
     assert runner.app is not None and job.modelslab_id is not None
-    await runner.sql("PRAGMA busy_timeout = 50")  # the bot's connection gives up on a lock at once
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_lock() -> None:
-        with sqlite3.connect(runner.data / "bot.sqlite3", timeout=5) as other:
-            other.execute("BEGIN EXCLUSIVE")
-            locked.set()
-            release.wait(30)
-            other.rollback()
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        await asyncio.to_thread(locked.wait, 5)
+    fetches = len(modelslab.fetches())
+    async with job_row_locked(runner, database, job.id):
         modelslab.complete(job.modelslab_id)
         runner.app.jobs.wake(job.id)  # as a webhook would: the driver fetches now, then cannot record the result
-        await eventually(lambda: "driver stopped on an unexpected error" in logs.text, "the driver to stop", timeout=10)
-    finally:
-        release.set()
-        await asyncio.to_thread(holder.join, 5)
-    fetches = len(modelslab.fetches())
-    posted = await runner.wait_posted(job.id, timeout=10)
+        await eventually(lambda: "driver stopped on an unexpected error" in logs.text, "the driver to stop", timeout=15)
+    posted = await runner.wait_posted(job.id, timeout=15)
     assert posted.status is JobStatus.SUCCEEDED
     assert len(attachments_of(interaction.original)) == 1
     assert "whose driver had stopped on an error" in logs.text
     assert len(modelslab.submissions()) == 1  # carried on from its row: never sent again
-    assert len(modelslab.fetches()) == fetches + 1  # looked at once, not at its ETA five minutes away
+    # One look by the driver that stopped, one by the job carried on: at once, not at its ETA five minutes away.
+    assert len(modelslab.fetches()) == fetches + 2
 
 
 async def test_a_full_disk_is_a_clear_error_and_leaves_no_half_written_job(runner, discord_server, modelslab, logs):
