@@ -314,7 +314,8 @@ class JobService:
         self._sent_keys.forget(job_id)
         self._progress.forget(job_id)
         if not task.cancelled() and task.exception() is not None:
-            log.error("Job %s driver stopped on an unexpected error", job_id, exc_info=task.exception())
+            later = " (it is carried on from its stored state at the next lease beat)" if self._keeper else ""
+            log.error("Job %s driver stopped on an unexpected error%s", job_id, later, exc_info=task.exception())
 
     async def resume(self) -> int:
         """After a start-up: carry on every job that is not finished or not yet shown.
