@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:  # `python bench/floor.py` puts bench/ first on th
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from bench.idle_gaps import MESSAGE  # noqa: E402
 from bot.__main__ import new_event_loop  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -75,30 +76,17 @@ def interaction(number: int) -> dict[str, Any]:
 
 
 def message(content: str, attachments: int) -> dict[str, Any]:
+    """The message Discord returns for an edit: `bench.idle_gaps`'s, with the result's attachments."""
     return {
-        "id": "800000000000000001",
-        "channel_id": "500000000000000001",
-        "type": 20,
+        **MESSAGE,
         "content": content,
-        "author": {**USER, "id": "100000000000000001", "bot": True},
         "attachments": [
             {"id": str(900000000000000000 + n), "filename": f"image_{n}.png", "size": 524288,
              "url": "https://cdn.discordapp.com/attachments/x/y/image.png", "proxy_url": "https://media/x.png",
              "width": 512, "height": 512, "content_type": "image/png"}
             for n in range(attachments)
         ],
-        "embeds": [],
-        "components": [],
-        "timestamp": "2026-12-01T00:00:00+00:00",
         "edited_timestamp": "2026-12-01T00:00:01+00:00",
-        "tts": False,
-        "mention_everyone": False,
-        "mentions": [],
-        "mention_roles": [],
-        "pinned": False,
-        "flags": 0,
-        "webhook_id": "100000000000000001",
-        "application_id": "100000000000000001",
     }  # fmt: skip
 
 

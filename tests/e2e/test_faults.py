@@ -90,31 +90,27 @@ async def test_the_webhook_receiver_never_errors_and_never_changes_state_under_f
     assert len(modelslab.fetches()) == fetches  # and nothing was fetched on a forged call
 
 
-async def test_a_database_locked_by_another_process_for_a_moment_only_delays(
-    runner, discord_server, modelslab, tmp_path
-):
-    await runner.start()
-    locked = threading.Event()
-    release = threading.Event()
+@asynccontextmanager
+async def sqlite_locked(path: Path) -> AsyncIterator[threading.Event]:
+    """Another connection holds SQLite's write lock (`BEGIN EXCLUSIVE`) until the block ends, or until the event it
+    gives is set."""
+    locked, release = threading.Event(), threading.Event()
 
     def hold_lock() -> None:
-        with sqlite3.connect(runner.data / "bot.sqlite3", timeout=5) as other:
+        with sqlite3.connect(path, timeout=5) as other:
             other.execute("BEGIN EXCLUSIVE")
             locked.set()
-            release.wait(5)
+            release.wait(30)
             other.rollback()
 
     holder = threading.Thread(target=hold_lock)
     holder.start()
-    await asyncio.to_thread(locked.wait, 5)
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.8, release.set)
-    interaction = await discord_server.invoke_slash("imagine", {"prompt": "patience"})
-    await interaction.wait_callback()
-    await asyncio.to_thread(holder.join, 5)
-    job = await runner.wait_posted()
-    assert job.status is JobStatus.SUCCEEDED
-    assert len(attachments_of(interaction.original)) == 1  # within Discord's 3 s all the same (the fake checks)
+    try:
+        await asyncio.to_thread(locked.wait, 5)
+        yield release
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 5)
 
 
 @asynccontextmanager
@@ -124,23 +120,8 @@ async def job_row_locked(runner: BotRunner, database: str | None, job_id: str) -
     `lock_timeout` (5 s) runs out."""
     if database is None:
         await runner.sql("PRAGMA busy_timeout = 50")
-        locked, release = threading.Event(), threading.Event()
-
-        def hold_lock() -> None:
-            with sqlite3.connect(runner.data / "bot.sqlite3", timeout=5) as other:
-                other.execute("BEGIN EXCLUSIVE")
-                locked.set()
-                release.wait(30)
-                other.rollback()
-
-        holder = threading.Thread(target=hold_lock)
-        holder.start()
-        try:
-            await asyncio.to_thread(locked.wait, 5)
+        async with sqlite_locked(runner.data / "bot.sqlite3"):
             yield
-        finally:
-            release.set()
-            await asyncio.to_thread(holder.join, 5)
         return
     import asyncpg
 
@@ -151,6 +132,19 @@ async def job_row_locked(runner: BotRunner, database: str | None, job_id: str) -
             yield
     finally:
         await other.close()
+
+
+async def test_a_database_locked_by_another_process_for_a_moment_only_delays(
+    runner, discord_server, modelslab, tmp_path
+):
+    await runner.start()
+    async with sqlite_locked(runner.data / "bot.sqlite3") as release:
+        asyncio.get_running_loop().call_later(0.8, release.set)
+        interaction = await discord_server.invoke_slash("imagine", {"prompt": "patience"})
+        await interaction.wait_callback()
+    job = await runner.wait_posted()
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(attachments_of(interaction.original)) == 1  # within Discord's 3 s all the same (the fake checks)
 
 
 @pytest.mark.also_on_postgresql
