@@ -228,16 +228,19 @@ class JobService:
             source_flagged=source_flagged,
             picture_owner_id=picture_owner_id,
         )
+        # In hand from before its row exists: no lease beat may take it for a job whose driver stopped. If storing
+        # fails half-way, the entry ages out and the job is carried on as after a restart.
+        self._in_hand[job.id] = time.monotonic()
         if limits is None:
             await self._store.insert(job)
         elif not await self._store.insert_within_limits(job, limits):
+            del self._in_hand[job.id]
             usage = await self._store.usage(guild_id, user_id, now)
             log.info("Request of member %s in server %s refused by the server's limits", user_id, guild_id)
             raise Refused(explain_refusal(limits, usage, request.samples, now))
         if input_from_job is not None:
             await self._store.copy_input(input_from_job, job.id)
         log.info("Job %s stored (%s, %d image(s), model %s)", job.id, kind, request.samples, request.model_id)
-        self._in_hand[job.id] = time.monotonic()
         return job
 
     async def status_message_shown(self, job: Job, message_id: int | None) -> None:
@@ -254,12 +257,14 @@ class JobService:
 
     async def abandon(self, job_id: str, reason: str) -> None:
         """The command could not be acknowledged: the job is dropped unsent, and a notice goes to the channel."""
-        self._in_hand.pop(job_id, None)
         log.warning("Job %s dropped before submission: %s", job_id, reason)
-        if await self._store.finish_failure(job_id, kind=ErrorKind.UNANSWERED, detail=reason):
-            # The interaction was never answered, so its token cannot reach a message: post through the channel.
-            await self._store.forget_interaction(job_id)
-            self.start(job_id)
+        try:
+            if await self._store.finish_failure(job_id, kind=ErrorKind.UNANSWERED, detail=reason):
+                # The interaction was never answered, so its token cannot reach a message: post through the channel.
+                await self._store.forget_interaction(job_id)
+                self.start(job_id)
+        finally:
+            self._in_hand.pop(job_id, None)  # driven now to show the notice, or left as after a restart
 
     async def cancel(self, job_id: str, *, by_user_id: int, may_manage_messages: bool) -> str:
         """Cancel a job that has not been sent yet; its quota reservation is returned. Returns what to tell."""

@@ -26,6 +26,7 @@ from tests.e2e.test_process import bot_environment
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.modelslab_server import FakeModelsLab, Hang, Queued
 
+CALLBACK = r"^/interactions/\d+/[^/]+/callback$"
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
@@ -174,6 +175,23 @@ async def test_a_job_whose_driver_stopped_on_a_database_error_is_carried_on_with
     assert len(modelslab.submissions()) == 1  # carried on from its row: never sent again
     # One look by the driver that stopped, one by the job carried on: at once, not at its ETA five minutes away.
     assert len(modelslab.fetches()) == fetches + 2
+
+
+async def test_lease_beats_during_an_acknowledgement_leave_the_job_to_its_command(
+    runner, discord_server, modelslab, logs
+):
+    """A job is stored before its command is acknowledged and has no driver until then, on purpose: the lease beats
+    that come meanwhile (three here, while Discord takes 1.6 s to answer) do not take it for a job whose driver
+    stopped, which would look for its status message and start a second line of work on it."""
+    await runner.start(lease_seconds=1.5)  # a beat every 0.5 s
+    discord_server.hold_next("POST", CALLBACK, 1.6)
+    interaction = await discord_server.invoke_slash("imagine", {"prompt": "a slow answer"})
+    job = await runner.wait_posted(await runner.first_job_id_from_db(timeout=10), timeout=10)
+    assert job.status is JobStatus.SUCCEEDED
+    assert len(attachments_of(interaction.original)) == 1 and len(modelslab.submissions()) == 1
+    assert "whose driver had stopped" not in logs.text
+    lookups = [r for r in discord_server.requests if r.method == "GET" and r.path.endswith("/messages/@original")]
+    assert lookups == []
 
 
 async def test_a_full_disk_is_a_clear_error_and_leaves_no_half_written_job(runner, discord_server, modelslab, logs):
