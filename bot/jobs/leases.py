@@ -70,9 +70,8 @@ class LeaseKeeper:
         adopt: Callable[[list[Job]], Awaitable[None]],
         lose: Callable[[str], None],
         driving: Callable[[], set[str]],
-        revive: Callable[[list[str]], Awaitable[None]] | None = None,
-        in_hand: Callable[[], set[str]] = set,
-        clock: Callable[[], float] = time.monotonic,
+        revive: Callable[[list[str]], Awaitable[None]],
+        in_hand: Callable[[], set[str]],
     ) -> None:
         self._leases = leases
         self._events = events
@@ -83,7 +82,6 @@ class LeaseKeeper:
         self._driving = driving
         self._revive = revive
         self._in_hand = in_hand
-        self._clock = clock
         self._revivals = Revivals()
         self._task: asyncio.Task[None] | None = None
         self._claim_now = asyncio.Event()
@@ -130,11 +128,9 @@ class LeaseKeeper:
         for job_id in await self._leases.taken(self._driving() - owned):
             log.warning("Job %s: this process lost its lease (another process may drive it now); stopping", job_id)
             self._lose(job_id)
-        if self._revive is not None:
-            orphans = owned - self._driving() - self._in_hand()
-            due = self._revivals.due(orphans, self._clock())
-            if due:
-                await self._revive(due)
+        due = self._revivals.due(owned - self._driving() - self._in_hand(), time.monotonic())
+        if due:
+            await self._revive(due)
         if self._shared:
             claimed = await self._leases.claim(limit=CLAIM_BATCH)
             fresh = [job for job in claimed if job.id not in self._driving()]

@@ -500,6 +500,20 @@ class _FailureRule:
     handled: bool = False  # the request is handled first, then answered with the failure
 
 
+_Rule = TypeVar("_Rule", _HoldRule, _FailureRule)
+
+
+def _take_rule(rules: list[_Rule], rec: RecordedRequest) -> _Rule | None:
+    """The first rule that matches the request, used once (and dropped when used up)."""
+    for rule in rules:
+        if rule.remaining > 0 and rule.method in ("*", rec.method) and rule.pattern.search(rec.path):
+            rule.remaining -= 1
+            if rule.remaining == 0:
+                rules.remove(rule)
+            return rule
+    return None
+
+
 class Dispatch(NamedTuple):
     """A gateway dispatch the fake sent (FakeDiscord.dispatched)."""
 
@@ -2351,30 +2365,24 @@ class FakeDiscord:
         return reply
 
     def _take_failure(self, rec: RecordedRequest) -> _Reply | None:
-        for rule in self._failures:
-            if rule.remaining > 0 and rule.method in ("*", rec.method) and rule.pattern.search(rec.path):
-                rule.remaining -= 1
-                if rule.remaining == 0:
-                    self._failures.remove(rule)
-                rec.injected = True
-                reply = _Reply(rule.status, rule.body, dict(rule.headers))
-                if rule.handled:
-                    self._answer_after_handling[id(rec)] = reply
-                    return None
-                return reply
-        return None
+        rule = _take_rule(self._failures, rec)
+        if rule is None:
+            return None
+        rec.injected = True
+        reply = _Reply(rule.status, rule.body, dict(rule.headers))
+        if rule.handled:
+            self._answer_after_handling[id(rec)] = reply
+            return None
+        return reply
 
     async def _hold(self, rec: RecordedRequest) -> None:
-        for rule in self._holds:
-            if rule.remaining > 0 and rule.method in ("*", rec.method) and rule.pattern.search(rec.path):
-                rule.remaining -= 1
-                if rule.remaining == 0:
-                    self._holds.remove(rule)
-                sleeper = asyncio.ensure_future(asyncio.sleep(rule.seconds))
-                self._tasks.add(sleeper)  # cancelled when the fake stops
-                sleeper.add_done_callback(self._tasks.discard)
-                await asyncio.wait([sleeper])  # returns when it ends, cancelled or not
-                return
+        rule = _take_rule(self._holds, rec)
+        if rule is None:
+            return
+        sleeper = asyncio.ensure_future(asyncio.sleep(rule.seconds))
+        self._tasks.add(sleeper)  # cancelled when the fake stops
+        sleeper.add_done_callback(self._tasks.discard)
+        await asyncio.wait([sleeper])  # returns when it ends, cancelled or not
 
     def _note_callback_failure(self, rec: RecordedRequest) -> None:
         match = re.match(r"^/interactions/\d+/(?P<token>[^/]+)/callback$", rec.path)
