@@ -6,7 +6,9 @@ Run by `bench/run.py` as `python -m bench.botproc`, configured by the same envir
   seconds (default 0.005), appends ``<time.monotonic() when it ran> <how late, in s>`` to this file whenever it ran
   1 ms or more late. ``time.monotonic()`` is the system's CLOCK_MONOTONIC, so the benchmark compares these
   stamps with its own.
-  ``SIGUSR2`` pauses the monitor, or resumes it (the file then says ``paused <time>`` or ``resumed <time>``).
+  ``SIGUSR2`` pauses the monitor or resumes it, as the file ``<BENCH_STALL_FILE>.want`` says (``pause`` or
+  ``resume``; the file then says ``paused <time>`` or ``resumed <time>``). Asking twice does no harm, so the
+  benchmark asks again when no answer comes.
 * ``BENCH_SLOW_CALLBACK``: ``loop.slow_callback_duration`` in seconds (asyncio logs, in debug mode, every callback
   that ran longer; set ``PYTHONASYNCIODEBUG=1`` too).
 * ``BENCH_PROFILE``: write a cProfile of the main thread (the event loop) to this file when the process ends.
@@ -32,6 +34,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 STALL_RECORD_THRESHOLD = 0.001  # seconds of overshoot worth writing down
@@ -85,13 +88,15 @@ class _StallMonitor:
 
     A plain timer callback, not a task that sleeps: no future and no task step per tick. Even so, waking the loop
     200 times a second costs the bot CPU, more than the idle rate suggests (bench/README.md), so the benchmark
-    pauses the monitor while it measures the bot's CPU: ``SIGUSR2`` pauses or resumes it, and the file says
-    ``paused <time>`` / ``resumed <time>``.
+    pauses the monitor while it measures the bot's CPU: ``SIGUSR2`` applies what `want` says (``pause`` or
+    ``resume``), and the file says ``paused <time>`` / ``resumed <time>``. Not a toggle: a signal sent again (when an
+    answer seemed late) must not undo the first.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, out: TextIO, interval: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, out: TextIO, want: Path, interval: float) -> None:
         self._loop = loop
         self._out = out
+        self._want = want
         self._interval = interval
         self._due = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -103,13 +108,19 @@ class _StallMonitor:
         self._schedule(now)
 
     def _toggle(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        try:
+            want = self._want.read_text(encoding="ascii").strip()
+        except OSError:
+            return
+        if want == "pause":
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._out.write(f"paused {time.monotonic():.6f}\n")
-        else:
+        elif want == "resume":
+            if self._timer is None:
+                self._schedule(time.monotonic())
             self._out.write(f"resumed {time.monotonic():.6f}\n")
-            self._schedule(time.monotonic())
 
     def _schedule(self, now: float) -> None:
         self._due = now + self._interval
@@ -135,7 +146,8 @@ def _hooked_loop_factory(
             loop.slow_callback_duration = slow_callback
         if stall_file is not None:
             out = open(stall_file, "a", buffering=1, encoding="ascii")  # noqa: SIM115 - lives as long as the process
-            loop.call_soon(_StallMonitor(loop, out, interval).start)
+            want = Path(stall_file + ".want")
+            loop.call_soon(_StallMonitor(loop, out, want, interval).start)
         return loop
 
     return new_event_loop

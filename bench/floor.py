@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -242,7 +243,8 @@ class Client:
         await self.done.put(1)
 
 
-async def measure(jobs: int, rate: float) -> dict[str, float]:
+async def measure(jobs: int, rate: float) -> dict[str, tuple[float, float]]:
+    """CPU seconds and wake-ups (voluntary context switches, every thread of this process) per job, by round."""
     port_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-floor-{os.getpid()}.port"
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.floor", "--serve", str(port_file), cwd=ROOT
@@ -276,9 +278,10 @@ async def measure(jobs: int, rate: float) -> dict[str, float]:
         port_file.unlink(missing_ok=True)
 
 
-async def _round(client: Client, ws: aiohttp.ClientWebSocketResponse, jobs: int, rate: float) -> float:
+async def _round(client: Client, ws: aiohttp.ClientWebSocketResponse, jobs: int, rate: float) -> tuple[float, float]:
     await asyncio.sleep(JOB_TIME * 2)  # what the previous round left is over
     cpu = time.process_time()
+    wakeups = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     await ws.send_str(f"{jobs} {rate}")
     received = 0
     finished = 0
@@ -298,7 +301,8 @@ async def _round(client: Client, ws: aiohttp.ClientWebSocketResponse, jobs: int,
             finished += 1
         else:
             done_waiting.cancel()
-    return (time.process_time() - cpu) / jobs
+    wakeups = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - wakeups
+    return (time.process_time() - cpu) / jobs, wakeups / jobs
 
 
 def main() -> int:
@@ -314,12 +318,15 @@ def main() -> int:
             return 0
         results = runner.run(measure(options.jobs, options.rate))
     if options.json:
-        print(json.dumps({name: seconds * 1000 for name, seconds in results.items()}))
+        found = {name: seconds * 1000 for name, (seconds, _) in results.items()}
+        found |= {f"{name} wake-ups": wakeups for name, (_, wakeups) in results.items()}
+        print(json.dumps(found))
         return 0
     print(f"A job's eight exchanges in bare aiohttp ({options.jobs} jobs, 0.5 MB image), CPU of this process per job:")
     for name in ("paced", "at once", "paced again"):
         label = f"{options.rate:g} commands a second" if name.startswith("paced") else "the commands at once"
-        print(f"  {name:<12} ({label}): {results[name] * 1000:.1f} ms")
+        seconds, wakeups = results[name]
+        print(f"  {name:<12} ({label}): {seconds * 1000:.1f} ms, {wakeups:.1f} wake-ups")
     print("The bot's own figures for the same two: bench.run's 2a and its 'commands at once' row (bench/README.md).")
     return 0
 

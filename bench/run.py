@@ -624,17 +624,30 @@ class BotProcess:
         return max(self.stalls(start, end), default=0.0)
 
     async def watch_loop(self, on: bool, within: float = 10) -> None:
-        """Pause (False) or resume (True) the stall monitor in the bot (bench.botproc, SIGUSR2); returns once it did."""
+        """Pause (False) or resume (True) the stall monitor in the bot (bench.botproc: what `<stall file>.want`
+        says, on SIGUSR2); returns once it did. The signal is sent again each second without an answer: asking twice
+        is harmless, and a run of the benchmark must not fail on one signal that went astray."""
         if self.plain:
             return
         word = "resumed" if on else "paused"
+        self._want_monitor("resume" if on else "pause")
         before = self._monitor_lines(word)
-        os.kill(self.pid, signal.SIGUSR2)
         deadline = time.monotonic() + within
-        while self._monitor_lines(word) == before:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the bot's stall monitor was not {word}")
-            await asyncio.sleep(0.01)
+        tries = 0
+        while time.monotonic() < deadline:
+            if tries:
+                print(f"  the bot's stall monitor did not answer within 1 s; asked again ({word})", file=sys.stderr)
+            os.kill(self.pid, signal.SIGUSR2)
+            tries += 1
+            asked = time.monotonic()
+            while time.monotonic() - asked < 1:
+                if self._monitor_lines(word) > before:
+                    return
+                await asyncio.sleep(0.01)
+        raise TimeoutError(f"the bot's stall monitor was not {word}")
+
+    def _want_monitor(self, state: str) -> None:
+        Path(f"{self.stall_path}.want").write_text(state, encoding="ascii")
 
     def _monitor_lines(self, word: str) -> int:
         try:
@@ -661,6 +674,25 @@ class BotProcess:
             total += seconds
             if task.name == str(self.pid):
                 loop = seconds
+        return total, loop
+
+    def threads_wakeups(self) -> tuple[int, int]:
+        """Voluntary context switches of the bot's threads so far (/proc/<pid>/task/*/status): each is a thread
+        that went to sleep and was woken again, (all its threads, its main thread alone). On this VM a wake-up
+        after idling costs far more CPU than the work it wakes for (bench/README.md), so this says how many of
+        them a job costs."""
+        total = loop = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                text = (task / "status").read_text()
+            except OSError:
+                continue  # a thread that just ended
+            found = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", text, re.M)
+            if found is None:
+                continue
+            total += int(found.group(1))
+            if task.name == str(self.pid):
+                loop = int(found.group(1))
         return total, loop
 
     async def statements(self, within: float = 10) -> Statements:
@@ -740,6 +772,8 @@ class Costs:
     bot: BotProcess
     gross_cpu_s: float = 0.0
     loop_cpu_s: float = 0.0  # of which the main thread, the event loop (gross)
+    wakeups: int = 0  # voluntary context switches, all threads
+    loop_wakeups: int = 0  # of which the main thread's
     idle_cpu_s: float = 0.0  # what the idle bot would have used over the window
     statements: Statements = field(default_factory=Statements)
     # The machine's other processes (other sessions' tests), and this script (the fakes), in CPUs over the window:
@@ -762,6 +796,7 @@ class Costs:
         self._idle_rate = (self.bot.threads_cpu_seconds()[0] - total) / IDLE_CALIBRATION
         self.statements = await self.bot.statements()
         self.gross_cpu_s, self.loop_cpu_s = self.bot.threads_cpu_seconds()
+        self.wakeups, self.loop_wakeups = self.bot.threads_wakeups()
         self._machine_busy_s, self._fakes_cpu_s = machine_busy_seconds(), time.process_time()
         self._began = time.monotonic()
         return self
@@ -769,6 +804,8 @@ class Costs:
     async def end(self) -> Costs:
         """Read once the bot has settled (its last writes after the last post included)."""
         total, loop = self.bot.threads_cpu_seconds()
+        wakeups, loop_wakeups = self.bot.threads_wakeups()
+        self.wakeups, self.loop_wakeups = wakeups - self.wakeups, loop_wakeups - self.loop_wakeups
         busy, fakes, window = machine_busy_seconds(), time.process_time(), time.monotonic() - self._began
         self.gross_cpu_s, self.loop_cpu_s = total - self.gross_cpu_s, loop - self.loop_cpu_s
         self.idle_cpu_s = self._idle_rate * window
@@ -801,6 +838,10 @@ def per_job_rows(
         f"<= {STATEMENTS_TARGET}" if cpu_target_ms is not None else "",
         statements <= STATEMENTS_TARGET if cpu_target_ms is not None else None,
     )
+    report.add(
+        "    ...wake-ups per job (voluntary context switches, all threads; no target)",
+        f"{costs.wakeups * per_job / 1000:.1f} (loop {costs.loop_wakeups * per_job / 1000:.1f})",
+    )
     report.add("    ...jobs whose posted image was the realistic one", realistic)
     report.add(
         "    ...other processes' CPU meanwhile (this script's fakes)",
@@ -814,6 +855,8 @@ def per_job_rows(
         "idle_cpu_ms_per_job": idle_ms,
         "loop_cpu_ms_per_job": loop_ms,
         "statements_per_job": statements,
+        "wakeups_per_job": costs.wakeups / jobs if jobs else math.nan,
+        "loop_wakeups_per_job": costs.loop_wakeups / jobs if jobs else math.nan,
         "others_cpus": costs.others_cpus,
         "fakes_cpus": costs.fakes_cpus,
         "statements": costs.statements.by_statement,
@@ -1006,15 +1049,21 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
     report.add("    ...webhook p99 / max", f"{ms(percentile(delays, 0.99))} / {ms(max(delays))}")
     stall = stalls_row(report, bot, start, end, cpu, watched=False)
     per_job = per_job_rows(report, costs, len(prompts), fakes.realistic_text(prompts), WEBHOOK_CPU_TARGET_MS)
-    at_once_ms, at_once_realistic = await whole_jobs_at_once(options, fakes, bot)
+    at_once, at_once_realistic = await whole_jobs_at_once(options, fakes, bot)
+    at_once_ms = at_once.cpu_s * 1000 / options.jobs
     report.add(
         f"    ...the same {options.jobs} jobs, their commands at once: bot CPU per job (no target; see bench/README)",
-        f"{at_once_ms:.1f} ms (realistic image: {at_once_realistic})",
+        f"{at_once_ms:.1f} ms, {at_once.wakeups / options.jobs:.1f} wake-ups (realistic image: {at_once_realistic})",
     )
     floor = await exchanges_floor(options)
     report.add(
         "    ...the floor: the same exchanges in bare aiohttp, no bot (bench.floor), paced / at once (no target)",
-        f"{floor['paced']:.1f} ms / {floor['at once']:.1f} ms" if floor else "not measured (bench.floor failed)",
+        (
+            f"{floor['paced']:.1f} ms / {floor['at once']:.1f} ms; wake-ups {floor['paced wake-ups']:.1f} / "
+            f"{floor['at once wake-ups']:.1f}"
+        )
+        if floor
+        else "not measured (bench.floor failed)",
     )
     report.data["webhook"] = {
         "jobs": len(delays),
@@ -1023,23 +1072,24 @@ async def webhook_latency(options: argparse.Namespace, fakes: Fakes, bot: BotPro
         "max_stall_s": stall,
         "bot_cpu_s": cpu,
         "at_once_cpu_ms_per_job": at_once_ms,
+        "at_once_wakeups_per_job": at_once.wakeups / options.jobs,
         "floor_ms_per_job": floor,
         **per_job,
     }
 
 
-async def whole_jobs_at_once(options: argparse.Namespace, fakes: Fakes, bot: BotProcess) -> tuple[float, str]:
+async def whole_jobs_at_once(options: argparse.Namespace, fakes: Fakes, bot: BotProcess) -> tuple[Costs, str]:
     """2a's jobs again, every command at once: the bot's CPU per job, command to posted result, when its work is
     not spread out. The paced figure is higher on a machine where a thread woken after an idle gap runs slower
     (measured on the development VM: bench/README.md, "Paced and at once"); the difference is the host's, the
-    instructions are the same. Returns the milliseconds and how many posted the realistic image."""
+    instructions are the same. Returns the costs and how many posted the realistic image."""
     prompts = [f"webhook at once {n}" for n in range(options.jobs)]
     costs = await Costs(bot).begin()
     await fakes.imagine_at_once(prompts)
     await fakes.wait_posted(prompts, within=60 + options.job_time)
     await fakes.wait_quiet(0.3)
     await costs.end()
-    return costs.cpu_s * 1000 / len(prompts), fakes.realistic_text(prompts)
+    return costs, fakes.realistic_text(prompts)
 
 
 async def exchanges_floor(options: argparse.Namespace) -> dict[str, float] | None:
